@@ -1,0 +1,30 @@
+# The two commands of the README. Both set everything up on a fresh machine.
+#   make speedrun   the main job
+#   make test       the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nanoseek-installed
+
+.PHONY: install test speedrun bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@# torch first and pinned: a bare `torch` requirement would download a multi-GB CUDA build
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+speedrun: $(STAMP)
+	$(VENV)/bin/nanoseek stats --compare
+	$(VENV)/bin/nanoseek cost deepseek-v3 --tokens 14.8e12 --gpu h800 --mfu 0.3894 --price 2
+
+bench: $(STAMP)
+	$(PY) bench/forward.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

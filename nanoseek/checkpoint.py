@@ -1,0 +1,140 @@
+"""nanoseek checkpoint directories: config.json (ModelConfig), model.safetensors, tokenizer.json, meta.json.
+
+Every save goes to a temporary sibling directory that is renamed into place, so a crash never leaves a
+half-written checkpoint behind (training state is added by the pretraining stage under train_state/).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .model import Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read; the message names the file or tensor."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_dir(path: str | Path):
+    """Context manager yielding a temporary directory that replaces `path` on success."""
+    return _AtomicDir(Path(path))
+
+
+class _AtomicDir:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def write_model_files(model: Transformer, out: Path, tokenizer_file: str | Path | None = None,
+                      meta: dict | None = None) -> None:
+    """Write config.json, model.safetensors, optional tokenizer.json and meta.json into an existing directory."""
+    model.cfg.save(out / "config.json")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "nanoseek"})
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "meta.json")
+    record = {**(meta or {}), "checksums": {f: _sha256(out / f) for f in files}}
+    (out / "meta.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def save_model(model: Transformer, path: str | Path, tokenizer_file: str | Path | None = None,
+               meta: dict | None = None) -> Path:
+    """Atomically write a checkpoint directory for `model`."""
+    with atomic_dir(path) as tmp:
+        write_model_files(model, tmp, tokenizer_file, meta)
+    return Path(path)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a nanoseek checkpoint directory, or of a Hugging Face DeepSeek one."""
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing (not a checkpoint directory)")
+    try:
+        d = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    try:
+        if "model_type" in d:
+            from .hf import config_from_hf
+
+            return config_from_hf(d)
+        return ModelConfig.from_dict(d)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Load a nanoseek checkpoint directory (config.json + model.safetensors) into a Transformer."""
+    path = Path(path)
+    cfg = read_config(path)
+    file = path / "model.safetensors"
+    if not file.exists():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        state = load_file(str(file))
+    except Exception as e:  # safetensors has its own error types for corrupt files
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    model.reset_buffers()
+    expected = model.state_dict()
+    for key in sorted(set(expected) | set(state)):
+        if key not in state:
+            raise CheckpointError(f"{file}: missing tensor {key}")
+        if key not in expected:
+            raise CheckpointError(f"{file}: unexpected tensor {key}")
+        if state[key].shape != expected[key].shape:
+            raise CheckpointError(f"{file}: tensor {key} has shape {tuple(state[key].shape)}, "
+                                  f"the config implies {tuple(expected[key].shape)}")
+    model.load_state_dict(state)
+    return model.to(dtype)
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer or None) of a nanoseek checkpoint directory."""
+    model = load_model(path, dtype)
+    tok_file = Path(path) / "tokenizer.json"
+    tokenizer = None
+    if tok_file.exists():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tok_file))
+    return model, tokenizer

@@ -1,0 +1,199 @@
+"""The `nanoseek` command: one subcommand per stage. Bad input prints one line and exits with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .config import PRESETS, ModelConfig, get_preset
+
+
+class UsageError(ValueError):
+    """A user mistake reported as `nanoseek: error: ...` with exit status 2."""
+
+
+def _resolve_config(spec: str) -> tuple[str, ModelConfig]:
+    """A preset name or a checkpoint directory (nanoseek or Hugging Face) -> (display name, config)."""
+    if spec in PRESETS:
+        return spec, get_preset(spec)
+    path = Path(spec)
+    if path.is_dir():
+        from .checkpoint import read_config
+
+        return path.name or spec, read_config(path)
+    raise UsageError(f"unknown preset or checkpoint directory {spec!r}; presets: {', '.join(PRESETS)}")
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _human(n: float, unit: str = "") -> str:
+    """1.2e9 -> '1.20B' (counts) or, with a unit, SI prefixes: '1.20 GFLOP'."""
+    prefixes = ((1e12, " T"), (1e9, " G"), (1e6, " M"), (1e3, " k")) if unit else (
+        (1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))
+    for scale, suffix in prefixes:
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def _print_stats(name: str, s: dict) -> None:
+    print(f"{name}  (training sequence length {s['seq_len']})")
+    print(f"  total parameters        {_human(s['total_params']):>10}   (without MTP modules)")
+    print(f"  active parameters/token {_human(s['active_params']):>10}   (without the embedding lookup; "
+          "output head included)")
+    print(f"  MTP parameters          {_human(s['mtp_params']):>10}   (unique to the MTP modules; embedding and "
+          "head are shared)")
+    print(f"  KV cache / token        {s['kv_cache_bytes_per_token']:>10,} B (absorbed MLA latent + rope key, bf16)")
+    print(f"  KV cache / token, naive {s['kv_cache_bytes_per_token_naive']:>10,} B (per-head K and V, bf16)")
+    print(f"  training FLOPs / token  {_human(s['train_flops_per_token'], 'FLOP'):>10}   (6 × active + causal "
+          "attention, forward + backward)")
+
+
+def _print_compare(rows: list[dict]) -> None:
+    print(f"{'model':<16}{'total':>10}{'active':>10}{'KV B/token':>13}{'KV naive':>13}{'train GFLOP/token':>19}")
+    for r in rows:
+        print(f"{r['name']:<16}{_human(r['total_params']):>10}{_human(r['active_params']):>10}"
+              f"{r['kv_cache_bytes_per_token']:>13,}{r['kv_cache_bytes_per_token_naive']:>13,}"
+              f"{r['train_flops_per_token'] / 1e9:>19.1f}")
+    print(f"(sequence length {rows[0]['seq_len']}; active excludes the embedding lookup; KV cache in bf16; "
+          "published: V3 70,272 B and 250 GFLOP, LLaMA-3.1-405B 516,096 B and 2,448 GFLOP)")
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+
+def cmd_stats(args) -> None:
+    from .stats import compare_rows, model_stats
+
+    if args.compare:
+        rows = compare_rows(args.seq_len or 4096)
+        print(json.dumps(rows, indent=2) if args.json else "", end="\n" if args.json else "")
+        if not args.json:
+            _print_compare(rows)
+        return
+    if not args.model:
+        raise UsageError("give a PRESET or CKPT directory, or --compare")
+    name, cfg = _resolve_config(args.model)
+    s = model_stats(cfg, args.seq_len)
+    if args.json:
+        print(json.dumps({"name": name, **s}, indent=2))
+    else:
+        _print_stats(name, s)
+
+
+def cmd_cost(args) -> None:
+    from .stats import training_cost
+
+    name, cfg = _resolve_config(args.model)
+    c = training_cost(cfg, args.tokens, args.gpu, args.mfu, args.price, args.gpus, args.seq_len)
+    if args.json:
+        print(json.dumps({"name": name, **c}, indent=2))
+        return
+    print(f"{name}: {_human(c['tokens'])} tokens × {c['train_flops_per_token'] / 1e9:.1f} GFLOP/token "
+          f"= {c['total_flops']:.3e} FLOP")
+    print(f"  {args.gpu.upper()} at {c['mfu']:.2%} MFU: {c['gpu_hours'] / 1e6:.3f}M GPU-hours, "
+          f"${c['usd'] / 1e6:.3f}M at ${c['price_per_gpu_hour']:g}/GPU-hour, "
+          f"{c['days']:.1f} days on {c['n_gpus']} GPUs")
+
+
+def cmd_import(args) -> None:
+    from .checkpoint import save_model
+    from .hf import load_hf
+
+    model = load_hf(args.hf_dir)
+    tok = Path(args.hf_dir) / "tokenizer.json"
+    save_model(model, args.out, tokenizer_file=tok if tok.exists() else None,
+               meta={"imported_from": str(Path(args.hf_dir).resolve())})
+    print(f"imported {args.hf_dir} -> {args.out}", file=sys.stderr)
+
+
+def cmd_export(args) -> None:
+    from .checkpoint import load_model
+    from .hf import save_hf
+
+    if args.to != "hf":
+        raise UsageError(f"unknown export format {args.to!r}; supported: hf")
+    model = load_model(args.ckpt)
+    out = Path(args.out)
+    save_hf(model, out)
+    tok = Path(args.ckpt) / "tokenizer.json"
+    if tok.exists():
+        shutil.copyfile(tok, out / "tokenizer.json")
+    print(f"exported {args.ckpt} -> {out} (Hugging Face {json.loads((out / 'config.json').read_text())['model_type']})",
+          file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in small, tested PyTorch.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    presets = ", ".join(PRESETS)
+
+    s = sub.add_parser("stats", help="parameters, KV cache and training FLOPs of a preset or checkpoint",
+                       description=f"Scale of a model. PRESET is one of: {presets}; CKPT is a nanoseek or "
+                                   "Hugging Face checkpoint directory.")
+    s.add_argument("model", nargs="?", metavar="PRESET|CKPT")
+    s.add_argument("--compare", action="store_true", help="DeepSeek-V2/V3 vs Qwen2.5-72B and LLaMA-3.1-405B")
+    s.add_argument("--seq-len", type=int, default=None, help="training sequence length (default: min(max, 4096))")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_stats)
+
+    c = sub.add_parser("cost", help="GPU-hours and dollars of a training run",
+                       description="Training cost = tokens × training FLOPs/token ÷ (GPU peak × MFU).")
+    c.add_argument("model", metavar="PRESET|CKPT")
+    c.add_argument("--tokens", type=_positive_float, required=True, help="training tokens, e.g. 14.8e12")
+    c.add_argument("--gpu", required=True, choices=["h800", "h100", "h200", "b200"])
+    c.add_argument("--mfu", type=_positive_float, default=0.3894, help="model FLOPs utilisation (default: V3's 0.3894)")
+    c.add_argument("--price", type=float, default=2.0, help="USD per GPU-hour (default: 2, the V3 report's)")
+    c.add_argument("--gpus", type=int, default=2048, help="GPU count for the wall-clock estimate (default 2048)")
+    c.add_argument("--seq-len", type=int, default=4096, help="training sequence length (default 4096)")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_cost)
+
+    i = sub.add_parser("import", help="Hugging Face DeepSeek-V2/V3 checkpoint -> nanoseek checkpoint",
+                       description="Reads config.json + (sharded, optionally FP8) safetensors; writes OUT.")
+    i.add_argument("hf_dir", metavar="HF_DIR")
+    i.add_argument("out", metavar="OUT")
+    i.set_defaults(func=cmd_import)
+
+    e = sub.add_parser("export", help="nanoseek checkpoint -> Hugging Face checkpoint",
+                       description="Writes a directory that transformers' AutoModelForCausalLM loads.")
+    e.add_argument("--ckpt", required=True, help="nanoseek checkpoint directory")
+    e.add_argument("--to", default="hf", help="target format (hf)")
+    e.add_argument("out", metavar="OUT")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""Hugging Face DeepSeek-V2/V3 checkpoints, both ways.
+
+`load_hf(dir)` reads a `deepseek_v3` or `deepseek_v2` directory (config.json plus single or sharded
+safetensors, per-expert keys, FP8 weights with 128×128 `weight_scale_inv` blocks, the MTP layer
+`model.layers.{n_layers}.*`) into a nanoseek Transformer, one shard at a time. `save_hf(model, dir)` writes
+a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads, in DeepSeek's hub layout.
+
+Only the config translation and a key map live here; the model itself never mentions Hugging Face.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import CheckpointError
+from .config import ModelConfig
+from .fp8 import dequantize_weight
+from .model import Transformer
+
+FAMILIES = ("deepseek_v3", "deepseek_v2")
+
+
+# ----------------------------------------------------------------------------- config translation
+
+
+def _rope_from_hf(d: dict) -> dict:
+    """HF rope settings (v5 `rope_parameters` or legacy `rope_theta` + `rope_scaling`) -> ModelConfig fields."""
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    max_pos = d.get("max_position_embeddings", 4096)
+    if kind == "default":
+        return dict(rope_theta=float(theta), rope_factor=1.0, original_seq_len=max_pos)
+    if kind != "yarn":
+        raise ValueError(f"unsupported rope type {kind!r} (nanoseek supports 'default' and 'yarn')")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("unsupported rope setting partial_rotary_factor != 1")
+    original = rope.get("original_max_position_embeddings", d.get("original_max_position_embeddings", max_pos))
+    factor = rope.get("factor") or max_pos / original
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+
+    def get_mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    # HF scales cos/sin by `attention_factor` and the softmax by get_mscale(mscale_all_dim)²; DeepSeek's
+    # configs set mscale == mscale_all_dim so that the first is exactly 1.
+    attn_factor = rope.get("attention_factor")
+    if attn_factor is None:
+        attn_factor = get_mscale(mscale) / get_mscale(mscale_all_dim) if mscale and mscale_all_dim else get_mscale(1)
+    return dict(rope_theta=float(theta), rope_factor=float(factor), original_seq_len=int(original),
+                beta_fast=rope.get("beta_fast") or 32, beta_slow=rope.get("beta_slow") or 1,
+                mscale=float(mscale_all_dim or 0.0), rope_attn_factor=float(attn_factor),
+                rope_truncate=bool(rope.get("truncate", True)))
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    """A Hugging Face config.json dict (deepseek_v3 or deepseek_v2) -> ModelConfig."""
+    family = d.get("model_type")
+    if family not in FAMILIES:
+        raise ValueError(f"unsupported model_type {family!r}; nanoseek reads {', '.join(FAMILIES)}")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (DeepSeek models use silu)")
+    if d.get("mlp_bias"):
+        raise ValueError("unsupported mlp_bias=true (DeepSeek models have no MLP biases)")
+    n_heads = d["num_attention_heads"]
+    if d.get("num_key_value_heads") not in (None, n_heads):
+        raise ValueError("num_key_value_heads must equal num_attention_heads for MLA")
+    fields = dict(
+        vocab_size=d["vocab_size"], dim=d["hidden_size"], inter_dim=d["intermediate_size"],
+        moe_inter_dim=d.get("moe_intermediate_size", 1), n_layers=d["num_hidden_layers"],
+        n_dense_layers=d.get("first_k_dense_replace") or 0, n_heads=n_heads,
+        n_routed_experts=d.get("n_routed_experts") or 0, n_shared_experts=d.get("n_shared_experts") or 0,
+        n_activated_experts=d.get("num_experts_per_tok") or 1, route_scale=float(d.get("routed_scaling_factor", 1.0)),
+        q_lora_rank=d.get("q_lora_rank") or 0, kv_lora_rank=d["kv_lora_rank"],
+        qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"],
+        max_seq_len=d.get("max_position_embeddings", 4096), norm_eps=d.get("rms_norm_eps", 1e-6),
+        attn_bias=bool(d.get("attention_bias", False)), **_rope_from_hf(d),
+    )
+    if family == "deepseek_v3":
+        # transformers hard-codes V3 routing: sigmoid scores, groups scored by their top-2, always grouped
+        fields.update(score_func="sigmoid", n_expert_groups=d.get("n_group") or 1,
+                      n_limited_groups=d.get("topk_group") or 1, route_norm=bool(d.get("norm_topk_prob", True)),
+                      n_mtp_layers=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0)
+    else:
+        method = d.get("topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"unsupported deepseek_v2 topk_method {method!r}")
+        grouped = method == "group_limited_greedy"
+        # transformers' V2 router never renormalises the top-k softmax weights
+        fields.update(score_func="softmax", route_norm=False, n_expert_groups=d.get("n_group") or 1 if grouped else 1,
+                      n_limited_groups=d.get("topk_group") or 1 if grouped else 1)
+    if fields["rope_factor"] == 1.0 and fields.get("rope_attn_factor", 1.0) != 1.0:
+        raise ValueError("unsupported yarn rope_scaling with factor 1 and attention_factor != 1")
+    if fields["n_routed_experts"] == 0:
+        fields["n_dense_layers"] = fields["n_layers"]
+    return ModelConfig(**fields)
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """ModelConfig -> Hugging Face config.json dict: deepseek_v3 for sigmoid routing, deepseek_v2 for softmax."""
+    v3 = cfg.score_func == "sigmoid"
+    if not v3 and cfg.normalize_topk:
+        raise ValueError("deepseek_v2 cannot express renormalised softmax routing (route_norm=True)")
+    d = {
+        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v3" if v3 else "deepseek_v2",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.inter_dim,
+        "moe_intermediate_size": cfg.moe_inter_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
+        "n_shared_experts": cfg.n_shared_experts, "n_routed_experts": cfg.n_routed_experts,
+        "num_experts_per_tok": cfg.n_activated_experts, "routed_scaling_factor": cfg.route_scale,
+        "first_k_dense_replace": cfg.n_dense_layers if cfg.n_moe_layers else cfg.n_layers,
+        "n_group": cfg.n_expert_groups, "topk_group": cfg.n_limited_groups,
+        "norm_topk_prob": cfg.normalize_topk, "q_lora_rank": cfg.q_lora_rank or None,
+        "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": False, "attention_bias": cfg.attn_bias,
+        "rope_theta": cfg.rope_theta, "rope_scaling": _rope_to_hf(cfg),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if v3:
+        d.update(rope_interleave=True, num_nextn_predict_layers=cfg.n_mtp_layers,
+                 scoring_func="sigmoid", topk_method="noaux_tc")  # the last two for tools that read them
+    else:
+        d.update(scoring_func="softmax", topk_method="group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy")
+    return d
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict | None:
+    if not cfg.uses_yarn:
+        if cfg.rope_attn_factor != 1.0:
+            raise ValueError("HF default RoPE cannot express rope_attn_factor != 1 without YaRN")
+        return None
+    rope = {"type": "yarn", "factor": cfg.rope_factor, "original_max_position_embeddings": cfg.original_seq_len,
+            "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow, "mscale": cfg.mscale,
+            "mscale_all_dim": cfg.mscale}
+    if cfg.rope_attn_factor != 1.0 or not cfg.mscale:
+        rope["attention_factor"] = cfg.rope_attn_factor
+    if not cfg.rope_truncate:
+        rope["truncate"] = False
+    return rope
+
+
+# ----------------------------------------------------------------------------- key map
+
+_ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
+         "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
+_MLP = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_MTP = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "norm": "shared_head.norm"}
+
+
+def _block_key(rest: str) -> str:
+    """Our key inside a Block ('attn.wq_a.weight') -> HF key inside a decoder layer ('self_attn.q_a_proj.weight')."""
+    part, _, tail = rest.partition(".")
+    if part in _BLOCK:
+        return f"{_BLOCK[part]}.{tail}"
+    if part == "attn":
+        mod, _, leaf = tail.partition(".")
+        return f"self_attn.{_ATTN[mod]}.{leaf}"
+    assert part == "ffn", rest
+    mod, _, leaf = tail.partition(".")
+    if mod in _MLP:  # dense FFN
+        return f"mlp.{_MLP[mod]}.{leaf}"
+    if mod == "gate":
+        return "mlp.gate.weight" if leaf == "weight" else "mlp.gate.e_score_correction_bias"
+    if mod == "shared_experts":
+        w, _, leaf = leaf.partition(".")
+        return f"mlp.shared_experts.{_MLP[w]}.{leaf}"
+    assert mod == "experts", rest
+    return f"mlp.experts.{{e}}.{_MLP[leaf]}.weight"  # one HF tensor per expert
+
+
+def hf_key(name: str, n_layers: int) -> str:
+    """Our state-dict key -> HF key; routed-expert keys keep an '{e}' placeholder for the expert index."""
+    if name == "embed.weight":
+        return "model.embed_tokens.weight"
+    if name == "norm.weight":
+        return "model.norm.weight"
+    if name == "head.weight":
+        return "lm_head.weight"
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m:
+        return f"model.layers.{m.group(1)}.{_block_key(m.group(2))}"
+    m = re.fullmatch(r"mtp\.(\d+)\.(.+)", name)
+    assert m, name
+    layer, rest = n_layers + int(m.group(1)), m.group(2)
+    part, _, tail = rest.partition(".")
+    if part == "block":
+        return f"model.layers.{layer}.{_block_key(tail)}"
+    return f"model.layers.{layer}.{_MTP[part]}.{tail}"
+
+
+def export_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our parameters under HF names: experts split per expert, MTP layers with their shared embedding/head."""
+    cfg, out = model.cfg, {}
+    v3 = cfg.score_func == "sigmoid"
+    for name, t in model.state_dict().items():
+        key = hf_key(name, cfg.n_layers)
+        if key.endswith("e_score_correction_bias"):
+            if not v3:
+                if t.abs().max() > 0:
+                    raise ValueError("deepseek_v2 has no routing correction bias, but this model's is non-zero")
+                continue
+        if "{e}" in key:
+            for e in range(t.shape[0]):
+                out[key.format(e=e)] = t[e].contiguous()
+        else:
+            out[key] = t.contiguous()
+    for k in range(cfg.n_mtp_layers):  # DeepSeek's layout repeats the shared tensors in the MTP layer
+        out[f"model.layers.{cfg.n_layers + k}.embed_tokens.weight"] = model.embed.weight.detach().clone()
+        out[f"model.layers.{cfg.n_layers + k}.shared_head.head.weight"] = model.head.weight.detach().clone()
+    return out
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json and safetensors (sharded above max_shard_bytes) in DeepSeek's hub layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = model.embed.weight.dtype
+    (path / "config.json").write_text(json.dumps(config_to_hf(model.cfg, dtype), indent=2) + "\n")
+    state = export_state(model)
+    shards, current, size = [], {}, 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key], size = state[key], size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def _weight_map(path: Path) -> dict[str, Path]:
+    """HF key -> the safetensors file holding it (from the index, or by reading single-file headers)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return {k: path / f for k, f in _read_json(index).get("weight_map", {}).items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files and no model.safetensors.index.json")
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                out.update({k: f for k in sf.keys()})
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def _count_mtp_layers(keys, n_layers: int) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m.group(1)) >= n_layers}
+    return len(found)
+
+
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$|model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Read a Hugging Face deepseek_v3 / deepseek_v2 checkpoint directory into a Transformer (in `dtype`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    hf_cfg = _read_json(path / "config.json")
+    try:
+        cfg = config_from_hf(hf_cfg)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: missing or malformed field {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    files = _weight_map(path)
+    cfg = cfg.replace(n_mtp_layers=min(cfg.n_mtp_layers, _count_mtp_layers(files, cfg.n_layers)))
+    block = tuple((hf_cfg.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    if block[0] != block[1]:
+        raise CheckpointError(f"{path / 'config.json'}: unsupported FP8 weight_block_size {list(block)}")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.reset_buffers()  # RoPE tables and routing biases are not all in the checkpoint
+    tied = bool(hf_cfg.get("tie_word_embeddings", False))
+    _fill(model, files, block[0], path, tied=tied)
+    if hf_cfg["model_type"] == "deepseek_v3" and hf_cfg.get("rope_interleave", True) is False:
+        _interleave_rope_rows(model)
+    return model
+
+
+@torch.no_grad()
+def _interleave_rope_rows(model: Transformer) -> None:
+    """Reorder rope rows from HF's half-split layout (pairs j, j+R/2) to DeepSeek's interleaved (2j, 2j+1).
+
+    Queries and keys are permuted alike, so every attention score, and hence every logit, is unchanged.
+    """
+    cfg = model.cfg
+    R, P, C = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    perm = torch.arange(R).view(2, R // 2).t().flatten()  # [0, R/2, 1, R/2+1, ...]
+    for attn in (m for m in model.modules() if m.__class__.__name__ == "MLA"):
+        wq = attn.wq if hasattr(attn, "wq") else attn.wq_b
+        for t in (wq.weight, wq.bias):
+            if t is not None:
+                rows = t.view(cfg.n_heads, cfg.qk_head_dim, -1)[:, P:]  # (H, R, in) or (H, R, 1)
+                rows.copy_(rows[:, perm].clone())
+        for t in (attn.wkv_a.weight, attn.wkv_a.bias):
+            if t is not None:
+                t[C:] = t[C:][perm].clone()
+
+
+def _fill(model: Transformer, files: dict[str, Path], block: int, root: Path, tied: bool = False) -> None:
+    """Copy every checkpoint tensor into its parameter, one shard at a time; error on anything missing."""
+    cfg = model.cfg
+    targets: dict[str, tuple[torch.Tensor, int | None]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = hf_key(name, cfg.n_layers)
+        if key.endswith("e_score_correction_bias") and cfg.score_func != "sigmoid":
+            continue  # deepseek_v2 has no correction bias: ours stays zero
+        if "{e}" in key:
+            targets.update({key.format(e=e): (t, e) for e in range(t.shape[0])})
+        else:
+            targets[key] = (t, None)
+    missing = set(targets)
+    by_file: dict[Path, list[str]] = {}
+    for key, f in files.items():
+        by_file.setdefault(f, []).append(key)
+    for f in sorted(by_file):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in by_file[f]:
+                if key.endswith("_scale_inv") or _IGNORED.fullmatch(key) or _is_extra_mtp(key, cfg):
+                    continue
+                if key not in targets:
+                    if sf.get_slice(key).get_shape().count(0):
+                        continue  # transformers' zero-width shared expert when n_shared_experts = 0
+                    raise CheckpointError(f"{f.name}: unexpected tensor {key}")
+                tensor = sf.get_tensor(key)
+                if tensor.element_size() == 1 and tensor.is_floating_point():
+                    tensor = dequantize_weight(tensor, _scale_inv(key, files), block=block)
+                dest, e = targets[key]
+                want = dest.shape if e is None else dest.shape[1:]
+                if tuple(tensor.shape) != tuple(want):
+                    raise CheckpointError(f"{f.name}: tensor {key} has shape {tuple(tensor.shape)}, "
+                                          f"the config implies {tuple(want)}")
+                with torch.no_grad():
+                    (dest if e is None else dest[e]).copy_(tensor)
+                missing.discard(key)
+    if tied and missing == {"lm_head.weight"}:  # tie_word_embeddings: the head is the embedding (copied, untied)
+        with torch.no_grad():
+            model.head.weight.copy_(model.embed.weight)
+        missing.clear()
+    if missing:
+        raise CheckpointError(f"{root}: missing tensor {sorted(missing)[0]} (and {len(missing) - 1} more)"
+                              if len(missing) > 1 else f"{root}: missing tensor {next(iter(missing))}")
+
+
+def _is_extra_mtp(key: str, cfg: ModelConfig) -> bool:
+    """MTP layers beyond the ones we load (none today) are skipped rather than rejected."""
+    m = re.match(r"model\.layers\.(\d+)\.", key)
+    return bool(m) and int(m.group(1)) >= cfg.n_layers + cfg.n_mtp_layers
+
+
+def _scale_inv(key: str, files: dict[str, Path]) -> torch.Tensor:
+    skey = key.removesuffix(".weight") + ".weight_scale_inv"
+    if skey not in files:
+        raise CheckpointError(f"FP8 tensor {key} has no {skey}")
+    with safe_open(str(files[skey]), framework="pt") as sf:
+        return sf.get_tensor(skey)

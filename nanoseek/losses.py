@@ -1,0 +1,70 @@
+"""Pure loss functions shared by pretraining, SFT, distillation and GRPO.
+
+`linear_cross_entropy` is the fast path for the output head: it never materialises the (N, vocab) logits.
+Rows are processed in cache-sized chunks, and because the loss is a scalar its gradients with respect to
+the hidden states and the head weight are computed in the same pass (the backward only rescales them).
+`cross_entropy_reference` is the plain version it is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                            ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """mean over non-ignored rows of -log softmax(h Wᵀ)[target], via full logits (the reference)."""
+    logits = (h @ weight.T).float()
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+
+def _chunk_rows(vocab: int) -> int:
+    # ~1M logits per chunk (4 MB fp32): the softmax stays in cache and the chunk matmuls stay efficient
+    return max(64, min(4096, (1 << 20) // max(vocab, 1)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index):
+        n_valid = (targets != ignore_index).sum().clamp(min=1)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        step = _chunk_rows(weight.shape[0])
+        for s in range(0, h.shape[0], step):
+            hc, tc = h[s:s + step], targets[s:s + step]
+            logits = (hc @ weight.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = tc != ignore_index
+            tgt = torch.where(valid, tc, 0).unsqueeze(1)
+            total += ((lse - logits.gather(1, tgt).squeeze(1)) * valid).sum()
+            if want_grad:
+                # dL/dlogits = (softmax - onehot) · valid / n_valid, computed in place in the chunk buffer
+                g = logits.sub_(lse.unsqueeze(1)).exp_()
+                g.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=g.dtype))
+                g.mul_((valid / n_valid).unsqueeze(1))
+                g = g.to(h.dtype)
+                torch.mm(g, weight, out=grad_h[s:s + step])
+                grad_w.addmm_(g.T.float(), hc.float())
+        if want_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean cross-entropy of logits h·Wᵀ against targets, rows with targets == ignore_index skipped.
+
+    h: (N, D) hidden states, weight: (V, D) output head, targets: (N,) int64. Equal to
+    `cross_entropy_reference` (fp32 softmax) up to summation order; differentiable in h and weight.
+    """
+    return _LinearCrossEntropy.apply(h, weight, targets, ignore_index)

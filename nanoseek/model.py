@@ -1,0 +1,424 @@
+"""The DeepSeek-V3 architecture: MLA + DeepSeekMoE + Multi-Token Prediction, in one readable file.
+
+Semantics follow DeepSeek's inference code and the V3 technical report (reference/deepseek-v3.md §1) and
+are tested logit-exact against transformers' DeepseekV3/DeepseekV2ForCausalLM (tests/test_hf_parity.py).
+
+Dimension letters used in shape comments:
+    B batch, T query length, S key length, D model dim, H heads, C kv latent (kv_lora_rank),
+    R rope dim (qk_rope_head_dim), P no-rope qk dim (qk_nope_head_dim), V value head dim,
+    E routed experts, K active experts per token, N tokens (B·T), F expert width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .losses import linear_cross_entropy
+
+
+class RMSNorm(nn.Module):
+    """y = w ⊙ x / sqrt(mean(x²) + eps), normalised in fp32 (as DeepSeek's first release and HF do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- RoPE / YaRN
+
+
+def yarn_correction_range(cfg: ModelConfig) -> tuple[float, float]:
+    """Rotary pairs below `low` keep their frequency, pairs above `high` are divided by rope_factor."""
+    R = cfg.qk_rope_head_dim
+
+    def correction_dim(n_rotations: float) -> float:
+        # the pair index whose wavelength fits n_rotations times into the original context
+        return R * math.log(cfg.original_seq_len / (n_rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low, high = correction_dim(cfg.beta_fast), correction_dim(cfg.beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, R - 1)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Per-pair inverse frequencies (R/2,), YaRN-blended when rope_factor != 1 (V3 report §4.3)."""
+    R = cfg.qk_rope_head_dim
+    pos_freqs = cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float32) / R)
+    inv_freq = 1.0 / pos_freqs
+    if not cfg.uses_yarn:
+        return inv_freq
+    low, high = yarn_correction_range(cfg)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(R // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # fraction of the original (extrapolated) frequency kept by each pair
+    return (1.0 / (cfg.rope_factor * pos_freqs)) * (1 - keep) + inv_freq * keep
+
+
+def rope_table(cfg: ModelConfig, n_positions: int) -> torch.Tensor:
+    """e^{i·t·f_j} for t < n_positions, times HF's yarn attention_factor, as real pairs (n_positions, R/2, 2).
+
+    Stored real (fp32) so that casting the model's dtype never touches it; use torch.view_as_complex.
+    """
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), rope_inv_freq(cfg))
+    return torch.view_as_real(torch.polar(torch.full_like(angles, cfg.rope_attn_factor), angles))
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers, in fp32. x: (B, T, H, R); freqs: (T, R/2)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, R/2)
+    return torch.view_as_real(xc * freqs_cis[:, None, :]).flatten(-2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (V2 report §2.1, V3 report §2.1.1).
+
+    Keys and values come from one compressed latent c_KV (C dims, RMSNorm'd) plus one rotated key k_pe (R dims)
+    shared by all heads. `naive` expands the latent into per-head K/V (training form); `absorb` folds the
+    up-projection W_UK into the query and W_UV after attention, so attention runs in the latent space over
+    exactly what the KV cache stores: kv_norm(c_KV) and the rotated k_pe.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_lora_rank = cfg.n_heads, cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.qk_head_dim, self.v_head_dim = cfg.qk_head_dim, cfg.v_head_dim
+        self.attn_impl, self.softmax_scale = cfg.attn_impl, cfg.softmax_scale
+        H, D = cfg.n_heads, cfg.dim
+        if cfg.q_lora_rank == 0:
+            self.wq = nn.Linear(D, H * cfg.qk_head_dim, bias=False)  # no bias even with attn_bias (as in HF)
+        else:
+            self.wq_a = nn.Linear(D, cfg.q_lora_rank, bias=cfg.attn_bias)
+            self.q_norm = RMSNorm(cfg.q_lora_rank)  # latent norms keep eps 1e-6 in DeepSeek's and HF's code
+            self.wq_b = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attn_bias)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attn_bias)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, self.n_heads, self.qk_head_dim)  # (B, T, H, P+R)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary_emb(q_pe, freqs_cis)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_norm(kv)  # (B, S, C): the normed latent, what the absorbed cache keeps
+        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis)  # (B, S, 1, R): one key shared by all heads
+        if self.attn_impl == "naive":
+            o = self.attend_naive(q_nope, q_pe, kv, k_pe)
+        else:
+            o = self.attend_absorb(q_nope, q_pe, kv, k_pe)
+        return self.wo(o.flatten(2))  # (B, T, H·V) -> (B, T, D)
+
+    def attend_naive(self, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
+        """Expand the latent into per-head keys/values and run causal SDPA. Returns (B, T, H, V)."""
+        B, S, _ = kv.shape
+        H, P, V = self.n_heads, self.qk_nope_head_dim, self.v_head_dim
+        k_nope, v = self.wkv_b(kv).view(B, S, H, P + V).split([P, V], dim=-1)  # (B, S, H, P), (B, S, H, V)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, P+R)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], dim=-1)  # (B, S, H, P+R)
+        if V < self.qk_head_dim:
+            # CPU flash attention needs equal qk and v head dims; zero columns cost far less than the
+            # fallback math kernel (3x slower at our sizes) and are sliced off below.
+            v = F.pad(v, (0, self.qk_head_dim - V))
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+        )  # (B, H, T, max(V, P+R))
+        return o[..., :V].transpose(1, 2)  # (B, T, H, V)
+
+    def attend_absorb(self, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
+        """Attention in the latent space (V2 report App. C): W_UK absorbed into q, W_UV applied after."""
+        H, P = self.n_heads, self.qk_nope_head_dim
+        wkv_b = self.wkv_b.weight.view(H, P + self.v_head_dim, self.kv_lora_rank)  # (H, P+V, C)
+        w_uk, w_uv = wkv_b[:, :P], wkv_b[:, P:]  # (H, P, C), (H, V, C)
+        q_lat = torch.einsum("bthp,hpc->bthc", q_nope, w_uk)  # (B, T, H, C)
+        scores = torch.einsum("bthc,bsc->bhts", q_lat, kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe[:, :, 0])
+        T, S = scores.shape[-2:]
+        causal = torch.ones(T, S, dtype=torch.bool, device=scores.device).triu(S - T + 1)
+        scores = (scores * self.softmax_scale).masked_fill(causal, float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)  # (B, H, T, S)
+        o_lat = torch.einsum("bhts,bsc->bthc", probs, kv)  # (B, T, H, C)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
+
+
+# ----------------------------------------------------------------------------- feed-forward
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) ⊙ w3 x). Dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """The router (V3 report eqs. 12-16; reference §1.5).
+
+    Scores are sigmoid (V3) or softmax (V2) of x·W_gᵀ, in fp32. `bias` (V3's e_score_correction_bias, updated
+    by auxiliary-loss-free balancing) is added for *selection only*; the combine weights are the unbiased
+    scores. With expert groups, a group is scored by the sum of its top-2 biased scores (sigmoid/V3) or its
+    max score (softmax/V2), and only the best n_limited_groups groups stay eligible.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk, self.n_groups, self.topk_groups = cfg.n_activated_experts, cfg.n_expert_groups, cfg.n_limited_groups
+        self.score_func, self.route_scale, self.normalize = cfg.score_func, cfg.route_scale, cfg.normalize_topk
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.bias.data = self.bias.data.float()  # the selection bias stays fp32 whatever the weights' dtype
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, D) -> combine weights (N, K) in x's dtype, expert ids (N, K), fp32 scores (N, E)."""
+        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        biased = scores + self.bias
+        if self.n_groups > 1:
+            grouped = biased.view(x.shape[0], self.n_groups, -1)  # (N, G, E/G)
+            if self.score_func == "sigmoid":
+                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # (N, G)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1)[1]  # (N, G_kept)
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            # -inf (not 0): biased sigmoid scores can be negative (DeepSeek-V3 fix 1398800)
+            biased = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = biased.topk(self.topk, dim=-1)[1]  # (N, K)
+        weights = scores.gather(1, indices)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights * self.route_scale).to(x.dtype), indices, scores
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked: w1, w3 (E, F, D) and w2 (E, D, F), so all of them run as grouped matmuls."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Σ_k weights[n,k]·expert_{indices[n,k]}(x[n]) with tokens sorted by expert. x: (N, D) -> (N, D)."""
+        N, K = indices.shape
+        order = indices.flatten().argsort(stable=True)  # (N·K,) token slots grouped by expert id
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        ends = torch.bincount(indices.flatten(), minlength=self.w1.shape[0]).cumsum(0).to(torch.int32)
+        xs = _GatherRows.apply(x, order, inverse, K)  # (N·K, D): row j is token order[j] // K
+        h = F.silu(grouped_mm(xs, self.w1.transpose(1, 2), ends)) * grouped_mm(xs, self.w3.transpose(1, 2), ends)
+        ys = _GatherRows.apply(grouped_mm(h, self.w2.transpose(1, 2), ends), inverse, order, 1)  # back to (n, k)
+        return torch.bmm(weights.unsqueeze(1), ys.view(N, K, -1)).squeeze(1)  # (N, 1, K) @ (N, K, D)
+
+    def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Reference: one expert at a time, as in DeepSeek's inference code. Used by tests only."""
+        y = torch.zeros_like(x)
+        for e in range(self.w1.shape[0]):
+            token, slot = torch.where(indices == e)
+            if token.numel() == 0:
+                continue
+            xe = x[token]
+            he = F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)
+            y.index_add_(0, token, (he @ self.w2[e].T) * weights[token, slot, None])
+        return y
+
+
+class _GatherRows(torch.autograd.Function):
+    """out[j] = x[index[j] // fold], where `index` is a permutation with inverse `inverse`.
+
+    Its backward is again a gather (plus a sum over the `fold` copies of each row), which is much faster on
+    CPU than the scatter-add that autograd would use for plain advanced indexing.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, fold):
+        ctx.save_for_backward(inverse)
+        ctx.fold = fold
+        return x.index_select(0, index // fold if fold > 1 else index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        g = grad.index_select(0, inverse)
+        if ctx.fold > 1:
+            g = g.view(-1, ctx.fold, g.shape[-1]).sum(dim=1)
+        return g, None, None, None
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows x[ends[e-1]:ends[e]] @ w[e] for every e. x: (M, in), w: (E, in, out), ends: (E,) int32."""
+    if hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(x, w, offs=ends)
+    starts = [0] + ends[:-1].tolist()
+    return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends.tolist()))])
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: routed fine-grained experts plus always-on shared experts (V3 report eq. 12)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor, loop: bool = False) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, D)
+        weights, indices, _ = self.gate(x)
+        y = (self.experts.forward_loop if loop else self.experts)(x, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+
+# ----------------------------------------------------------------------------- blocks and model
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + MLA(norm(x)), then x + FFN(norm(x)); FFN is dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg) if moe else MLP(cfg.dim, cfg.inter_dim)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), freqs_cis)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTP(nn.Module):
+    """One multi-token-prediction module (V3 report §2.2): h' = M[RMSNorm(emb); RMSNorm(h)], then one block.
+
+    The concatenation order [embedding; hidden] is the one DeepSeek's released eh_proj weights use (the paper
+    writes it the other way round). Embedding and output head are shared with the main model; `norm` is the
+    module's own final norm (`shared_head.norm` in the checkpoint).
+    """
+
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(cfg, moe)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return self.norm(self.block(x, freqs_cis))
+
+
+class Transformer(nn.Module):
+    """Embedding -> n_layers Blocks -> RMSNorm -> head (untied), plus n_mtp_layers MTP modules.
+
+    `model(tokens)` returns next-token logits (B, T, vocab) for every position. With `return_mtp=True` it also
+    returns one logits tensor per MTP depth k, shaped (B, T-k, vocab): position i there predicts token i+k+1.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        has_moe = cfg.n_moe_layers > 0
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, moe=has_moe and i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTP(cfg, moe=has_moe) for _ in range(cfg.n_mtp_layers))
+        self.register_buffer("freqs_cis", rope_table(cfg, cfg.max_seq_len), persistent=False)
+        self.init_weights()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.freqs_cis.dtype != torch.float32:  # casting the weights must not round the RoPE table
+            self.reset_buffers(rope_only=True)
+        return self
+
+    @torch.no_grad()
+    def reset_buffers(self, rope_only: bool = False) -> None:
+        """Recompute the RoPE table (fp32) and, unless rope_only, zero the routing biases."""
+        self.freqs_cis = rope_table(self.cfg, self.cfg.max_seq_len).to(self.freqs_cis.device)
+        if not rope_only:
+            for m in self.modules():
+                if isinstance(m, Gate):
+                    m.bias.zero_()
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Every weight ~ N(0, init_std) (V3 report §4.2: 0.006); norms at 1, routing bias and linear biases at 0."""
+        std = self.cfg.init_std if std is None else std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+        self.reset_buffers()
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, return_mtp: bool = False):
+        """tokens (B, T) -> logits (B, T, vocab); with return_mtp also [MTP logits (B, T-k, vocab) for k = 1..D].
+
+        With targets (B, T) (the next tokens; IGNORE_INDEX = -100 skips a position) it returns
+        (loss, mtp_losses): the mean next-token cross-entropy and, per MTP depth k, the mean cross-entropy
+        of predicting targets[:, k:] — computed by the fused head+loss, without materialising logits.
+        """
+        h = self.hidden(tokens)  # (B, T, D), after the final norm
+        if targets is None:
+            logits = self.head(h)
+            if not return_mtp:
+                return logits
+            return logits, [self.head(hk) for hk in self.mtp_hidden(h, tokens)]
+        loss = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten())
+        mtp_losses = [linear_cross_entropy(hk.flatten(0, 1), self.head.weight, targets[:, k:].flatten())
+                      for k, hk in enumerate(self.mtp_hidden(h, tokens), start=1)]
+        return loss, mtp_losses
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The main model's final-normed hidden states (B, T, D)."""
+        T = tokens.shape[1]
+        if T > self.freqs_cis.shape[0]:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.freqs_cis.shape[0]}")
+        freqs_cis = torch.view_as_complex(self.freqs_cis[:T])
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h, freqs_cis)
+        return self.norm(h)
+
+    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Hidden states of each MTP depth k, (B, T-k, D): position i there predicts token i+k+1."""
+        T, out = tokens.shape[1], []
+        for k, mtp in enumerate(self.mtp, start=1):
+            # depth k at position i combines h^{k-1}_i with the embedding of token i+k (causal chain kept)
+            h = mtp(h[:, :-1], self.embed(tokens[:, k:]), torch.view_as_complex(self.freqs_cis[: T - k]))
+            out.append(h)
+        return out
