@@ -1,0 +1,86 @@
+"""The `nanoseek` command: outputs, JSON contracts, and one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanoseek import Transformer, get_preset
+from nanoseek.checkpoint import load_model, save_model
+from nanoseek.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_stats_compare_json(capsys):
+    code, out, _ = run(capsys, "stats", "--compare", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert code == 0 and rows["DeepSeek-V3"]["kv_cache_bytes_per_token"] == 70272
+    assert rows["LLaMA-3.1-405B"]["kv_cache_bytes_per_token"] == 516096
+
+
+def test_stats_text_names_the_convention(capsys):
+    code, out, _ = run(capsys, "stats", "deepseek-v3")
+    assert code == 0 and "671.03B" in out and "36.63B" in out and "without the embedding lookup" in out
+    assert "70,272 B" in out and "250.46 GFLOP" in out
+
+
+def test_cost_v3_pretraining(capsys):
+    code, out, _ = run(capsys, "cost", "deepseek-v3", "--tokens", "14.8e12", "--gpu", "h800", "--mfu", "0.3894",
+                       "--price", "2", "--json")
+    c = json.loads(out)
+    assert code == 0 and c["gpu_hours"] == pytest.approx(2.664e6, rel=0.01) and c["usd"] == pytest.approx(5.33e6, rel=0.01)
+
+
+def test_unknown_preset_exits_2_and_lists_presets(capsys):
+    code, out, err = run(capsys, "stats", "deepseek-v9")
+    assert code == 2 and out == "" and "tiny, small, deepseek-v2-lite, deepseek-v2, deepseek-v3" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_cost_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["cost", "deepseek-v3", "--tokens", "-5", "--gpu", "h800"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["cost", "deepseek-v3", "--tokens", "1e9", "--gpu", "a100"])
+    assert e.value.code == 2
+
+
+def test_stats_of_a_checkpoint_dir(tmp_path, capsys):
+    save_model(Transformer(get_preset("tiny")), tmp_path / "ck")
+    code, out, _ = run(capsys, "stats", str(tmp_path / "ck"), "--json")
+    assert code == 0 and json.loads(out)["total_params"] == 207952
+
+
+def test_import_export_roundtrip(tmp_path, capsys):
+    model = Transformer(get_preset("tiny"))
+    save_model(model, tmp_path / "ours")
+    assert run(capsys, "export", "--ckpt", str(tmp_path / "ours"), "--to", "hf", str(tmp_path / "hf"))[0] == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "deepseek_v3"
+    assert run(capsys, "import", str(tmp_path / "hf"), str(tmp_path / "back"))[0] == 0
+    back = load_model(tmp_path / "back")
+    for a, b in zip(model.state_dict().values(), back.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_import_bad_dir_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}')
+    code, _, err = run(capsys, "import", str(tmp_path / "hf"), str(tmp_path / "out"))
+    assert code == 2 and "unsupported model_type 'gpt2'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_entry_points_and_help():
+    for cmd in ([sys.executable, "-m", "nanoseek", "--help"], [sys.executable, "-m", "nanoseek", "cost", "--help"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "usage: nanoseek" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "stats", "nope"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "presets:" in r.stderr
