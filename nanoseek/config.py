@@ -154,13 +154,15 @@ PRESETS: dict[str, dict] = {
         n_mtp_layers=1,
     ),
     # The CPU speedrun size: V3's structure (sigmoid routing over expert groups, 1 shared expert, MLA with
-    # V3's head proportions nope:rope:v = 2:1:2, MTP) at ~9M parameters, ~3.4M active per token.
+    # V3's head proportions nope:rope:v = 2:1:2, MTP) at ~9M parameters, ~3.4M active per token. With
+    # kv_lora_rank = v_head_dim, latent-space attention costs the same FLOPs as the naive form and skips
+    # expanding per-head keys and values, so this preset trains with attn_impl="absorb" (7% faster here).
     "small": dict(
         max_seq_len=512, vocab_size=4096, dim=256, inter_dim=768, moe_inter_dim=128, n_layers=4,
         n_dense_layers=1, n_heads=4, n_routed_experts=16, n_shared_experts=1, n_activated_experts=2,
         n_expert_groups=4, n_limited_groups=2, score_func="sigmoid", route_scale=2.5, q_lora_rank=128,
         kv_lora_rank=64, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, original_seq_len=512,
-        rope_factor=1.0, n_mtp_layers=1,
+        rope_factor=1.0, n_mtp_layers=1, attn_impl="absorb",
     ),
     "deepseek-v2-lite": dict(
         max_seq_len=16384, vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=27,

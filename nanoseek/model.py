@@ -142,18 +142,31 @@ class MLA(nn.Module):
         )  # (B, H, T, max(V, P+R))
         return o[..., :V].transpose(1, 2)  # (B, T, H, V)
 
-    def attend_absorb(self, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
-        """Attention in the latent space (V2 report App. C): W_UK absorbed into q, W_UV applied after."""
-        H, P = self.n_heads, self.qk_nope_head_dim
-        wkv_b = self.wkv_b.weight.view(H, P + self.v_head_dim, self.kv_lora_rank)  # (H, P+V, C)
+    def attend_absorb(self, q_nope, q_pe, kv, k_pe, block: int = 128) -> torch.Tensor:
+        """Attention in the latent space (V2 report App. C): W_UK folded into q, W_UV applied after.
+
+        Every head shares one key [c_KV | k_pe] (C+R) and one value c_KV (C), so the H heads of a query are
+        rows of one matrix ("MQA mode", as FlashMLA calls it): rows (t, h) against keys s. Query positions go
+        in blocks, each against only the keys it can see, which skips the masked half of a causal square.
+        Queries are the last T of S positions (S > T when earlier keys come from a cache). Returns (B, T, H, V).
+        """
+        B, T, H, P = q_nope.shape
+        S, C = kv.shape[1], self.kv_lora_rank
+        wkv_b = self.wkv_b.weight.view(H, P + self.v_head_dim, C)  # (H, P+V, C)
         w_uk, w_uv = wkv_b[:, :P], wkv_b[:, P:]  # (H, P, C), (H, V, C)
         q_lat = torch.einsum("bthp,hpc->bthc", q_nope, w_uk)  # (B, T, H, C)
-        scores = torch.einsum("bthc,bsc->bhts", q_lat, kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe[:, :, 0])
-        T, S = scores.shape[-2:]
-        causal = torch.ones(T, S, dtype=torch.bool, device=scores.device).triu(S - T + 1)
-        scores = (scores * self.softmax_scale).masked_fill(causal, float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)  # (B, H, T, S)
-        o_lat = torch.einsum("bhts,bsc->bthc", probs, kv)  # (B, T, H, C)
+        q = torch.cat([q_lat, q_pe], dim=-1).flatten(1, 2) * self.softmax_scale  # (B, T·H, C+R), rows (t, h)
+        k = torch.cat([kv, k_pe[:, :, 0]], dim=-1)  # (B, S, C+R)
+        outs = []
+        for t0 in range(0, T, block):
+            t1 = min(T, t0 + block)
+            visible = S - T + t1  # keys up to the block's last query position
+            scores = q[:, t0 * H:t1 * H] @ k[:, :visible].transpose(1, 2)  # (B, rows, visible)
+            pos = torch.arange(S - T + t0, S - T + t1, device=kv.device).repeat_interleave(H)  # each row's position
+            future = torch.arange(visible, device=kv.device) > pos[:, None]
+            probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
+            outs.append(probs @ kv[:, :visible])  # (B, rows, C)
+        o_lat = torch.cat(outs, dim=1).view(B, T, H, C)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
 
 

@@ -168,7 +168,7 @@ def test_config_roundtrip(name):
     back = config_from_hf(config_to_hf(cfg))
     if cfg.score_func == "softmax":  # deepseek_v2 has no MTP field
         cfg = cfg.replace(n_mtp_layers=0)
-    assert back == cfg.replace(route_norm=cfg.normalize_topk, init_std=cfg.init_std)
+    assert back == cfg.replace(route_norm=cfg.normalize_topk, attn_impl="naive")  # attn_impl is ours alone
 
 
 def test_transformers_accepts_exported_configs():

@@ -42,6 +42,18 @@ def test_naive_equals_absorb(q_lora_rank, rope_factor):
     assert rel_err(b, a) < 1e-5 and rel_err(mb, ma) < 1e-5
 
 
+def test_absorb_attends_from_a_key_prefix():
+    """Queries that are the last T of S positions (what a KV cache feeds) equal those rows of the full pass."""
+    cfg = tiny(attn_impl="absorb")
+    attn = random_model(cfg).layers[0].attn
+    q_nope, q_pe = torch.randn(2, 20, 4, 16), torch.randn(2, 20, 4, 8)
+    kv, k_pe = torch.randn(2, 20, 16), torch.randn(2, 20, 1, 8)
+    full = attn.attend_absorb(q_nope, q_pe, kv, k_pe, block=6)
+    tail = attn.attend_absorb(q_nope[:, -7:], q_pe[:, -7:], kv, k_pe, block=4)
+    torch.testing.assert_close(tail, full[:, -7:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full, attn.attend_absorb(q_nope, q_pe, kv, k_pe, block=128), rtol=1e-5, atol=1e-6)
+
+
 def test_grouped_moe_equals_loop_forward_and_backward():
     cfg = tiny(n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2)
     moe = MoE(cfg)
