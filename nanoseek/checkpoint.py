@@ -68,9 +68,44 @@ def write_model_files(model: Transformer, out: Path, tokenizer_file: str | Path 
     save_file(state, str(out / "model.safetensors"), metadata={"format": "nanoseek"})
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out / "tokenizer.json")
-    files = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != "meta.json")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != "meta.json")
     record = {**(meta or {}), "checksums": {f: _sha256(out / f) for f in files}}
     (out / "meta.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def verify(path: str | Path) -> dict:
+    """Check every file against the sha256 in meta.json; returns meta, raises CheckpointError naming damage."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / 'meta.json'}: missing or unreadable ({e})") from None
+    for name, digest in meta.get("checksums", {}).items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"{file}: missing (listed in meta.json)")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{file}: damaged (checksum differs from meta.json)")
+    return meta
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (a directory only appears once fully written)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory standing for its latest checkpoint."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    steps = step_dirs(path)
+    if steps:
+        return steps[-1]
+    raise CheckpointError(f"{path}: neither a checkpoint (no config.json) nor a run directory with checkpoints/")
 
 
 def save_model(model: Transformer, path: str | Path, tokenizer_file: str | Path | None = None,
@@ -82,8 +117,8 @@ def save_model(model: Transformer, path: str | Path, tokenizer_file: str | Path 
 
 
 def read_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a nanoseek checkpoint directory, or of a Hugging Face DeepSeek one."""
-    file = Path(path) / "config.json"
+    """The ModelConfig of a nanoseek checkpoint (or run) directory, or of a Hugging Face DeepSeek one."""
+    file = (resolve(path) if Path(path).is_dir() else Path(path)) / "config.json"
     if not file.exists():
         raise CheckpointError(f"{file}: missing (not a checkpoint directory)")
     try:
@@ -102,7 +137,7 @@ def read_config(path: str | Path) -> ModelConfig:
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
     """Load a nanoseek checkpoint directory (config.json + model.safetensors) into a Transformer."""
-    path = Path(path)
+    path = resolve(path)
     cfg = read_config(path)
     file = path / "model.safetensors"
     if not file.exists():
@@ -129,12 +164,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transfor
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer or None) of a nanoseek checkpoint directory."""
+    """(model, tokenizer or None) of a nanoseek checkpoint directory, or of a run's latest checkpoint."""
+    path = resolve(path)
     model = load_model(path, dtype)
-    tok_file = Path(path) / "tokenizer.json"
     tokenizer = None
-    if tok_file.exists():
-        from tokenizers import Tokenizer
+    if (path / "tokenizer.json").exists():
+        from .tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(tok_file))
+        tokenizer = Tokenizer.load(path / "tokenizer.json")
     return model, tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -127,7 +128,51 @@ def cmd_export(args) -> None:
           file=sys.stderr)
 
 
+def cmd_pretrain(args) -> None:
+    from .stages.pretrain import NonFiniteError, PretrainConfig, run
+
+    try:
+        path = run(config_from_args(PretrainConfig, args))
+    except NonFiniteError as e:
+        print(f"nanoseek pretrain: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"final checkpoint: {path}", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------- parser
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One --flag per field of a stage's config dataclass (help text from the field's metadata)."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=help_text)
+        elif f.type in ("list[str]", list):
+            parser.add_argument(flag, nargs="+", default=default, metavar="PATH", help=help_text)
+        elif f.type in ("dict", dict):
+            parser.add_argument(flag, type=_json_object, default=default, metavar="JSON", help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=default, required=required,
+                                help=f"{help_text} (default: {default})" if not required else help_text)
+
+
+def config_from_args(cls, args):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -178,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--to", default="hf", help="target format (hf)")
     e.add_argument("out", metavar="OUT")
     e.set_defaults(func=cmd_export)
+
+    from .stages.pretrain import PretrainConfig
+
+    t = sub.add_parser("pretrain", help="pretrain a model (MLA + DeepSeekMoE + MTP) on the embedded corpus or --data",
+                       description="DeepSeek-V3's pretraining recipe: AdamW, warm-up/constant/cosine/tail schedule, "
+                                   "MTP, auxiliary-loss-free balancing; atomic checkpoints; --resume continues a "
+                                   "killed run exactly. Writes OUT/metrics.jsonl and OUT/checkpoints/step_N/.")
+    add_config_arguments(t, PretrainConfig)
+    t.set_defaults(func=cmd_pretrain)
     return p
 
 

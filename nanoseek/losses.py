@@ -68,3 +68,23 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     `cross_entropy_reference` (fp32 softmax) up to summation order; differentiable in h and weight.
     """
     return _LinearCrossEntropy.apply(h, weight, targets, ignore_index)
+
+
+def balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_seq: int, per_sequence: bool = True) -> torch.Tensor:
+    """Σ_i f_i·P_i of one MoE layer (V3 report eqs. 17-20), averaged over sequences (or over the whole batch).
+
+    scores (N, E): the router's unbiased scores, normalised here over all experts (s' = s / Σ s); indices
+    (N, K): the chosen experts. f_i = E/(K·T) · #tokens choosing i, P_i = mean s'_i, over each sequence of T
+    tokens (per_sequence, V3's complementary loss) or over all N tokens (the classic batch-level auxiliary loss).
+    Perfect balance gives 1. Multiply by α.
+    """
+    N, E = scores.shape
+    K = indices.shape[1]
+    groups = n_seq if per_sequence else 1
+    T = N // groups
+    s = scores / scores.sum(dim=-1, keepdim=True)
+    P = s.view(groups, T, E).mean(dim=1)  # (G, E)
+    counts = torch.zeros(groups, E, device=scores.device).scatter_add_(
+        1, indices.reshape(groups, T * K), torch.ones(groups, T * K, device=scores.device))
+    f = counts * (E / (K * T))
+    return (f * P).sum(dim=-1).mean()

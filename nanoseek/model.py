@@ -302,10 +302,13 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
 
-    def forward(self, x: torch.Tensor, loop: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, loop: bool = False, router_log: list | None = None) -> torch.Tensor:
+        """x: (B, T, D). router_log, when given, receives (scores (N, E) fp32, indices (N, K)) for balancing."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, D)
-        weights, indices, _ = self.gate(x)
+        weights, indices, scores = self.gate(x)
+        if router_log is not None:
+            router_log.append((scores, indices))
         y = (self.experts.forward_loop if loop else self.experts)(x, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -325,9 +328,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg) if moe else MLP(cfg.dim, cfg.inter_dim)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, router_log: list | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), freqs_cis)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, router_log=router_log) if isinstance(self.ffn, MoE) else self.ffn(h))
 
 
 class MTP(nn.Module):
@@ -346,9 +350,10 @@ class MTP(nn.Module):
         self.block = Block(cfg, moe)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor,
+                router_log: list | None = None) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.norm(self.block(x, freqs_cis))
+        return self.norm(self.block(x, freqs_cis, router_log))
 
 
 class Transformer(nn.Module):
@@ -398,25 +403,27 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
         self.reset_buffers()
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, return_mtp: bool = False):
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, return_mtp: bool = False,
+                router_log: list | None = None):
         """tokens (B, T) -> logits (B, T, vocab); with return_mtp also [MTP logits (B, T-k, vocab) for k = 1..D].
 
         With targets (B, T) (the next tokens; IGNORE_INDEX = -100 skips a position) it returns
         (loss, mtp_losses): the mean next-token cross-entropy and, per MTP depth k, the mean cross-entropy
         of predicting targets[:, k:] — computed by the fused head+loss, without materialising logits.
+        router_log, when a list, receives each MoE layer's (scores, indices), main layers then MTP layers.
         """
-        h = self.hidden(tokens)  # (B, T, D), after the final norm
+        h = self.hidden(tokens, router_log)  # (B, T, D), after the final norm
         if targets is None:
             logits = self.head(h)
             if not return_mtp:
                 return logits
-            return logits, [self.head(hk) for hk in self.mtp_hidden(h, tokens)]
+            return logits, [self.head(hk) for hk in self.mtp_hidden(h, tokens, router_log)]
         loss = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten())
         mtp_losses = [linear_cross_entropy(hk.flatten(0, 1), self.head.weight, targets[:, k:].flatten())
-                      for k, hk in enumerate(self.mtp_hidden(h, tokens), start=1)]
+                      for k, hk in enumerate(self.mtp_hidden(h, tokens, router_log), start=1)]
         return loss, mtp_losses
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, router_log: list | None = None) -> torch.Tensor:
         """The main model's final-normed hidden states (B, T, D)."""
         T = tokens.shape[1]
         if T > self.freqs_cis.shape[0]:
@@ -424,14 +431,14 @@ class Transformer(nn.Module):
         freqs_cis = torch.view_as_complex(self.freqs_cis[:T])
         h = self.embed(tokens)
         for layer in self.layers:
-            h = layer(h, freqs_cis)
+            h = layer(h, freqs_cis, router_log)
         return self.norm(h)
 
-    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, router_log: list | None = None) -> list[torch.Tensor]:
         """Hidden states of each MTP depth k, (B, T-k, D): position i there predicts token i+k+1."""
         T, out = tokens.shape[1], []
         for k, mtp in enumerate(self.mtp, start=1):
             # depth k at position i combines h^{k-1}_i with the embedding of token i+k (causal chain kept)
-            h = mtp(h[:, :-1], self.embed(tokens[:, k:]), torch.view_as_complex(self.freqs_cis[: T - k]))
+            h = mtp(h[:, :-1], self.embed(tokens[:, k:]), torch.view_as_complex(self.freqs_cis[: T - k]), router_log)
             out.append(h)
         return out

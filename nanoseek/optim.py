@@ -1,0 +1,70 @@
+"""Optimiser, schedules and auxiliary-loss-free balancing (V3 report §2.1.2, §4.2).
+
+- `lr_at`: V3's schedule as fractions of the run: linear warm-up, constant, cosine decay to
+  min_lr_ratio × peak, then a constant tail (V3: 2.2e-4 → 2.2e-5 between 10T and 14.3T of 14.8T tokens).
+- `mtp_lambda_at`: the MTP loss weight, λ = 0.3 then 0.1 (V3: switch at 10T of 14.8T tokens).
+- `batch_size_at`: an optional linear batch-size ramp (V3: 3072 → 15360 sequences over 469B tokens).
+- `update_routing_bias`: after every optimiser step, b_i += γ·sign(mean load − load_i) per MoE layer: overloaded
+  experts become less likely to be chosen, underloaded ones more (γ = 0.001, 0 for the final 500B tokens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lr_at(step: int, total: int, peak: float, warmup: float = 0.02, decay_start: float = 0.676,
+          decay_end: float = 0.966, min_ratio: float = 0.1) -> float:
+    """Learning rate for 0-based `step` of `total` (all phases as fractions of the run)."""
+    x = step / max(total, 1)
+    if x < warmup:
+        return peak * (step + 1) / max(round(warmup * total), 1)
+    if x < decay_start:
+        return peak
+    if x < decay_end:
+        progress = (x - decay_start) / (decay_end - decay_start)
+        return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * min_ratio
+
+
+def mtp_lambda_at(step: int, total: int, first: float = 0.3, then: float = 0.1, switch: float = 0.676) -> float:
+    return first if step / max(total, 1) < switch else then
+
+
+def batch_size_at(step: int, total: int, final: int, start: int | None = None, ramp: float = 0.0) -> int:
+    """Sequences per optimiser step: linear from `start` to `final` over the first `ramp` of the run."""
+    if not start or ramp <= 0 or step >= ramp * total:
+        return final
+    return max(1, round(start + (final - start) * step / (ramp * total)))
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.1,
+                    eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm weights and biases are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.device.type in ("cpu", "cuda") for p in decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def expert_loads(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert, (E,) fp32, from the top-k indices (N, K)."""
+    return torch.bincount(indices.flatten(), minlength=n_experts).float()
+
+
+def max_violation(load: torch.Tensor) -> float:
+    """MaxVio = max_i load_i / mean load − 1 (Wang et al. 2024, arXiv 2408.15664): 0 is perfect balance."""
+    mean = load.mean()
+    return (load.max() / mean - 1).item() if mean > 0 else 0.0
+
+
+@torch.no_grad()
+def update_routing_bias(biases: list[torch.Tensor], loads: list[torch.Tensor], gamma: float) -> None:
+    """b_i += γ · sign(mean − load_i) for each MoE layer; an exactly average expert keeps its bias."""
+    if gamma == 0:
+        return
+    for bias, load in zip(biases, loads):
+        bias += gamma * torch.sign(load.mean() - load).to(bias.dtype)

@@ -1,0 +1,114 @@
+"""Pieces every stage script shares: the metrics log and the data preparation (corpus → tokenizer → streams)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import atomic_dir
+from ..config import get_preset
+from ..data import encode_documents, fingerprint
+from ..tokenizer import Tokenizer
+
+DATA_VERSION = 1  # bump when the corpus recipe or the tokenizer training changes
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl: one JSON object per line, each with `step`."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records logged after `step` (a resumed run re-logs them)."""
+        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.replace(self.path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek"))
+
+
+def _data_key(cfg) -> str:
+    if cfg.data:
+        from glob import glob
+
+        files = sorted({f for pattern in cfg.data for f in glob(os.path.expanduser(pattern), recursive=True)})
+        source = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files] or cfg.data
+    else:
+        source = ["embedded", cfg.data_seed, cfg.n_problems]
+    vocab = cfg.vocab_size or get_preset(cfg.preset).vocab_size
+    return fingerprint(DATA_VERSION, source, cfg.tokenizer, vocab)
+
+
+def _split_documents(cfg) -> dict[str, list[str]]:
+    from ..corpus import build_default_corpus, read_user_data
+
+    if not cfg.data:
+        return build_default_corpus(seed=cfg.data_seed, n_problems=cfg.n_problems, progress=True)
+    docs = read_user_data(cfg.data)
+    order = np.random.default_rng(cfg.data_seed).permutation(len(docs))
+    n_held = max(1, len(docs) // 50) if len(docs) > 1 else 0
+    held = set(order[:n_held].tolist())
+    return {"train": [d for i, d in enumerate(docs) if i not in held], "heldout": [docs[i] for i in sorted(held)]}
+
+
+def _build(cfg, dest: Path) -> None:
+    docs = _split_documents(cfg)
+    print(f"data: {len(docs['train'])} training and {len(docs['heldout'])} held-out documents", file=sys.stderr)
+    if cfg.tokenizer:
+        tokenizer = Tokenizer.load(cfg.tokenizer)
+    else:
+        tokenizer = Tokenizer.train(docs["train"], cfg.vocab_size or get_preset(cfg.preset).vocab_size)
+    with atomic_dir(dest) as tmp:
+        tokenizer.save(tmp / "tokenizer.json")
+        for split in ("train", "heldout"):
+            np.save(tmp / f"{split}.npy", encode_documents(docs[split], tokenizer))
+        (tmp / "meta.json").write_text(json.dumps({"key": _data_key(cfg), "documents": {
+            k: len(v) for k, v in docs.items()}}) + "\n")
+
+
+def prepare_data(cfg, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+    """Tokenizer and train/held-out token streams for a run, built once and kept in OUT/data.
+
+    The embedded corpus is also cached across runs in $NANOSEEK_CACHE (default ~/.cache/nanoseek).
+    """
+    key = _data_key(cfg)
+    data_dir = Path(out) / "data"
+    if not _is_current(data_dir, key):
+        shared = cache_root() / "data" / key
+        if not cfg.data and _is_current(shared, key):
+            with atomic_dir(data_dir) as tmp:
+                shutil.copytree(shared, tmp, dirs_exist_ok=True)
+        else:
+            _build(cfg, data_dir)
+            if not cfg.data:
+                shared.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_dir(shared) as tmp:
+                    shutil.copytree(data_dir, tmp, dirs_exist_ok=True)
+    tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
+    return tokenizer, np.load(data_dir / "train.npy"), np.load(data_dir / "heldout.npy")
+
+
+def _is_current(path: Path, key: str) -> bool:
+    try:
+        return json.loads((path / "meta.json").read_text())["key"] == key
+    except (OSError, ValueError, KeyError):
+        return False
