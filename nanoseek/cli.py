@@ -120,7 +120,7 @@ def cmd_export(args) -> None:
         raise UsageError(f"unknown export format {args.to!r}; supported: hf")
     model = load_model(args.ckpt)
     out = Path(args.out)
-    save_hf(model, out)
+    save_hf(model, out, fp8=args.fp8)
     tok = Path(args.ckpt) / "tokenizer.json"
     if tok.exists():
         shutil.copyfile(tok, out / "tokenizer.json")
@@ -137,6 +137,106 @@ def cmd_pretrain(args) -> None:
         print(f"nanoseek pretrain: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"final checkpoint: {path}", file=sys.stderr)
+
+
+def cmd_grpo(args) -> None:
+    from .stages.grpo import GRPOConfig, run
+
+    path = run(config_from_args(GRPOConfig, args))
+    print(f"final checkpoint: {path}", file=sys.stderr)
+
+
+def cmd_eval(args) -> None:
+    from .engine import Engine
+    from .evaluation import evaluate
+    from .tasks import get_task
+
+    if args.n <= 0 or args.k <= 0:
+        raise UsageError("--n and --k must be positive")
+    task = get_task(args.task, **args.task_args)
+    model, tokenizer = _load_for_inference(args.ckpt)
+    problems = task.problems(args.seed, args.n, split="heldout")
+    r = evaluate(Engine(model, tokenizer), task, problems, k=args.k, temperature=args.temperature,
+                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.json:
+        print(json.dumps({"task": args.task, **r}))
+    else:
+        print(f"{args.task}: pass@1 {r['accuracy']:.1%} (mean of {r['k']} samples over {r['n']} held-out problems), "
+              f"cons@{r['k']} {r['cons_at_k']:.1%}, well-formed {r['format']:.1%}, "
+              f"{r['mean_response_tokens']:.1f} tokens per response")
+
+
+def _load_for_inference(ckpt_dir: str):
+    from .checkpoint import load
+
+    model, tokenizer = load(ckpt_dir)
+    if tokenizer is None:
+        raise UsageError(f"{ckpt_dir}: the checkpoint has no tokenizer.json; text generation needs one")
+    return model, tokenizer
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        try:
+            text = Path(args.prompt_file).read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise UsageError(f"{args.prompt_file}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{args.prompt_file}: not UTF-8 text (byte {e.start})") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError("give --prompt TEXT or --prompt-file FILE (one prompt per line)")
+    if any(not p.strip() for p in prompts):
+        raise UsageError("empty prompt")
+    if args.template == "r1":
+        from .tokenizer import r1_prompt
+
+        prompts = [r1_prompt(p) for p in prompts]
+    return prompts
+
+
+def _sampling(args):
+    from .engine import SamplingParams
+
+    if args.max_new_tokens <= 0 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise UsageError("need --max-new-tokens > 0, --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop=list(args.stop or []))
+
+
+def cmd_generate(args) -> None:
+    from .engine import Engine
+
+    prompts = _read_prompts(args)
+    params = _sampling(args)
+    model, tokenizer = _load_for_inference(args.ckpt)
+    engine = Engine(model, tokenizer)
+    outs = engine.generate(prompts, params, speculative=args.speculative)
+    for g in outs:
+        print(json.dumps({"text": g.text, "finish_reason": g.finish_reason}) if args.jsonl else g.text)
+    st = engine.last_stats
+    extra = f", draft acceptance {st.acceptance:.1%}" if args.speculative else ""
+    print(f"[{len(outs)} prompt(s), {st.tokens} tokens in {st.seconds:.2f}s = {st.tokens_per_s:.1f} tokens/s{extra}]",
+          file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    from .chat import chat
+
+    model, tokenizer = _load_for_inference(args.ckpt)
+    chat(model, tokenizer, _sampling(args), speculative=args.speculative)
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("--ckpt", required=True, help="checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"default {max_new}")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", nargs="+", metavar="TEXT", help="stop when any of these strings is generated")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs an MTP module)")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -221,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Writes a directory that transformers' AutoModelForCausalLM loads.")
     e.add_argument("--ckpt", required=True, help="nanoseek checkpoint directory")
     e.add_argument("--to", default="hf", help="target format (hf)")
+    e.add_argument("--fp8", action="store_true", help="write FP8 weights with 128×128 weight_scale_inv blocks")
     e.add_argument("out", metavar="OUT")
     e.set_defaults(func=cmd_export)
 
@@ -232,6 +333,46 @@ def build_parser() -> argparse.ArgumentParser:
                                    "killed run exactly. Writes OUT/metrics.jsonl and OUT/checkpoints/step_N/.")
     add_config_arguments(t, PretrainConfig)
     t.set_defaults(func=cmd_pretrain)
+
+    g = sub.add_parser("generate", help="complete prompts with a checkpoint",
+                       description="Only the generated text goes to stdout (one completion per prompt); speed and "
+                                   "acceptance statistics go to stderr.")
+    g.add_argument("--prompt", nargs="+", metavar="TEXT", help="one or more prompts")
+    g.add_argument("--prompt-file", help="UTF-8 file with one prompt per line")
+    g.add_argument("--template", choices=["none", "r1"], default="none",
+                   help="r1: wrap each prompt in the R1 reasoning template (default: raw continuation)")
+    g.add_argument("--jsonl", action="store_true", help="print one JSON object per completion")
+    _add_sampling_arguments(g, 128)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="talk to a checkpoint (R1 template, streamed; /reset, /exit)",
+                       description="Interactive chat in the R1 template. The <think> part is shown dimmed.")
+    _add_sampling_arguments(c, 256)
+    c.set_defaults(func=cmd_chat)
+
+    from .stages.grpo import GRPOConfig
+
+    r = sub.add_parser("grpo", help="reinforcement learning with rule rewards (GRPO, Dr. GRPO, DAPO)",
+                       description="R1-Zero-style RL: G samples per prompt, rule rewards (accuracy + format), "
+                                   "group-normalised advantages, clipped objective, optional k3 KL. Writes "
+                                   "OUT/metrics.jsonl and OUT/checkpoints/step_N/.")
+    add_config_arguments(r, GRPOConfig)
+    r.set_defaults(func=cmd_grpo)
+
+    v = sub.add_parser("eval", help="held-out pass@1 / cons@k / response length on a task",
+                       description="Samples k responses per held-out problem (R1 protocol: temperature 0.6, "
+                                   "top-p 0.95); --temperature 0 for greedy.")
+    v.add_argument("--ckpt", required=True, help="checkpoint or run directory")
+    v.add_argument("--task", required=True, help="chain_sum, basic_arithmetic, gsm_symbolic, countdown, syllogism")
+    v.add_argument("--task-args", type=_json_object, default={}, metavar="JSON", help="generator options")
+    v.add_argument("--n", type=int, default=100, help="held-out problems (default 100)")
+    v.add_argument("--k", type=int, default=1, help="samples per problem (default 1)")
+    v.add_argument("--temperature", type=float, default=0.6)
+    v.add_argument("--top-p", type=float, default=0.95)
+    v.add_argument("--max-new-tokens", type=int, default=128)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_eval)
     return p
 
 

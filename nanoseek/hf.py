@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError
 from .config import ModelConfig
-from .fp8 import dequantize_weight
+from .fp8 import dequantize_weight, fp8_state
 from .model import Transformer
 
 FAMILIES = ("deepseek_v3", "deepseek_v2")
@@ -199,10 +199,14 @@ def hf_key(name: str, n_layers: int) -> str:
     return f"model.layers.{layer}.{_MTP[part]}.{tail}"
 
 
-def export_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our parameters under HF names: experts split per expert, MTP layers with their shared embedding/head."""
+def export_state(model: Transformer, fp8: bool = False) -> dict[str, torch.Tensor]:
+    """Our parameters under HF names: experts split per expert, MTP layers with their shared embedding/head.
+
+    With fp8, every weight DeepSeek ships in FP8 is written as float8_e4m3fn plus `<name>_scale_inv`.
+    """
     cfg, out = model.cfg, {}
     v3 = cfg.score_func == "sigmoid"
+    quantized = fp8_state(model) if fp8 else {}
     for name, t in model.state_dict().items():
         key = hf_key(name, cfg.n_layers)
         if key.endswith("e_score_correction_bias"):
@@ -210,11 +214,13 @@ def export_state(model: Transformer) -> dict[str, torch.Tensor]:
                 if t.abs().max() > 0:
                     raise ValueError("deepseek_v2 has no routing correction bias, but this model's is non-zero")
                 continue
-        if "{e}" in key:
-            for e in range(t.shape[0]):
-                out[key.format(e=e)] = t[e].contiguous()
-        else:
-            out[key] = t.contiguous()
+        per_expert = "{e}" in key
+        for e, k in enumerate([key.format(e=e) for e in range(t.shape[0])] if per_expert else [key]):
+            if name in quantized:
+                q, scale = quantized[name][e] if per_expert else quantized[name]
+                out[k], out[k.removesuffix("weight") + "weight_scale_inv"] = q, scale
+            else:
+                out[k] = (t[e] if per_expert else t).contiguous()
     for k in range(cfg.n_mtp_layers):  # DeepSeek's layout repeats the shared tensors in the MTP layer
         out[f"model.layers.{cfg.n_layers + k}.embed_tokens.weight"] = model.embed.weight.detach().clone()
         out[f"model.layers.{cfg.n_layers + k}.shared_head.head.weight"] = model.head.weight.detach().clone()
@@ -224,13 +230,20 @@ def export_state(model: Transformer) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- save
 
 
-def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30) -> None:
-    """Write config.json and safetensors (sharded above max_shard_bytes) in DeepSeek's hub layout."""
+def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30, fp8: bool = False) -> None:
+    """Write config.json and safetensors (sharded above max_shard_bytes) in DeepSeek's hub layout.
+
+    fp8=True writes DeepSeek-V3's FP8 checkpoint format (e4m3 weights, 128×128 weight_scale_inv blocks).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = model.embed.weight.dtype
-    (path / "config.json").write_text(json.dumps(config_to_hf(model.cfg, dtype), indent=2) + "\n")
-    state = export_state(model)
+    hf_cfg = config_to_hf(model.cfg, dtype)
+    if fp8:
+        hf_cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    state = export_state(model, fp8=fp8)
     shards, current, size = [], {}, 0
     for key in sorted(state):
         nbytes = state[key].numel() * state[key].element_size()

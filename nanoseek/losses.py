@@ -88,3 +88,65 @@ def balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_seq: int, per_se
         1, indices.reshape(groups, T * K), torch.ones(groups, T * K, device=scores.device))
     f = counts * (E / (K * T))
     return (f * P).sum(dim=-1).mean()
+
+
+# ----------------------------------------------------------------------------- RL (GRPO and variants)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(tokens) and the entropy of each position's distribution, both (B, T), from logits (B, T, V), fp32."""
+    logp_all = logits.float().log_softmax(dim=-1)
+    logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps) over each row of rewards (groups, G).
+
+    std is Bessel-corrected (as TRL and veRL); scale_by_std=False is Dr. GRPO's r - mean(r).
+    """
+    adv = rewards - rewards.mean(dim=-1, keepdim=True)
+    if scale_by_std and rewards.shape[-1] > 1:
+        adv = adv / (rewards.std(dim=-1, keepdim=True) + eps)
+    return adv
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(π || π_ref) estimator k3 = π_ref/π − log(π_ref/π) − 1 (≥ 0, 0 iff equal; R1/GRPO)."""
+    log_ratio = ref_logp - logp
+    return log_ratio.exp() - log_ratio - 1
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              eps_low: float = 0.2, eps_high: float | None = None, beta: float = 0.0,
+              ref_logp: torch.Tensor | None = None, norm: str = "token", max_len: int | None = None):
+    """The clipped-ratio policy loss with an optional k3 KL penalty; returns (loss, stats).
+
+    logp/old_logp/ref_logp/mask: (B, T) over completion tokens; advantages: (B,). Aggregation (reference
+    r1-grpo §2): "sequence" = mean over each response then over responses (GRPO; length-biased),
+    "token" = sum over all tokens / number of tokens (DAPO), "constant" = sum / (B · max_len) (Dr. GRPO).
+    """
+    eps_high = eps_low if eps_high is None else eps_high
+    mask = mask.float()
+    ratio = (logp - old_logp).exp()
+    adv = advantages.unsqueeze(1)
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta:
+        per_token = per_token + beta * kl
+    if norm == "sequence":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif norm == "token":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    elif norm == "constant":
+        if not max_len:
+            raise ValueError("norm='constant' needs max_len")
+        loss = (per_token * mask).sum() / (mask.shape[0] * max_len)
+    else:
+        raise ValueError(f"unknown loss normalisation {norm!r} (sequence, token or constant)")
+    with torch.no_grad():
+        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        n = mask.sum().clamp(min=1)
+        stats = {"clip_frac": ((clipped.float() * mask).sum() / n).item(), "kl": ((kl * mask).sum() / n).item()}
+    return loss, stats

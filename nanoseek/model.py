@@ -12,6 +12,7 @@ Dimension letters used in shape comments:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,9 +77,19 @@ def rope_table(cfg: ModelConfig, n_positions: int) -> torch.Tensor:
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers, in fp32. x: (B, T, H, R); freqs: (T, R/2)."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers, in fp32.
+
+    x: (B, T, H, R); freqs_cis: (T, R/2) shared by the batch, or (B, T, R/2) per sequence (cached decoding).
+    """
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, R/2)
-    return torch.view_as_real(xc * freqs_cis[:, None, :]).flatten(-2).to(x.dtype)
+    return torch.view_as_real(xc * freqs_cis.unsqueeze(-2)).flatten(-2).to(x.dtype)
+
+
+class LayerCache(NamedTuple):
+    """One layer's slice of the latent KV cache: what absorbed MLA needs and nothing more (576 values/token in V3)."""
+
+    kv: torch.Tensor  # (B, S_max, C): kv_norm(c_KV)
+    pe: torch.Tensor  # (B, S_max, R): the rotated shared key k_pe
 
 
 # ----------------------------------------------------------------------------- attention
@@ -111,7 +122,10 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attn_bias)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: LayerCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D). With a cache, the new latents are written at `positions` (B, T) and the queries attend to
+        every cached position up to their own; freqs_cis is then per sequence (B, T, R/2)."""
         B, T, _ = x.shape
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, self.n_heads, self.qk_head_dim)  # (B, T, H, P+R)
@@ -120,14 +134,22 @@ class MLA(nn.Module):
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)  # (B, S, C): the normed latent, what the absorbed cache keeps
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis)  # (B, S, 1, R): one key shared by all heads
+        if cache is not None:
+            rows = torch.arange(B, device=x.device)[:, None]
+            cache.kv[rows, positions] = kv.to(cache.kv.dtype)
+            cache.pe[rows, positions] = k_pe[:, :, 0].to(cache.pe.dtype)
+            S = int(positions.max()) + 1
+            kv, k_pe = cache.kv[:, :S], cache.pe[:, :S, None]  # (B, S, C), (B, S, 1, R)
         if self.attn_impl == "naive":
-            o = self.attend_naive(q_nope, q_pe, kv, k_pe)
+            o = self.attend_naive(q_nope, q_pe, kv, k_pe, positions)
         else:
-            o = self.attend_absorb(q_nope, q_pe, kv, k_pe)
+            o = self.attend_absorb(q_nope, q_pe, kv, k_pe, positions)
         return self.wo(o.flatten(2))  # (B, T, H·V) -> (B, T, D)
 
-    def attend_naive(self, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
-        """Expand the latent into per-head keys/values and run causal SDPA. Returns (B, T, H, V)."""
+    def attend_naive(self, q_nope, q_pe, kv, k_pe, q_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Expand the latent into per-head keys/values and run causal SDPA. Returns (B, T, H, V).
+
+        q_pos (B, T): each query's position among the S keys (default: the last T positions)."""
         B, S, _ = kv.shape
         H, P, V = self.n_heads, self.qk_nope_head_dim, self.v_head_dim
         k_nope, v = self.wkv_b(kv).view(B, S, H, P + V).split([P, V], dim=-1)  # (B, S, H, P), (B, S, H, V)
@@ -137,18 +159,26 @@ class MLA(nn.Module):
             # CPU flash attention needs equal qk and v head dims; zero columns cost far less than the
             # fallback math kernel (3x slower at our sizes) and are sliced off below.
             v = F.pad(v, (0, self.qk_head_dim - V))
+        T = q.shape[1]
+        if q_pos is None and T == S:
+            mask, causal = None, True
+        else:
+            q_pos = q_pos if q_pos is not None else torch.arange(S - T, S, device=kv.device).expand(B, T)
+            mask, causal = (torch.arange(S, device=kv.device) <= q_pos[..., None]).unsqueeze(1), False  # (B,1,T,S)
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
+            scale=self.softmax_scale,
         )  # (B, H, T, max(V, P+R))
         return o[..., :V].transpose(1, 2)  # (B, T, H, V)
 
-    def attend_absorb(self, q_nope, q_pe, kv, k_pe, block: int = 128) -> torch.Tensor:
+    def attend_absorb(self, q_nope, q_pe, kv, k_pe, q_pos: torch.Tensor | None = None, block: int = 128) -> torch.Tensor:
         """Attention in the latent space (V2 report App. C): W_UK folded into q, W_UV applied after.
 
         Every head shares one key [c_KV | k_pe] (C+R) and one value c_KV (C), so the H heads of a query are
         rows of one matrix ("MQA mode", as FlashMLA calls it): rows (t, h) against keys s. Query positions go
         in blocks, each against only the keys it can see, which skips the masked half of a causal square.
-        Queries are the last T of S positions (S > T when earlier keys come from a cache). Returns (B, T, H, V).
+        q_pos (B, T) gives each query's position among the S keys; by default the queries are the last T
+        positions (S > T when earlier keys come from a cache). Returns (B, T, H, V).
         """
         B, T, H, P = q_nope.shape
         S, C = kv.shape[1], self.kv_lora_rank
@@ -157,13 +187,15 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bthp,hpc->bthc", q_nope, w_uk)  # (B, T, H, C)
         q = torch.cat([q_lat, q_pe], dim=-1).flatten(1, 2) * self.softmax_scale  # (B, T·H, C+R), rows (t, h)
         k = torch.cat([kv, k_pe[:, :, 0]], dim=-1)  # (B, S, C+R)
+        if q_pos is None:
+            q_pos = torch.arange(S - T, S, device=kv.device).expand(B, T)
         outs = []
         for t0 in range(0, T, block):
             t1 = min(T, t0 + block)
-            visible = S - T + t1  # keys up to the block's last query position
+            pos = q_pos[:, t0:t1].repeat_interleave(H, dim=1)  # (B, rows): each row's position
+            visible = int(pos.max()) + 1  # keys up to the block's last query position
             scores = q[:, t0 * H:t1 * H] @ k[:, :visible].transpose(1, 2)  # (B, rows, visible)
-            pos = torch.arange(S - T + t0, S - T + t1, device=kv.device).repeat_interleave(H)  # each row's position
-            future = torch.arange(visible, device=kv.device) > pos[:, None]
+            future = torch.arange(visible, device=kv.device) > pos[..., None]
             probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
             outs.append(probs @ kv[:, :visible])  # (B, rows, C)
         o_lat = torch.cat(outs, dim=1).view(B, T, H, C)
@@ -246,9 +278,13 @@ class Experts(nn.Module):
         inverse[order] = torch.arange(order.numel(), device=order.device)
         ends = torch.bincount(indices.flatten(), minlength=self.w1.shape[0]).cumsum(0).to(torch.int32)
         xs = _GatherRows.apply(x, order, inverse, K)  # (N·K, D): row j is token order[j] // K
-        h = F.silu(grouped_mm(xs, self.w1.transpose(1, 2), ends)) * grouped_mm(xs, self.w3.transpose(1, 2), ends)
-        ys = _GatherRows.apply(grouped_mm(h, self.w2.transpose(1, 2), ends), inverse, order, 1)  # back to (n, k)
+        h = F.silu(self.matmul(xs, self.w1.transpose(1, 2), ends)) * self.matmul(xs, self.w3.transpose(1, 2), ends)
+        ys = _GatherRows.apply(self.matmul(h, self.w2.transpose(1, 2), ends), inverse, order, 1)  # back to (n, k)
         return torch.bmm(weights.unsqueeze(1), ys.view(N, K, -1)).squeeze(1)  # (N, 1, K) @ (N, K, D)
+
+    def matmul(self, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """The grouped GEMM of every projection (a subclass may change its numerics, e.g. to FP8)."""
+        return grouped_mm(x, w, ends)
 
     def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Reference: one expert at a time, as in DeepSeek's inference code. Used by tests only."""
@@ -328,8 +364,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg) if moe else MLP(cfg.dim, cfg.inter_dim)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, router_log: list | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), freqs_cis)
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, router_log: list | None = None,
+                cache: LayerCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), freqs_cis, cache, positions)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, router_log=router_log) if isinstance(self.ffn, MoE) else self.ffn(h))
 
@@ -350,10 +387,10 @@ class MTP(nn.Module):
         self.block = Block(cfg, moe)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor,
-                router_log: list | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor, router_log: list | None = None,
+                cache: LayerCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.norm(self.block(x, freqs_cis, router_log))
+        return self.norm(self.block(x, freqs_cis, router_log, cache, positions))
 
 
 class Transformer(nn.Module):
@@ -442,3 +479,24 @@ class Transformer(nn.Module):
             h = mtp(h[:, :-1], self.embed(tokens[:, k:]), torch.view_as_complex(self.freqs_cis[: T - k]), router_log)
             out.append(h)
         return out
+
+    # ------------------------------------------------------------------ cached decoding (used by engine.py)
+
+    def _freqs_at(self, positions: torch.Tensor) -> torch.Tensor:
+        if int(positions.max()) >= self.freqs_cis.shape[0]:
+            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.freqs_cis.shape[0]}")
+        return torch.view_as_complex(self.freqs_cis)[positions]  # (B, T, R/2)
+
+    def hidden_cached(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
+        """Final-normed hidden states (B, T, D) of tokens at `positions` (B, T), reading and extending the cache."""
+        freqs = self._freqs_at(positions)
+        h = self.embed(tokens)
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, freqs, cache=cache, positions=positions)
+        return self.norm(h)
+
+    def mtp_cached(self, depth: int, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
+                   cache: LayerCache) -> torch.Tensor:
+        """MTP depth `depth` (1-based) at `positions`: h_i (the previous depth's hidden) with token i+depth."""
+        return self.mtp[depth - 1](h, self.embed(next_tokens), self._freqs_at(positions), cache=cache,
+                                   positions=positions)

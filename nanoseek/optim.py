@@ -40,14 +40,57 @@ def batch_size_at(step: int, total: int, final: int, start: int | None = None, r
     return max(1, round(start + (final - start) * step / (ramp * total)))
 
 
+class AdamWBF16Moments(torch.optim.Optimizer):
+    """AdamW whose first and second moments are stored in bf16 (V3 report §3.3: "low-precision optimizer
+    states"); master weights and gradients stay fp32 and all arithmetic is fp32. Halves the optimiser memory."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                state["step"] += 1
+                grad = p.grad.float()
+                m = state["exp_avg"].float().lerp_(grad, 1 - b1)
+                v = state["exp_avg_sq"].float().mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+                bias1, bias2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
+                p.mul_(1 - lr * wd)
+                p.addcdiv_(m, (v / bias2).sqrt_().add_(eps), value=-lr / bias1)
+
+
 def build_optimizer(model: torch.nn.Module, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.1,
-                    eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm weights and biases are not decayed)."""
+                    eps: float = 1e-8, moments: str = "fp32") -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (norm weights and biases are not decayed).
+
+    moments="fp32": torch's fused AdamW; moments="bf16": AdamWBF16Moments.
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if moments == "bf16":
+        return AdamWBF16Moments(groups, lr=lr, betas=betas, eps=eps)
+    if moments != "fp32":
+        raise ValueError(f"optimizer moments must be fp32 or bf16, got {moments!r}")
     fused = all(p.device.type in ("cpu", "cuda") for p in decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimiser's tensors (moments; not the parameters)."""
+    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+               if isinstance(t, torch.Tensor) and t.dim() > 0)
 
 
 def expert_loads(indices: torch.Tensor, n_experts: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from ..config import get_preset
 from ..data import PackedLoader, fixed_batches
+from ..fp8 import RECIPES, convert_to_fp8
 from ..losses import balance_loss
 from ..model import Gate, Transformer
 from ..optim import (batch_size_at, build_optimizer, expert_loads, lr_at, max_violation, mtp_lambda_at,
@@ -73,6 +74,9 @@ class PretrainConfig:
     n_problems: int = field(default=6000, metadata={"help": "reasoning documents in the embedded corpus"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    fp8: bool = field(default=False, metadata={"help": "train the projections and experts in FP8 (V3's fine-grained recipe)"})
+    fp8_recipe: str = field(default="blockwise", metadata={"help": "blockwise (1×128 / 128×128 scales) or tensorwise"})
+    optim_moments: str = field(default="fp32", metadata={"help": "AdamW moments in fp32 or bf16 (V3)"})
     max_bad_steps: int = field(default=5, metadata={"help": "stop after this many non-finite steps in a row"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0: all)"})
@@ -107,7 +111,9 @@ def run(cfg: PretrainConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(device)
-    optimizer = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    if cfg.fp8:
+        convert_to_fp8(model, cfg.fp8_recipe)
+    optimizer = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, moments=cfg.optim_moments)
     log = MetricsLog(out / "metrics.jsonl")
     state = {"step": 0, "tokens": 0, "bad_steps": 0}
     if cfg.resume:
@@ -313,3 +319,7 @@ def _validate(cfg: PretrainConfig) -> None:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
     if cfg.save_every <= 0:
         raise ValueError("--save-every must be positive")
+    if cfg.fp8_recipe not in RECIPES:
+        raise ValueError(f"--fp8-recipe must be one of {', '.join(RECIPES)}, got {cfg.fp8_recipe!r}")
+    if cfg.optim_moments not in ("fp32", "bf16"):
+        raise ValueError(f"--optim-moments must be fp32 or bf16, got {cfg.optim_moments!r}")

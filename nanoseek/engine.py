@@ -1,0 +1,278 @@
+"""Inference: the latent KV cache, batched sampling, and MTP speculative decoding (one engine for generate, chat,
+evaluation and GRPO rollouts).
+
+- `KVCache` preallocates, per layer, only what absorbed MLA reads: the normed latent (kv_lora_rank) and the
+  rotated shared key (qk_rope_head_dim) — 576 values per token per layer in V3 (reference §1.3).
+- Prompts of different lengths are right-padded into one prefill; each sequence then decodes at its own
+  position, so a batch gives each prompt the tokens it would get alone.
+- Sampling: greedy (temperature 0), temperature, top-k, top-p; one torch.Generator per sequence, seeded from
+  (seed, index), so results do not depend on what else is in the batch.
+- Speculative decoding (V3 §5.4.3): MTP depth 1 drafts the token after next; one main forward over
+  [pending, draft] verifies it. Greedy output equals plain greedy decoding; sampling uses the standard
+  acceptance rule (accept with min(1, p/q), else resample from max(0, p - q)), preserving the target distribution.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import LayerCache, Transformer
+
+
+class KVCache:
+    """Latent cache for `n_layers` (+ MTP) layers, batch B, up to max_len positions, in the model's dtype."""
+
+    def __init__(self, model: Transformer, batch: int, max_len: int, with_mtp: bool = False):
+        cfg = model.cfg
+        n = cfg.n_layers + (cfg.n_mtp_layers if with_mtp else 0)
+        dtype, device = model.embed.weight.dtype, model.embed.weight.device
+        self.kv = torch.zeros(n, batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.pe = torch.zeros(n, batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.layers = [LayerCache(self.kv[i], self.pe[i]) for i in range(n)]
+        self.n_main = cfg.n_layers
+
+    @property
+    def main(self) -> list[LayerCache]:
+        return self.layers[: self.n_main]
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies in the main model's cache: n_layers × (kv_lora_rank + rope dim) × dtype size."""
+        return self.n_main * (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer)
+
+
+@dataclass
+class Generation:
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # log p(token) under the (filtered) target distribution
+    text: str = ""
+    finish_reason: str = "length"  # "eos", "stop" or "length"
+
+
+@dataclass
+class Stats:
+    tokens: int = 0
+    seconds: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Sampling distribution (B, V) after temperature, top-k and top-p; one-hot argmax when greedy."""
+    if p.temperature <= 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits.float() / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = logits.topk(p.top_k, dim=-1)[0][..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _draw(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    return torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(gens)])
+
+
+class Engine:
+    """Batched generation from a Transformer (and optionally a Tokenizer for text prompts and stop strings)."""
+
+    def __init__(self, model: Transformer, tokenizer=None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.last_stats = Stats()
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | None = None,
+                 speculative: bool = False, on_token=None, seeds: list[int] | None = None) -> list[Generation]:
+        """Complete each prompt (token ids or text). on_token(row, token_id) is called as tokens are produced.
+
+        Row i samples from its own generator seeded with seeds[i] (default: derived from params.seed and i), so
+        a prompt given the same seed gets the same tokens in any batch, and repeated prompts get different ones.
+        """
+        params = params or SamplingParams()
+        ids = [self._encode(p) for p in prompts]
+        self._check(ids, params, speculative)
+        seeds = seeds if seeds is not None else [params.seed * 1_000_003 + i for i in range(len(ids))]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        t0 = time.perf_counter()
+        gens = [Generation(prompt_tokens=p) for p in ids]
+        self.last_stats = Stats()
+        run = self._speculative if speculative else self._plain
+        run(ids, params, gens, generators, on_token or (lambda row, tok: None))
+        self.last_stats.seconds = time.perf_counter() - t0
+        self.last_stats.tokens = sum(len(g.tokens) for g in gens)
+        for g in gens:
+            if self.tokenizer is not None:
+                g.text = self._text(g, params)
+        return gens
+
+    # ------------------------------------------------------------------ checks and text
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer")
+            prompt = self.tokenizer.encode(prompt)
+        if not prompt:
+            raise ValueError("empty prompt")
+        return list(prompt)
+
+    def _check(self, ids: list[list[int]], params: SamplingParams, speculative: bool) -> None:
+        limit = self.model.cfg.max_seq_len
+        longest = max(len(p) for p in ids)
+        if longest + params.max_new_tokens + (2 if speculative else 0) > limit:
+            raise ValueError(f"prompt of {longest} tokens + {params.max_new_tokens} new tokens exceeds the "
+                             f"model's context of {limit} tokens")
+        if speculative and self.model.cfg.n_mtp_layers == 0:
+            raise ValueError("--speculative needs a checkpoint with an MTP module (n_mtp_layers > 0)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+
+    def _text(self, g: Generation, params: SamplingParams) -> str:
+        """The completion as text, ending after the first stop string if one was generated (it is kept)."""
+        eos = self.tokenizer.eos_id
+        text = self.tokenizer.decode([t for t in g.tokens if t != eos])
+        ends = [text.find(s) + len(s) for s in params.stop if s in text]
+        return text[: min(ends)] if ends else text
+
+    def _emit(self, g: Generation, row: int, token: int, logprob: float, params, on_token) -> bool:
+        """Append a token; returns True if the sequence is now finished."""
+        g.tokens.append(token)
+        g.logprobs.append(logprob)
+        on_token(row, token)
+        eos = self.tokenizer.eos_id if self.tokenizer is not None else None
+        if token == eos:
+            g.finish_reason = "eos"
+            return True
+        if params.stop:
+            tail = self.tokenizer.decode(g.tokens[-64:])
+            if any(s in tail for s in params.stop):
+                g.finish_reason = "stop"
+                return True
+        return len(g.tokens) >= params.max_new_tokens
+
+    # ------------------------------------------------------------------ plain decoding
+    def _prefill(self, ids: list[list[int]], cache: KVCache):
+        B, L = len(ids), max(len(p) for p in ids)
+        device = self.model.embed.weight.device
+        tokens = torch.zeros(B, L, dtype=torch.long, device=device)
+        for b, p in enumerate(ids):
+            tokens[b, : len(p)] = torch.tensor(p)
+        positions = torch.arange(L, device=device).expand(B, L)
+        h = self.model.hidden_cached(tokens, positions, cache.main)  # right padding is never attended to
+        lengths = torch.tensor([len(p) for p in ids], device=device)
+        return tokens, h, lengths
+
+    def _plain(self, ids, params: SamplingParams, gens: list[Generation], generators, on_token) -> None:
+        B = len(ids)
+        cache = KVCache(self.model, B, max(len(p) for p in ids) + params.max_new_tokens + 1)
+        _, h, lengths = self._prefill(ids, cache)
+        last = h[torch.arange(B), lengths - 1]  # (B, D)
+        done = [False] * B
+        for _ in range(params.max_new_tokens):
+            probs = filtered_probs(self.model.head(last).float(), params)
+            token = _draw(probs, generators)
+            logp = probs.gather(1, token[:, None]).squeeze(1).clamp_min(1e-30).log()
+            for b in range(B):
+                if not done[b]:
+                    done[b] = self._emit(gens[b], b, int(token[b]), float(logp[b]), params, on_token)
+            if all(done):
+                return
+            last = self.model.hidden_cached(token[:, None], lengths[:, None], cache.main)[:, 0]
+            lengths = lengths + 1
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _speculative(self, ids, params: SamplingParams, gens: list[Generation], generators, on_token) -> None:
+        model, B = self.model, len(ids)
+        max_len = max(len(p) for p in ids) + params.max_new_tokens + 3
+        cache = KVCache(model, B, max_len, with_mtp=True)
+        tokens, h, n = self._prefill(ids, cache)
+        rows = torch.arange(B)
+        history = torch.zeros(B, max_len, dtype=torch.long)  # every token, prompt and generated
+        hidden = torch.zeros(B, max_len, model.cfg.dim, dtype=h.dtype)  # main hidden state at each position
+        history[:, : tokens.shape[1]], hidden[:, : h.shape[1]] = tokens, h
+        probs = filtered_probs(model.head(h[rows, n - 1]).float(), params)
+        pending = _draw(probs, generators)  # token at position n, already part of the output
+        done = [self._emit(gens[b], b, int(pending[b]), _logp(probs[b], pending[b]), params, on_token) for b in range(B)]
+        history[rows, n] = pending
+        mtp_cache = cache.layers[model.cfg.n_layers]
+        if tokens.shape[1] > 1:  # MTP over the prompt: position i sees (h_i, t_{i+1})
+            pos = torch.arange(tokens.shape[1] - 1).expand(B, -1)
+            model.mtp_cached(1, h[:, :-1], tokens[:, 1:], pos, mtp_cache)
+        while not all(done):
+            # 1. draft t_{n+1} with MTP at positions n-2, n-1 (one of them may be recomputed: harmless)
+            pos = torch.stack([(n - 2).clamp(min=0), n - 1], dim=1)
+            h_mtp = model.mtp_cached(1, hidden[rows[:, None], pos], history[rows[:, None], pos + 1], pos, mtp_cache)
+            q = filtered_probs(model.head(h_mtp[:, 1]).float(), params)
+            draft = _draw(q, generators)
+            # 2. verify: the main model on [pending, draft] at positions n, n+1
+            pos = torch.stack([n, n + 1], dim=1)
+            hv = model.hidden_cached(torch.stack([pending, draft], 1), pos, cache.main)
+            p_all = filtered_probs(model.head(hv).float().flatten(0, 1), params).view(B, 2, -1)
+            hidden[rows[:, None], pos] = hv
+            n, pending = self._accept(rows, n, draft, q, p_all, generators, history, gens, done, params, on_token)
+
+    def _accept(self, rows, n, draft, q, p_all, generators, history, gens, done, params, on_token):
+        """Accept or reject each row's draft; returns the new (n, pending). Log-probs are the target's."""
+        new_n, new_pending = n.clone(), torch.zeros_like(draft)
+        for b in rows.tolist():
+            if done[b]:
+                continue
+            p0, d = p_all[b, 0], int(draft[b])
+            self.last_stats.drafted += 1
+            accepted, residual = speculative_check(p0, q[b], d, generators[b])
+            if accepted:
+                self.last_stats.accepted += 1
+                done[b] = self._emit(gens[b], b, d, _logp(p0, d), params, on_token)
+                history[b, n[b] + 1] = d
+                target, draw_from, new_n[b] = p_all[b, 1], p_all[b, 1], n[b] + 2  # the bonus token
+            else:
+                target, draw_from, new_n[b] = p0, residual, n[b] + 1
+            if done[b]:
+                continue
+            token = int(torch.multinomial(draw_from, 1, generator=generators[b]))
+            new_pending[b] = token
+            history[b, new_n[b]] = token
+            done[b] = self._emit(gens[b], b, token, _logp(target, token), params, on_token)
+        return new_n, new_pending
+
+
+def speculative_check(p: torch.Tensor, q: torch.Tensor, draft: int, generator: torch.Generator):
+    """Standard speculative sampling (Leviathan et al. 2023): accept a draft d ~ q with probability
+    min(1, p(d)/q(d)); on rejection the next token must come from max(0, p - q) normalised. Together they
+    sample exactly from p. For greedy (one-hot p and q) this accepts iff the draft is the target's argmax.
+    Returns (accepted, the distribution to draw from if rejected)."""
+    if torch.rand((), generator=generator) * q[draft] < p[draft]:
+        return True, None
+    residual = (p - q).clamp(min=0)
+    total = residual.sum()
+    return False, residual / total if total > 0 else p
+
+
+def _logp(probs: torch.Tensor, token) -> float:
+    return float(probs[int(token)].clamp_min(1e-30).log())

@@ -1,0 +1,16 @@
+"""Verifiable tasks: problem generation from a seed, the R1 prompt, answer extraction, rule-based rewards.
+
+One interface serves data generation, RL rewards and evaluation:
+
+    task = get_task("chain_sum", max_terms=2)
+    problems = task.problems(seed=0, n=64, split="train")   # "heldout" uses disjoint generator seeds
+    prompt = task.prompt(problems[0])                        # the R1 template, ending in "<think>"
+    scores = task.score(problems[0], completion)             # {"accuracy", "format", "partial", "answer"}
+
+Families (named as reasoning-gym names them): chain_sum, basic_arithmetic, gsm_symbolic, countdown, syllogism.
+"""
+
+from .base import Problem, Task, extract_answer, format_ok
+from .families import TASKS, get_task
+
+__all__ = ["Problem", "Task", "TASKS", "get_task", "extract_answer", "format_ok"]

@@ -1,0 +1,72 @@
+"""Task families backed by reasoning-gym's generators, each checked by our own bounded verifier.
+
+reasoning-gym supplies the problems (and their gold answers); checking model text never goes through its
+scorers, because some of them parse expressions with sympy, which evaluates Python.
+"""
+
+from __future__ import annotations
+
+from .base import Problem, Task
+from .verify import countdown_ok, numbers_equal
+
+# Easy settings by default: the CPU-sized models of the speedrun need a task they can start to solve.
+DEFAULTS = {
+    "chain_sum": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
+    "basic_arithmetic": dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2),
+    "countdown": dict(min_numbers=3, max_numbers=3, min_value=1, max_value=20, min_target=5, max_target=60),
+    "gsm_symbolic": {},
+    "syllogism": {},
+}
+
+
+class ReasoningGymTask(Task):
+    """Problems from `reasoning_gym.create_dataset(name, size, seed, **options)`."""
+
+    def __init__(self, name: str, **options):
+        super().__init__(**{**DEFAULTS.get(name, {}), **options})
+        self.name = name
+
+    def generate(self, seed: int, n: int) -> list[Problem]:
+        import reasoning_gym  # ~1 s to import; only needed when problems are generated
+
+        try:
+            dataset = reasoning_gym.create_dataset(self.name, size=n, seed=seed, **self.options)
+        except TypeError as e:  # an unknown option for this generator
+            raise ValueError(f"task {self.name}: {e}") from None
+        out = []
+        for item in (dataset[i] for i in range(n)):
+            meta = {k: v for k, v in item["metadata"].items() if isinstance(v, (int, float, str, list))}
+            out.append(Problem(question=item["question"], answer=str(item["answer"]), metadata=meta))
+        return out
+
+
+class NumericTask(ReasoningGymTask):
+    """Answers are numbers, compared exactly as rationals ("3.50" == "7/2" == "\\frac{7}{2}")."""
+
+    def check(self, problem: Problem, answer: str) -> float:
+        return float(numbers_equal(answer, problem.answer))
+
+
+class CountdownTask(ReasoningGymTask):
+    """Any expression that uses each given number once and reaches the target is right (not just the gold one)."""
+
+    def check(self, problem: Problem, answer: str) -> float:
+        return float(countdown_ok(answer, problem.metadata["numbers"], problem.metadata["target"]))
+
+
+class YesNoTask(ReasoningGymTask):
+    """Logic: the answer is Yes or No (case and a trailing period ignored)."""
+
+    def check(self, problem: Problem, answer: str) -> float:
+        norm = answer.strip().rstrip(".").lower() if isinstance(answer, str) and len(answer) < 20 else ""
+        return float(norm in ("yes", "no") and norm == problem.answer.strip().lower())
+
+
+TASKS = {"chain_sum": NumericTask, "basic_arithmetic": NumericTask, "gsm_symbolic": NumericTask,
+         "countdown": CountdownTask, "syllogism": YesNoTask}
+
+
+def get_task(name: str, **options) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+    return TASKS[name](name, **options)

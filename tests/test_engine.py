@@ -1,0 +1,124 @@
+"""The inference engine against the full forward pass, and its batching, sampling and speculative invariants."""
+
+import pytest
+import torch
+
+from nanoseek import Transformer, get_preset
+from nanoseek.engine import Engine, KVCache, SamplingParams, filtered_probs, speculative_check
+from nanoseek.stats import kv_cache_bytes
+
+
+def model_for(attn_impl="absorb", **kw):
+    torch.manual_seed(0)
+    m = Transformer(get_preset("tiny", max_seq_len=128, attn_impl=attn_impl, **kw)).eval()
+    m.init_weights(std=0.1)
+    with torch.no_grad():
+        for mod in m.modules():
+            if hasattr(mod, "score_func"):
+                mod.bias.normal_(0, 0.1)
+    return m
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
+def test_cached_decode_equals_full_forward(attn_impl):
+    """40 decode steps through the latent cache give the logits of re-running the whole sequence."""
+    model = model_for(attn_impl)
+    B, L, steps = 3, 9, 40
+    tokens = torch.randint(0, 256, (B, L + steps), generator=torch.Generator().manual_seed(1))
+    cache = KVCache(model, B, L + steps)
+    with torch.no_grad():
+        full = model(tokens)
+        h = model.hidden_cached(tokens[:, :L], torch.arange(L).expand(B, L), cache.main)
+        assert ((model.head(h) - full[:, :L]).abs().max() / full.abs().max()) < 1e-5
+        for t in range(L, L + steps):
+            h = model.hidden_cached(tokens[:, t:t + 1], torch.full((B, 1), t), cache.main)
+            assert ((model.head(h[:, 0]) - full[:, t]).abs().max() / full.abs().max()) < 1e-5, t
+
+
+def greedy_reference(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_greedy_generation_matches_full_forward_and_batching():
+    model = model_for()
+    engine = Engine(model)
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    batch = engine.generate(PROMPTS, params)
+    for prompt, g in zip(PROMPTS, batch):
+        assert g.tokens == greedy_reference(model, prompt, 24)
+        assert g.tokens == engine.generate([prompt], params)[0].tokens  # same result alone as in a batch
+        assert g.finish_reason == "length" and len(g.logprobs) == 24 and all(lp == 0.0 for lp in g.logprobs)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent():
+    engine = Engine(model_for())
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=40, top_p=0.9, seed=5)
+    a = engine.generate(PROMPTS, params, seeds=[1, 2, 3])
+    b = [engine.generate([p], params, seeds=[s])[0] for p, s in zip(PROMPTS, [1, 2, 3])]
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+    twice = engine.generate([PROMPTS[0]] * 2, params)  # the same prompt twice: different samples
+    assert twice[0].tokens != twice[1].tokens
+    assert all(lp <= 0 for g in a for lp in g.logprobs)
+
+
+def test_greedy_speculative_equals_greedy():
+    model = model_for()
+    engine = Engine(model)
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    plain = engine.generate(PROMPTS, params)
+    spec = engine.generate(PROMPTS, params, speculative=True)
+    assert [g.tokens for g in spec] == [g.tokens for g in plain]
+    assert engine.last_stats.drafted > 0
+
+
+def test_speculative_acceptance_rule_preserves_the_target_distribution():
+    p = torch.tensor([0.5, 0.2, 0.2, 0.1, 0.0])
+    q = torch.tensor([0.1, 0.5, 0.1, 0.1, 0.2])
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(5)
+    n = 40000
+    drafts = torch.multinomial(q, n, replacement=True, generator=gen)
+    for d in drafts.tolist():
+        ok, residual = speculative_check(p, q, d, gen)
+        counts[d if ok else int(torch.multinomial(residual, 1, generator=gen))] += 1
+    assert torch.allclose(counts / n, p, atol=0.01)  # 4 standard errors at n = 40000
+
+
+def test_filtered_probs():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert torch.equal(filtered_probs(logits, SamplingParams(temperature=0)), torch.tensor([[1.0, 0, 0, 0]]))
+    top2 = filtered_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert top2[0, 2:].sum() == 0 and torch.isclose(top2.sum(), torch.tensor(1.0))
+    nucleus = filtered_probs(logits, SamplingParams(temperature=1.0, top_p=0.7))
+    assert (nucleus[0] > 0).tolist() == [True, True, False, False]
+
+
+def test_cache_memory_is_the_formula():
+    model = model_for()
+    cache = KVCache(model, batch=4, max_len=50)
+    cfg = model.cfg
+    per_token = cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # fp32
+    assert cache.bytes_per_token() == per_token == kv_cache_bytes(cfg)["kv_cache_bytes_per_token"] * 2
+    assert cache.kv.nbytes + cache.pe.nbytes == per_token * 4 * 50
+
+
+def test_stop_conditions_and_bad_input():
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["a b c d e f g"] * 20, 300)
+    engine = Engine(model_for(vocab_size=300), tok)
+    out = engine.generate(["a b"], SamplingParams(max_new_tokens=5, temperature=0))[0]
+    assert len(out.tokens) == 5 and isinstance(out.text, str)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([""])
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        engine.generate([[1] * 120], SamplingParams(max_new_tokens=20))
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(model_for(n_mtp_layers=0)).generate([[1, 2]], SamplingParams(max_new_tokens=4), speculative=True)
