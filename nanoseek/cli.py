@@ -146,6 +146,21 @@ def cmd_grpo(args) -> None:
     print(f"final checkpoint: {path}", file=sys.stderr)
 
 
+def cmd_sample(args) -> None:
+    from .stages.sample import SampleConfig, run
+
+    counts = run(config_from_args(SampleConfig, args))
+    print(f"{counts['generated']} samples, {counts['correct']} correct and well-formed, {counts['kept']} written "
+          f"to {args.out}", file=sys.stderr)
+
+
+def cmd_sft(args) -> None:
+    from .stages.sft import SFTConfig, run
+
+    path = run(config_from_args(SFTConfig, args))
+    print(f"final checkpoint: {path}", file=sys.stderr)
+
+
 def cmd_eval(args) -> None:
     from .engine import Engine
     from .evaluation import evaluate
@@ -358,6 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/metrics.jsonl and OUT/checkpoints/step_N/.")
     add_config_arguments(r, GRPOConfig)
     r.set_defaults(func=cmd_grpo)
+
+    from .stages.sample import SampleConfig
+    from .stages.sft import SFTConfig
+
+    sm = sub.add_parser("sample", help="rollouts to JSONL; --keep correct for rejection sampling",
+                        description="k samples per problem; keeps verified-correct, well-formed completions "
+                                    "(deduplicated) with provenance, or all of them with --keep all.")
+    add_config_arguments(sm, SampleConfig)
+    sm.set_defaults(func=cmd_sample)
+
+    ft = sub.add_parser("sft", help="supervised fine-tuning / distillation on traces",
+                        description="Loss on completion tokens only; packed samples with sample masking; cosine "
+                                    "schedule; optional logit distillation from --teacher.")
+    add_config_arguments(ft, SFTConfig)
+    ft.set_defaults(func=cmd_sft)
 
     v = sub.add_parser("eval", help="held-out pass@1 / cons@k / response length on a task",
                        description="Samples k responses per held-out problem (R1 protocol: temperature 0.6, "

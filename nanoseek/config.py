@@ -164,6 +164,20 @@ PRESETS: dict[str, dict] = {
         kv_lora_rank=64, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, original_seq_len=512,
         rope_factor=1.0, n_mtp_layers=1, attn_impl="absorb",
     ),
+    # Distillation students (R1 §4.1): a dense model and a smaller MoE, both sharing the small vocabulary.
+    "small-dense": dict(
+        max_seq_len=512, vocab_size=4096, dim=192, inter_dim=512, n_layers=4, n_dense_layers=4, n_heads=4,
+        n_routed_experts=0, n_shared_experts=0, n_activated_experts=1, q_lora_rank=96, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, original_seq_len=512, rope_factor=1.0,
+        n_mtp_layers=0,
+    ),
+    "small-lite": dict(
+        max_seq_len=512, vocab_size=4096, dim=192, inter_dim=512, moe_inter_dim=96, n_layers=4, n_dense_layers=1,
+        n_heads=4, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=1,
+        n_limited_groups=1, score_func="sigmoid", route_scale=1.0, q_lora_rank=96, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, original_seq_len=512, rope_factor=1.0,
+        n_mtp_layers=0,
+    ),
     "deepseek-v2-lite": dict(
         max_seq_len=16384, vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=27,
         n_dense_layers=1, n_heads=16, n_routed_experts=64, n_shared_experts=2, n_activated_experts=6,

@@ -123,9 +123,10 @@ class MLA(nn.Module):
         self.wo = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attn_bias)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: LayerCache | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, D). With a cache, the new latents are written at `positions` (B, T) and the queries attend to
-        every cached position up to their own; freqs_cis is then per sequence (B, T, R/2)."""
+        every cached position up to their own; freqs_cis is then per sequence (B, T, R/2). Without a cache,
+        `segments` (B, T) restricts attention to keys of the same segment (packed samples, SFT)."""
         B, T, _ = x.shape
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, self.n_heads, self.qk_head_dim)  # (B, T, H, P+R)
@@ -141,12 +142,13 @@ class MLA(nn.Module):
             S = int(positions.max()) + 1
             kv, k_pe = cache.kv[:, :S], cache.pe[:, :S, None]  # (B, S, C), (B, S, 1, R)
         if self.attn_impl == "naive":
-            o = self.attend_naive(q_nope, q_pe, kv, k_pe, positions)
+            o = self.attend_naive(q_nope, q_pe, kv, k_pe, positions, segments)
         else:
-            o = self.attend_absorb(q_nope, q_pe, kv, k_pe, positions)
+            o = self.attend_absorb(q_nope, q_pe, kv, k_pe, positions, segments)
         return self.wo(o.flatten(2))  # (B, T, H·V) -> (B, T, D)
 
-    def attend_naive(self, q_nope, q_pe, kv, k_pe, q_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def attend_naive(self, q_nope, q_pe, kv, k_pe, q_pos: torch.Tensor | None = None,
+                     segments: torch.Tensor | None = None) -> torch.Tensor:
         """Expand the latent into per-head keys/values and run causal SDPA. Returns (B, T, H, V).
 
         q_pos (B, T): each query's position among the S keys (default: the last T positions)."""
@@ -160,18 +162,21 @@ class MLA(nn.Module):
             # fallback math kernel (3x slower at our sizes) and are sliced off below.
             v = F.pad(v, (0, self.qk_head_dim - V))
         T = q.shape[1]
-        if q_pos is None and T == S:
+        if q_pos is None and T == S and segments is None:
             mask, causal = None, True
         else:
             q_pos = q_pos if q_pos is not None else torch.arange(S - T, S, device=kv.device).expand(B, T)
             mask, causal = (torch.arange(S, device=kv.device) <= q_pos[..., None]).unsqueeze(1), False  # (B,1,T,S)
+            if segments is not None:
+                mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
             scale=self.softmax_scale,
         )  # (B, H, T, max(V, P+R))
         return o[..., :V].transpose(1, 2)  # (B, T, H, V)
 
-    def attend_absorb(self, q_nope, q_pe, kv, k_pe, q_pos: torch.Tensor | None = None, block: int = 128) -> torch.Tensor:
+    def attend_absorb(self, q_nope, q_pe, kv, k_pe, q_pos: torch.Tensor | None = None,
+                      segments: torch.Tensor | None = None, block: int = 128) -> torch.Tensor:
         """Attention in the latent space (V2 report App. C): W_UK folded into q, W_UV applied after.
 
         Every head shares one key [c_KV | k_pe] (C+R) and one value c_KV (C), so the H heads of a query are
@@ -196,6 +201,9 @@ class MLA(nn.Module):
             visible = int(pos.max()) + 1  # keys up to the block's last query position
             scores = q[:, t0 * H:t1 * H] @ k[:, :visible].transpose(1, 2)  # (B, rows, visible)
             future = torch.arange(visible, device=kv.device) > pos[..., None]
+            if segments is not None:  # packed samples never see each other
+                rows_seg = segments[:, t0:t1].repeat_interleave(H, dim=1)
+                future = future | (rows_seg[..., None] != segments[:, None, :visible])
             probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
             outs.append(probs @ kv[:, :visible])  # (B, rows, C)
         o_lat = torch.cat(outs, dim=1).view(B, T, H, C)
@@ -365,8 +373,9 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if moe else MLP(cfg.dim, cfg.inter_dim)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, router_log: list | None = None,
-                cache: LayerCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), freqs_cis, cache, positions)
+                cache: LayerCache | None = None, positions: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), freqs_cis, cache, positions, segments)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, router_log=router_log) if isinstance(self.ffn, MoE) else self.ffn(h))
 
@@ -460,15 +469,19 @@ class Transformer(nn.Module):
                       for k, hk in enumerate(self.mtp_hidden(h, tokens, router_log), start=1)]
         return loss, mtp_losses
 
-    def hidden(self, tokens: torch.Tensor, router_log: list | None = None) -> torch.Tensor:
-        """The main model's final-normed hidden states (B, T, D)."""
+    def hidden(self, tokens: torch.Tensor, router_log: list | None = None, positions: torch.Tensor | None = None,
+               segments: torch.Tensor | None = None) -> torch.Tensor:
+        """The main model's final-normed hidden states (B, T, D).
+
+        For packed samples (SFT), `positions` (B, T) restart RoPE in each sample and `segments` (B, T) keep
+        samples from attending to each other (V3's SFT used sample masking)."""
         T = tokens.shape[1]
         if T > self.freqs_cis.shape[0]:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.freqs_cis.shape[0]}")
-        freqs_cis = torch.view_as_complex(self.freqs_cis[:T])
+        freqs_cis = self._freqs_at(positions) if positions is not None else torch.view_as_complex(self.freqs_cis[:T])
         h = self.embed(tokens)
         for layer in self.layers:
-            h = layer(h, freqs_cis, router_log)
+            h = layer(h, freqs_cis, router_log, segments=segments)
         return self.norm(h)
 
     def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, router_log: list | None = None) -> list[torch.Tensor]:

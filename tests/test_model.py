@@ -244,3 +244,17 @@ def test_big_presets_build_on_meta_with_official_shapes(name):
     if name == "deepseek-v2-lite":
         assert model.layers[1].attn.wq.weight.shape == (16 * 192, 2048)
         assert not hasattr(model.layers[1].attn, "wq_a")
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
+def test_packed_samples_equal_separate_forwards(attn_impl):
+    """Two samples packed in one row, with restarted positions and segment masking, equal each run alone."""
+    model = random_model(tiny(attn_impl=attn_impl))
+    a, b = torch.randint(0, 256, (1, 7)), torch.randint(0, 256, (1, 5))
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    segments = torch.tensor([[0] * 7 + [1] * 5])
+    with torch.no_grad():
+        h = model.hidden(packed, positions=positions, segments=segments)
+        torch.testing.assert_close(h[:, :7], model.hidden(a), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h[:, 7:], model.hidden(b), rtol=1e-5, atol=1e-5)

@@ -70,6 +70,7 @@ class GRPOConfig:
     eval_n: int = field(default=64, metadata={"help": "held-out problems per evaluation"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
     seed: int = field(default=0, metadata={"help": "seed for problems and sampling"})
+    max_seconds: float = field(default=0.0, metadata={"help": "stop after this wall time (0: run all --steps)"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0: all)"})
 
 
@@ -116,8 +117,9 @@ def run(cfg: GRPOConfig) -> Path:
         r = evaluate(engine, task, heldout, k=1, temperature=0, max_new_tokens=cfg.max_new_tokens)
         log.write({"step": 0, "heldout_accuracy": r["accuracy"], "heldout_format": r["format"]})
     bar = tqdm(range(cfg.steps), desc=f"grpo {cfg.task}", unit="step", dynamic_ncols=True)
-    path = None
+    path, t_start = None, time.perf_counter()
     for step in bar:
+        last = step + 1 == cfg.steps or (cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, round(0.05 * cfg.steps)))
         problems = task.problems(cfg.seed * 100_003 + step, cfg.prompts_per_step, split="train")
@@ -126,17 +128,19 @@ def run(cfg: GRPOConfig) -> Path:
         record["step"] = step + 1
         if cfg.ref_refresh and reference is not None and (step + 1) % cfg.ref_refresh == 0:
             reference.load_state_dict(model.state_dict())
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
             r = evaluate(engine, task, heldout, k=1, temperature=0, max_new_tokens=cfg.max_new_tokens)
             record.update(heldout_accuracy=r["accuracy"], heldout_format=r["format"])
         log.write(record)
         bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
                         held=f"{record.get('heldout_accuracy', float('nan')):.2f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.save_every == 0 or last:
             path = out / "checkpoints" / f"step_{step + 1:06d}"
             with ckpt.atomic_dir(path) as tmp:
                 tokenizer.save(tmp / "tokenizer.json")  # checksummed with the rest by write_model_files
                 ckpt.write_model_files(model, tmp, meta={"step": step + 1, "stage": "grpo", "init": str(cfg.init)})
+        if last:
+            break
     return path
 
 

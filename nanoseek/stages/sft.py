@@ -1,0 +1,167 @@
+"""nanoseek sft: supervised fine-tuning and distillation on traces (R1 §2.3.3, §4.1; V3 §5.1).
+
+Each example is prompt + completion (+ eos) with the loss on completion tokens only. Examples are packed into
+rows of the model's context with per-sample attention masking and restarted positions (V3's SFT packed with
+sample masking). Cosine schedule over the epochs (V3: 5e-6 → 1e-6 at scale). With --teacher, the loss mixes
+in logit distillation: KL(teacher ‖ student) at temperature τ on the completion tokens (same tokenizer needed).
+
+    nanoseek sft --init runs/student-base --data runs/traces.jsonl --out runs/distilled --epochs 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .. import checkpoint as ckpt
+from ..losses import IGNORE_INDEX, linear_cross_entropy
+from ..runtime import set_threads
+from .common import MetricsLog
+
+
+@dataclass
+class SFTConfig:
+    init: str = field(metadata={"help": "starting checkpoint (any nanoseek checkpoint, MoE or dense)"})
+    data: list[str] = field(metadata={"help": "JSONL files with prompt and completion fields (e.g. from nanoseek sample)"})
+    out: str = field(metadata={"help": "run directory"})
+    epochs: int = field(default=2, metadata={"help": "passes over the data"})
+    batch_size: int = field(default=8, metadata={"help": "packed rows per optimizer step"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (cosine to --min-lr-ratio)"})
+    min_lr_ratio: float = field(default=0.2, metadata={"help": "final lr / peak (V3: 1e-6 / 5e-6)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    teacher: str = field(default="", metadata={"help": "teacher checkpoint for logit distillation (same tokenizer)"})
+    kd_weight: float = field(default=0.5, metadata={"help": "share of the distillation loss when --teacher"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "distillation temperature τ"})
+    max_seconds: float = field(default=0.0, metadata={"help": "stop after this wall time (0: no limit)"})
+    seed: int = field(default=0, metadata={"help": "shuffling seed"})
+    threads: int = field(default=0, metadata={"help": "CPU threads (0: all)"})
+
+
+def read_examples(patterns: list[str]) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs from JSONL files; one-line errors name the file and line."""
+    from glob import glob
+
+    files = sorted({f for p in patterns for f in glob(p)})
+    if not files:
+        raise ValueError(f"no file matches {' '.join(patterns)}")
+    out = []
+    for f in files:
+        for n, line in enumerate(Path(f).read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out.append((str(row["prompt"]), str(row["completion"])))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{f}:{n}: expected a JSON object with prompt and completion") from None
+    if not out:
+        raise ValueError(f"{' '.join(files)}: no examples")
+    return out
+
+
+def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad: int) -> list[dict]:
+    """First-fit packing of (prompt ids, completion ids) into rows of seq_len next-token pairs."""
+    samples = []
+    for p, c in examples:
+        ids = (p + c)[: seq_len + 1]
+        target_is_completion = [i >= len(p) for i in range(1, len(ids))]
+        samples.append((ids[:-1], ids[1:], target_is_completion))
+    rows: list[list] = []
+    for s in sorted(samples, key=lambda s: -len(s[0])):
+        row = next((r for r in rows if sum(len(x[0]) for x in r) + len(s[0]) <= seq_len), None)
+        (row.append(s) if row is not None else rows.append([s]))
+    packed = []
+    for row in rows:
+        inputs, targets, positions, segments = [], [], [], []
+        for seg, (x, y, m) in enumerate(row):
+            inputs += x
+            targets += [t if keep else IGNORE_INDEX for t, keep in zip(y, m)]
+            positions += list(range(len(x)))
+            segments += [seg] * len(x)
+        fill = seq_len - len(inputs)
+        packed.append({"inputs": inputs + [pad] * fill, "targets": targets + [IGNORE_INDEX] * fill,
+                       "positions": positions + [0] * fill, "segments": segments + [-1] * fill})
+    return packed
+
+
+def _batch(rows: list[dict]) -> dict:
+    return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+
+
+def _kd_loss(student, teacher, b: dict, h: torch.Tensor, tau: float) -> torch.Tensor:
+    mask = b["targets"] != IGNORE_INDEX
+    with torch.no_grad():
+        t_logits = teacher.head(teacher.hidden(b["inputs"], positions=b["positions"], segments=b["segments"])[mask])
+    s_logits = student.head(h[mask])
+    return F.kl_div((s_logits / tau).log_softmax(-1), (t_logits.float() / tau).log_softmax(-1), log_target=True,
+                    reduction="batchmean") * tau * tau
+
+
+def run(cfg: SFTConfig) -> Path:
+    set_threads(cfg.threads)
+    out = Path(cfg.out)
+    if ckpt.step_dirs(out):
+        raise ValueError(f"{out} already holds checkpoints; choose another --out")
+    model, tokenizer = ckpt.load(cfg.init)
+    if tokenizer is None:
+        raise ValueError(f"{cfg.init}: the checkpoint has no tokenizer.json")
+    teacher = ckpt.load(cfg.teacher)[0].eval().requires_grad_(False) if cfg.teacher else None
+    if teacher is not None and teacher.cfg.vocab_size != model.cfg.vocab_size:
+        raise ValueError("logit distillation needs teacher and student to share the tokenizer (vocab sizes differ)")
+    pairs = read_examples(cfg.data)
+    encoded = [(tokenizer.encode(p), tokenizer.encode(c) + [tokenizer.eos_id]) for p, c in pairs]
+    rows = pack(encoded, model.cfg.max_seq_len, tokenizer.pad_id)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    model.mtp.requires_grad_(False)  # packed samples would leak through the MTP's look-ahead; it is not trained
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    log, gen = MetricsLog(out / "metrics.jsonl"), torch.Generator().manual_seed(cfg.seed)
+    t_start, step = time.perf_counter(), 0
+    bar = tqdm(total=total, desc="sft", unit="step", dynamic_ncols=True)
+    model.train()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        for i in range(0, len(rows), cfg.batch_size):
+            b = _batch([rows[j] for j in order[i:i + cfg.batch_size]])
+            lr = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * step / total)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            h = model.hidden(b["inputs"], positions=b["positions"], segments=b["segments"])
+            ce = linear_cross_entropy(h.flatten(0, 1), model.head.weight, b["targets"].flatten())
+            loss, record = ce, {"step": step + 1, "epoch": epoch + 1, "loss": ce.item(), "lr": lr}
+            if teacher is not None:
+                kd = _kd_loss(model, teacher, b, h, cfg.kd_temperature)
+                loss = (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd
+                record["kd_loss"] = kd.item()
+            loss.backward()
+            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            record["tokens"] = int((b["targets"] != IGNORE_INDEX).sum())
+            log.write(record)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds:
+                break
+        if cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds:
+            break
+    bar.close()
+    path = out / "checkpoints" / f"step_{step:06d}"
+    with ckpt.atomic_dir(path) as tmp:
+        tokenizer.save(tmp / "tokenizer.json")
+        ckpt.write_model_files(model.eval(), tmp, meta={"step": step, "stage": "sft", "init": str(cfg.init),
+                                                        "examples": len(pairs), "rows": len(rows)})
+    return path
