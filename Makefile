@@ -24,7 +24,10 @@ speedrun: $(STAMP)
 	$(VENV)/bin/nanoseek cost deepseek-v3 --tokens 14.8e12 --gpu h800 --mfu 0.3894 --price 2
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/forward.py
+	$(PY) bench/train_step.py
+	$(PY) bench/grpo_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -27,6 +27,7 @@ RUNS = {
     "aux-loss": ["--balance", "aux-loss"],
     "none": ["--balance", "none"],
     "mtp-off": ["--model-overrides", json.dumps({"n_mtp_layers": 0})],
+    "aux-free-fast": ["--bias-update-speed", "0.01"],  # γ sized for a 160-step run rather than 14.8T tokens
 }
 
 
@@ -55,7 +56,8 @@ def main() -> None:
     args = ap.parse_args()
     dirs = {name: train(name, extra, args) for name, extra in RUNS.items()}
     figs = Path(args.out).with_suffix("")
-    balance = {k: dirs[k] for k in ("aux-free", "aux-loss", "none")}
+    balance = {"aux-free (γ=0.001)": dirs["aux-free"], "aux-free (γ=0.01)": dirs["aux-free-fast"],
+               "aux-loss (α=0.01)": dirs["aux-loss"], "none": dirs["none"]}
     plots = [
         plot_runs(balance, "maxvio", figs / "maxvio.png", "Expert-load MaxVio per batch (mean over MoE layers)", 10),
         plot_runs(balance, "heldout_loss", figs / "balance_heldout.png", "Held-out loss by balancing strategy"),
@@ -78,13 +80,15 @@ def write_markdown(args, rows: dict, plots: list[Path]) -> None:
         f"Command: `python {' '.join(sys.argv)}`", "",
         f"Budget per run: {args.steps} steps × {args.batch_size} sequences × 512 tokens "
         f"= {rows['aux-free'].get('tokens', 0):,} tokens, fp32 on 2 CPU threads, the embedded corpus.", "",
-        "| run | held-out loss | held-out MTP loss | MaxVio, last 20% of steps | held-out MaxVio | tokens/s | MFU |",
-        "|---|---|---|---|---|---|---|",
+        "| run | held-out loss | held-out MTP loss | MaxVio, last 20% of steps | held-out MaxVio |",
+        "|---|---|---|---|---|",
     ]
     for name, s in rows.items():
         lines.append(f"| {name} | {s['heldout_loss']:.4f} | {s['heldout_mtp_loss']:.4f} | {s['maxvio_tail']:.3f} | "
-                     f"{s['heldout_maxvio']:.3f} | {s['tokens_per_s']:.0f} | {s['mfu']:.3f} |")
-    lines += [""] + [f"![{p.stem}]({p.relative_to(out.parent)})" for p in plots] + [""]
+                     f"{s['heldout_maxvio']:.3f} |")
+    lines += ["", "Throughput is not reported here: other work shared the 2 cores during these runs (losses are "
+              "unaffected; speed is measured by bench/train_step.py).", ""]
+    lines += [f"![{p.stem}]({p.relative_to(out.parent)})" for p in plots] + [""]
     out.write_text("\n".join(lines))
 
 

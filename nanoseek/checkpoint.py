@@ -50,21 +50,28 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.tmp, self.path)
         return False
 
 
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move a finished directory into place; an existing one is swapped out first, then removed."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_model_files(model: Transformer, out: Path, tokenizer_file: str | Path | None = None,
-                      meta: dict | None = None) -> None:
-    """Write config.json, model.safetensors, optional tokenizer.json and meta.json into an existing directory."""
+                      meta: dict | None = None, state: dict | None = None) -> None:
+    """Write config.json, model.safetensors, optional tokenizer.json and meta.json into an existing directory.
+
+    `state` replaces model.state_dict() (e.g. the full state gathered from a sharded model)."""
     model.cfg.save(out / "config.json")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in (state if state is not None else model.state_dict()).items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "nanoseek"})
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out / "tokenizer.json")

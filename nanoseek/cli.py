@@ -161,6 +161,12 @@ def cmd_sft(args) -> None:
     print(f"final checkpoint: {path}", file=sys.stderr)
 
 
+def cmd_speedrun(args) -> None:
+    from .stages.speedrun import SpeedrunConfig, run
+
+    run(config_from_args(SpeedrunConfig, args))
+
+
 def cmd_eval(args) -> None:
     from .engine import Engine
     from .evaluation import evaluate
@@ -403,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
+
+    from .stages.speedrun import SpeedrunConfig
+
+    sr = sub.add_parser("speedrun", help="the whole recipe end to end, ending in OUT/report.md",
+                        description="pretrain → GRPO → rejection sampling → distillation → evaluation → report; "
+                                    "finished stages are skipped, so an interrupted run resumes.")
+    add_config_arguments(sr, SpeedrunConfig)
+    sr.set_defaults(func=cmd_speedrun)
     return p
 
 

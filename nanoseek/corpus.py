@@ -253,14 +253,14 @@ _SOLVERS = {"gsm_symbolic": _solve_gsm, "chain_sum": _solve_arithmetic,
             "basic_arithmetic": _solve_arithmetic, "countdown": _solve_countdown}
 
 
-def _family_docs(name: str, gen_seed: int, count: int, exclude: set[str], bar) -> list[str]:
+def _family_docs(name: str, gen_seed: int, count: int, exclude: set[str], bar, **options) -> list[str]:
     """`count` documents from one generator, skipping items without an exact worked solution or in `exclude`."""
     if count == 0:
         return []
     import reasoning_gym  # imported here: it takes ~1 s and only this part of the module needs it
 
     size = 2 * count + 32  # items are built lazily, so a generous size costs nothing; ~1% get skipped
-    dataset = reasoning_gym.create_dataset(name, size=size, seed=gen_seed)
+    dataset = reasoning_gym.create_dataset(name, size=size, seed=gen_seed, **options)
     docs = []
     for idx in range(size):
         if len(docs) == count:
@@ -312,8 +312,13 @@ def _hash_rank(seed: int, doc: str) -> str:
     return hashlib.sha256(f"{seed}\0{doc}".encode()).hexdigest()
 
 
+# The easiest arithmetic (two one-digit terms): the RL stage's default task, so that a CPU-sized base model has
+# seen problems it can start to solve (reference r1-grpo §2.3: TinyZero's 0.5B base "fails to learn reasoning").
+EASY = ("chain_sum", dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1))
+
+
 def build_default_corpus(seed: int = 0, n_problems: int = 6000, heldout_fraction: float = 0.02,
-                         progress: bool = False) -> dict[str, list[str]]:
+                         progress: bool = False, easy_problems: int = 0) -> dict[str, list[str]]:
     """{"train": [doc, ...], "heldout": [doc, ...]}: natural English documents plus reasoning documents.
     Deterministic: the same seed gives identical lists (same order, same text) on every run.
 
@@ -332,6 +337,9 @@ def build_default_corpus(seed: int = 0, n_problems: int = 6000, heldout_fraction
     else:
         bar = _NoBar()
     train_problems = _reasoning(seed, n_problems, split=0, exclude=set(), bar=bar)
+    if easy_problems:  # their own window of generator seeds, past both splits' windows
+        easy_seed = ((seed * 2 + 2) * len(FAMILIES)) * _STRIDE
+        train_problems += _family_docs(EASY[0], easy_seed, easy_problems, set(), bar, **EASY[1])
     # Short problems (e.g. "1 + 5") recur under different seeds, so held-out problems must also avoid train's text.
     held_problems = _reasoning(seed, n_held_problems, split=1, exclude=set(train_problems), bar=bar)
     bar.close()

@@ -85,6 +85,28 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs_cis.unsqueeze(-2)).flatten(-2).to(x.dtype)
 
 
+class RouterLog:
+    """Collects each MoE layer's (scores, indices) during a forward pass (for balancing losses and loads).
+
+    A plain list works too in one process; this object is opaque to pytree utilities, so FSDP2's argument
+    handling passes it to every block by identity instead of copying it like a list."""
+
+    def __init__(self):
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def append(self, record) -> None:
+        self.records.append(record)
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __bool__(self) -> bool:
+        return bool(self.records)
+
+
 class LayerCache(NamedTuple):
     """One layer's slice of the latent KV cache: what absorbed MLA needs and nothing more (576 values/token in V3)."""
 

@@ -76,9 +76,14 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas=(0.9, 0.95), weight
 
     moments="fp32": torch's fused AdamW; moments="bf16": AdamWBF16Moments.
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for sharded in (False, True):  # FSDP's DTensors and plain tensors (EP's experts) cannot share a fused kernel
+        params = [p for p in model.parameters() if p.requires_grad and hasattr(p, "to_local") == sharded]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups += [g for g in ({"params": decay, "weight_decay": weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    decay = [p for g in groups for p in g["params"] if g["weight_decay"]]
     if moments == "bf16":
         return AdamWBF16Moments(groups, lr=lr, betas=betas, eps=eps)
     if moments != "fp32":

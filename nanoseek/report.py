@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .stages.common import read_metrics
@@ -77,3 +78,105 @@ def summary(run_dir: str | Path, tail: float = 0.2) -> dict:
             "heldout_loss": final_eval.get("heldout_loss", float("nan")),
             "heldout_mtp_loss": final_eval.get("heldout_mtp_loss", float("nan")),
             "heldout_maxvio": final_eval.get("heldout_maxvio", float("nan"))}
+
+
+def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    bars = ax.bar(list(values), list(values.values()), color="#4c72b0")
+    ax.bar_label(bars, labels=[f"{v:.0%}" for v in values.values()], fontsize=8)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, max(1.0, max(values.values(), default=0) * 1.15))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+_STAGES = [  # (checkpoint directory, label, what trained it)
+    ("base", "teacher base", "pretrain"),
+    ("rl", "teacher + GRPO", "grpo"),
+    ("student-base", "student base", "student-pretrain"),
+    ("distilled", "student distilled", "distill"),
+    ("student-rl", "student + GRPO", "student-grpo"),
+]
+
+
+def _stage_row(out: Path, name: str, label: str, timing_key: str, timings: dict) -> str:
+    from .checkpoint import read_config
+    from .stats import param_counts
+
+    run_dir = out / name
+    if not run_dir.exists():
+        return f"| {label} | - | skipped (no verified-correct traces to train on) | - | - | - | - | - | - |"
+    counts = param_counts(read_config(run_dir))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    ev = json.loads((out / "eval" / f"{name}.json").read_text()) if (out / "eval" / f"{name}.json").exists() else {}
+    last = records[-1] if records else {}
+    if "tokens" in last and "heldout_loss" in last:  # pretraining
+        trained, metric = f"{last['tokens'] / 1e6:.2f}M tokens", f"held-out loss {last['heldout_loss']:.3f}"
+    elif records and "reward" in last:  # GRPO
+        steps = sum(1 for r in records if "reward" in r)
+        trained = f"{steps} RL steps"
+        metric = f"reward {sum(r['reward'] for r in records[-5:] if 'reward' in r) / 5:.2f} (last 5)"
+    elif records:  # SFT
+        trained = f"{sum(r.get('tokens', 0) for r in records) / 1e3:.0f}K target tokens"
+        metric = f"loss {last.get('loss', float('nan')):.3f}"
+    else:
+        trained, metric = "-", "-"
+    wall = timings.get(timing_key)
+    return (f"| {label} | {counts['total_params'] / 1e6:.1f}M / {counts['active_params'] / 1e6:.1f}M | {trained} | "
+            f"{f'{wall:.0f}s' if wall else '-'} | {metric} | {ev.get('accuracy', float('nan')):.1%} | "
+            f"{ev.get('cons_at_k', float('nan')):.1%} | {ev.get('format', float('nan')):.0%} | "
+            f"{ev.get('mean_response_tokens', float('nan')):.0f} |")
+
+
+def write_speedrun_report(out: str | Path, cfg: dict, steps: dict, timings: dict) -> Path:
+    """DIR/report.md: one table of every stage and the plots, all made from the stages' own output files."""
+    out = Path(out)
+    figs = out / "figures"
+    plots = [
+        plot_runs({"teacher (MoE)": out / "base", "student (dense)": out / "student-base"}, "loss",
+                  figs / "pretrain_loss.png", "Pretraining loss", window=5),
+        plot_runs({"teacher": out / "base"}, "maxvio", figs / "expert_balance.png",
+                  "Expert-load MaxVio (mean over MoE layers)", window=5),
+        plot_runs({"teacher": out / "rl", "student": out / "student-rl"}, "reward", figs / "rl_reward.png",
+                  "GRPO reward per step", window=3),
+        plot_runs({"teacher": out / "rl", "student": out / "student-rl"}, "accuracy", figs / "rl_accuracy.png",
+                  "GRPO rollout accuracy per step", window=3),
+        plot_runs({"teacher": out / "rl", "student": out / "student-rl"}, "response_len",
+                  figs / "rl_length.png", "GRPO mean response length (tokens)", window=3),
+    ]
+    evals = {label: json.loads((out / "eval" / f"{name}.json").read_text())["accuracy"]
+             for name, label, _ in _STAGES if (out / "eval" / f"{name}.json").exists()}
+    plots.append(bar_plot(evals, figs / "eval.png", f"Held-out pass@1 on {cfg['task']}"))
+    total = sum(timings.values())
+    distilled, student_rl = evals.get("student distilled"), evals.get("student + GRPO")
+    lines = [
+        "# nanoseek speedrun report", "",
+        f"Task `{cfg['task']}` {json.dumps(cfg['task_args'])}; teacher `{cfg['preset']}`, student `{cfg['student']}`; "
+        f"budget {cfg['budget']}; total wall time {total / 60:.1f} min.", "",
+        "| stage | params (total / active) | trained on | wall time | final training metric | held-out pass@1 "
+        "| cons@4 | well-formed | response tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[_stage_row(out, name, label, key, timings) for name, label, key in _STAGES], "",
+        f"pass@1 and cons@4: {cfg['eval_n']} held-out problems, 4 samples each at temperature 0.6, top-p 0.95.", "",
+    ]
+    n_traces = len((out / "traces.jsonl").read_text().splitlines()) if (out / "traces.jsonl").exists() else 0
+    lines += [f"Rejection sampling kept {n_traces} verified-correct, well-formed traces.", ""]
+    if student_rl is not None:
+        distilled_text = f"{distilled:.1%}" if distilled is not None else "not trained (no traces)"
+        lines += [f"**The R1 comparison.** The same student, for the same wall time "
+                  f"({timings.get('sample', 0) + timings.get('distill', 0):.0f}s): distilled from the RL teacher's "
+                  f"traces {distilled_text} vs trained by GRPO directly {student_rl:.1%}.", ""]
+    lines += [f"![{p.stem}](figures/{p.name})" for p in plots] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

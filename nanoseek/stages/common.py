@@ -53,7 +53,7 @@ def _data_key(cfg) -> str:
         files = sorted({f for pattern in cfg.data for f in glob(os.path.expanduser(pattern), recursive=True)})
         source = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files] or cfg.data
     else:
-        source = ["embedded", cfg.data_seed, cfg.n_problems]
+        source = ["embedded", cfg.data_seed, cfg.n_problems] + ([cfg.easy_problems] if cfg.easy_problems else [])
     vocab = cfg.vocab_size or get_preset(cfg.preset).vocab_size
     return fingerprint(DATA_VERSION, source, cfg.tokenizer, vocab)
 
@@ -62,7 +62,8 @@ def _split_documents(cfg) -> dict[str, list[str]]:
     from ..corpus import build_default_corpus, read_user_data
 
     if not cfg.data:
-        return build_default_corpus(seed=cfg.data_seed, n_problems=cfg.n_problems, progress=True)
+        return build_default_corpus(seed=cfg.data_seed, n_problems=cfg.n_problems, progress=True,
+                                    easy_problems=cfg.easy_problems)
     docs = read_user_data(cfg.data)
     order = np.random.default_rng(cfg.data_seed).permutation(len(docs))
     n_held = max(1, len(docs) // 50) if len(docs) > 1 else 0

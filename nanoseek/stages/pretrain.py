@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -24,10 +25,11 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from ..config import get_preset
+from .. import dist as ddp
 from ..data import PackedLoader, fixed_batches
 from ..fp8 import RECIPES, convert_to_fp8
 from ..losses import balance_loss
-from ..model import Gate, Transformer
+from ..model import Gate, RouterLog, Transformer
 from ..optim import (batch_size_at, build_optimizer, expert_loads, lr_at, max_violation, mtp_lambda_at,
                      update_routing_bias)
 from ..runtime import autocast, matmul_peak, pick_device, set_threads
@@ -72,8 +74,10 @@ class PretrainConfig:
     seed: int = field(default=0, metadata={"help": "seed for initialisation and data order"})
     data_seed: int = field(default=0, metadata={"help": "seed of the embedded corpus"})
     n_problems: int = field(default=6000, metadata={"help": "reasoning documents in the embedded corpus"})
+    easy_problems: int = field(default=0, metadata={"help": "extra one-digit chain_sum problems in the embedded corpus"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    ep: int = field(default=1, metadata={"help": "expert parallelism over this many ranks (1 or the torchrun world size)"})
     fp8: bool = field(default=False, metadata={"help": "train the projections and experts in FP8 (V3's fine-grained recipe)"})
     fp8_recipe: str = field(default="blockwise", metadata={"help": "blockwise (1×128 / 128×128 scales) or tensorwise"})
     optim_moments: str = field(default="fp32", metadata={"help": "AdamW moments in fp32 or bf16 (V3)"})
@@ -84,7 +88,7 @@ class PretrainConfig:
 
 
 # Fields that may differ between a run and its resumption without changing the computation.
-RESUME_FREE = {"resume", "threads", "device", "compile", "eval_every", "eval_batches", "save_every", "keep"}
+RESUME_FREE = {"resume", "threads", "device", "compile", "eval_every", "eval_batches", "save_every", "keep", "ep"}
 
 
 class NonFiniteError(RuntimeError):
@@ -94,41 +98,50 @@ class NonFiniteError(RuntimeError):
 def run(cfg: PretrainConfig) -> Path:
     """Train (or resume) and return the final checkpoint directory."""
     out = Path(cfg.out)
-    cfg = _reconcile_resume(cfg, out)
-    _validate(cfg)
     device = pick_device(cfg.device)
+    info = ddp.setup(device, cfg.ep)
+    cfg = _reconcile_resume(cfg, out, info)
+    _validate(cfg)
     set_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-
-    tokenizer, train_tokens, heldout_tokens = prepare_data(cfg, out)
+    if info.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        tokenizer, train_tokens, heldout_tokens = prepare_data(cfg, out)
+    ddp.barrier(info)
+    if not info.main:  # the data is built once, by rank 0
+        tokenizer, train_tokens, heldout_tokens = prepare_data(cfg, out)
     mcfg = get_preset(cfg.preset, **cfg.model_overrides)
     seq_len = cfg.seq_len or mcfg.max_seq_len
     mcfg = mcfg.replace(vocab_size=tokenizer.vocab_size, max_seq_len=max(mcfg.max_seq_len, seq_len))
+    ddp.check_layout(mcfg, info, cfg.batch_size, cfg.micro_batch)
     loader = PackedLoader(train_tokens, seq_len, seed=cfg.seed)
     loader.check_batch(max(cfg.batch_size, cfg.batch_start))
-    heldout = fixed_batches(heldout_tokens, seq_len, cfg.micro_batch or cfg.batch_size, cfg.eval_batches)
+    eval_batch = (cfg.micro_batch or cfg.batch_size // info.world) * info.world
+    heldout = fixed_batches(heldout_tokens, seq_len, eval_batch, cfg.eval_batches)
 
     torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg).to(device)
+    model = Transformer(mcfg).to(device)  # identical on every rank: same seed
     if cfg.fp8:
         convert_to_fp8(model, cfg.fp8_recipe)
+    model = ddp.parallelize(model, info)
     optimizer = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, moments=cfg.optim_moments)
-    log = MetricsLog(out / "metrics.jsonl")
+    log = MetricsLog(out / "metrics.jsonl") if info.main else None
     state = {"step": 0, "tokens": 0, "bad_steps": 0}
     if cfg.resume:
-        state = _restore(out, model, optimizer, loader, log)
+        state = _restore(out, model, optimizer, loader, log, info)
     forward = torch.compile(model) if cfg.compile else model
-    trainer = _Trainer(cfg, model, forward, optimizer, device, seq_len)
+    trainer = _Trainer(cfg, model, forward, optimizer, device, seq_len, info)
     tok_file = out / "data" / "tokenizer.json"
 
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc="pretrain", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="pretrain", unit="step", dynamic_ncols=True,
+               disable=not info.main)
     last = None
     while state["step"] < cfg.steps:
         step = state["step"]
         n_seq = batch_size_at(step, cfg.steps, cfg.batch_size, cfg.batch_start, cfg.batch_ramp)
-        batch = loader.next(n_seq).to(device)
-        metrics = trainer.step(batch, step)
+        batch = loader.next(n_seq)  # the global batch, identical on every rank; each trains on its slice
+        rows = n_seq // info.world
+        metrics = trainer.step(batch[info.rank * rows:(info.rank + 1) * rows].to(device), step)
         state["bad_steps"] = 0 if metrics["finite"] else state["bad_steps"] + 1
         if state["bad_steps"] >= cfg.max_bad_steps:
             raise NonFiniteError(f"{cfg.max_bad_steps} non-finite steps in a row (last at step {step}); "
@@ -138,11 +151,12 @@ def run(cfg: PretrainConfig) -> Path:
                   **{k: v for k, v in metrics.items() if k != "finite"}}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             record.update(trainer.evaluate(heldout))
-        log.write(record)
+        if log is not None:
+            log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            last = _save(out, model, optimizer, loader, state, tok_file, cfg)
+            last = _save(out, model, optimizer, loader, state, tok_file, cfg, info)
     bar.close()
     return last or ckpt.resolve(out)
 
@@ -153,8 +167,10 @@ def run(cfg: PretrainConfig) -> Path:
 class _Trainer:
     """The computation of one optimiser step and of one held-out evaluation."""
 
-    def __init__(self, cfg: PretrainConfig, model: Transformer, forward, optimizer, device, seq_len: int):
+    def __init__(self, cfg: PretrainConfig, model: Transformer, forward, optimizer, device, seq_len: int,
+                 info: "ddp.DistInfo"):
         self.cfg, self.model, self.forward, self.opt, self.device = cfg, model, forward, optimizer, device
+        self.info = info
         self.gates = [m for m in model.modules() if isinstance(m, Gate)]
         self.n_main_moe = model.cfg.n_moe_layers
         self.flops_per_token = train_flops_per_token(model.cfg, seq_len, include_mtp=True)
@@ -163,7 +179,7 @@ class _Trainer:
     def _losses(self, batch: torch.Tensor, step: int):
         cfg = self.cfg
         x, y = batch[:, :-1], batch[:, 1:]
-        router_log = []
+        router_log = RouterLog()
         with autocast(self.device):
             loss, mtp_losses = self.forward(x, y, router_log=router_log)
         lam = mtp_lambda_at(step, cfg.steps, cfg.mtp_lambda, cfg.mtp_lambda_final, cfg.mtp_switch)
@@ -195,7 +211,14 @@ class _Trainer:
             sums["balance_loss"] += bal.item() * w if bal is not None else math.nan
             for i, (_, idx) in enumerate(router_log):
                 loads[i] += expert_loads(idx, loads[i].numel())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        if self.info.enabled:  # global loss, norm and expert loads: every rank takes the same decisions
+            ddp.finish_grads(model, self.info)
+            grad_norm = ddp.grad_norm_and_clip(model, cfg.grad_clip, self.info)
+            totals = torch.tensor([sums[k] for k in ("loss", "mtp_loss", "balance_loss")], dtype=torch.float64)
+            ddp.all_reduce_(list(loads) + [totals], self.info)
+            sums.update(zip(("loss", "mtp_loss", "balance_loss"), (totals / self.info.world).tolist()))
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
         if finite:
             self.opt.step()
@@ -206,7 +229,7 @@ class _Trainer:
                           "step skipped", stacklevel=2)
         self.opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        tps = batch.shape[0] * (batch.shape[1] - 1) / dt
+        tps = batch.shape[0] * self.info.world * (batch.shape[1] - 1) / dt
         out = {"loss": sums["loss"], "lr": lr, "grad_norm": grad_norm, "mtp_lambda": lam, "tokens_per_s": tps,
                "mfu": tps * self.flops_per_token / self.peak, "finite": finite}
         out.update({k: v for k, v in sums.items() if k != "loss" and not math.isnan(v)})
@@ -233,8 +256,9 @@ class _Trainer:
         ce = mtp = 0.0
         loads = [torch.zeros_like(g.bias) for g in self.gates]
         for batch in batches:
-            batch = batch.to(self.device)
-            router_log = []
+            rows = batch.shape[0] // self.info.world
+            batch = batch[self.info.rank * rows:(self.info.rank + 1) * rows].to(self.device)
+            router_log = RouterLog()
             with autocast(self.device):
                 loss, mtp_losses = self.model(batch[:, :-1], batch[:, 1:], router_log=router_log)
             ce += loss.item() / len(batches)
@@ -242,6 +266,9 @@ class _Trainer:
             for i, (_, idx) in enumerate(router_log):
                 loads[i] += expert_loads(idx, loads[i].numel())
         self.model.train()
+        totals = torch.tensor([ce, mtp], dtype=torch.float64)
+        ddp.all_reduce_(loads + [totals], self.info)
+        ce, mtp = (totals / self.info.world).tolist()
         record = {"heldout_loss": ce}
         if self.model.cfg.n_mtp_layers:
             record["heldout_mtp_loss"] = mtp
@@ -254,40 +281,63 @@ class _Trainer:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _save(out: Path, model, optimizer, loader, state: dict, tok_file: Path, cfg: PretrainConfig) -> Path:
+def _save(out: Path, model, optimizer, loader, state: dict, tok_file: Path, cfg: PretrainConfig, info) -> Path:
+    """Atomic checkpoint. One process: torch.save of the optimizer; several: DCP shards from every rank."""
     path = out / "checkpoints" / f"step_{state['step']:06d}"
-    with ckpt.atomic_dir(path) as tmp:
-        (tmp / "train_state").mkdir()
-        torch.save({"optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                    "rng": torch.get_rng_state(), **state}, tmp / "train_state" / "state.pt")
-        ckpt.write_model_files(model, tmp, tok_file, meta={"step": state["step"], "tokens": state["tokens"],
-                                                           "stage": "pretrain", "run": dataclasses.asdict(cfg)})
-    for old in ckpt.step_dirs(out)[: -cfg.keep] if cfg.keep > 0 else []:
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
+    meta = {"step": state["step"], "tokens": state["tokens"], "stage": "pretrain", "run": dataclasses.asdict(cfg),
+            "world_size": info.world}
+    extra = {"loader": loader.state_dict(), "rng": torch.get_rng_state(), **state}
+    if not info.enabled:
+        with ckpt.atomic_dir(path) as tmp:
+            (tmp / "train_state").mkdir()
+            torch.save({"optimizer": optimizer.state_dict(), **extra}, tmp / "train_state" / "state.pt")
+            ckpt.write_model_files(model, tmp, tok_file, meta=meta)
+    else:
+        tmp = path.with_name(f".{path.name}.tmp-dist")
+        if info.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "train_state").mkdir(parents=True)
+        ddp.barrier(info)
+        ddp.save_dcp(tmp / "train_state" / "dcp", model, optimizer, info)
+        full = ddp.full_model_state(model, info)
+        ddp.barrier(info)
+        if info.main:
+            torch.save(extra, tmp / "train_state" / "state.pt")
+            ckpt.write_model_files(model, tmp, tok_file, meta=meta, state=full)
+            ckpt.replace_dir(tmp, path)
+        ddp.barrier(info)
+    if info.main:
+        for old in ckpt.step_dirs(out)[: -cfg.keep] if cfg.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def _restore(out: Path, model, optimizer, loader, log: "MetricsLog") -> dict:
+def _restore(out: Path, model, optimizer, loader, log: "MetricsLog | None", info) -> dict:
     steps = ckpt.step_dirs(out)
     if not steps:
         raise ValueError(f"--resume: {out} has no checkpoints to resume from")
     path = steps[-1]
     ckpt.verify(path)
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
     saved = torch.load(path / "train_state" / "state.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
+    if (path / "train_state" / "dcp").exists():  # written by several processes: DCP reshards to this world
+        ddp.load_dcp(path / "train_state" / "dcp", model, optimizer, info)
+    elif info.enabled:
+        raise ValueError(f"{path} was written by a single process; resume it with one process")
+    else:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        optimizer.load_state_dict(saved["optimizer"])
     loader.load_state_dict(saved["loader"])
     torch.set_rng_state(saved["rng"])
-    log.truncate_after(saved["step"])
-    print(f"resumed from {path} (step {saved['step']})", file=sys.stderr)
+    if log is not None:
+        log.truncate_after(saved["step"])
+    if info.main:
+        print(f"resumed from {path} (step {saved['step']})", file=sys.stderr)
     return {k: saved[k] for k in ("step", "tokens", "bad_steps")}
 
 
-def _reconcile_resume(cfg: PretrainConfig, out: Path) -> PretrainConfig:
+def _reconcile_resume(cfg: PretrainConfig, out: Path, info=None) -> PretrainConfig:
     """On --resume the saved run configuration rules; a conflicting explicit setting is an error."""
     saved_file = out / "run.json"
     if not cfg.resume:
