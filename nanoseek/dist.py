@@ -95,6 +95,9 @@ class EPExperts(Experts):
         dist.all_to_all_single(recv_counts, counts)
         send = counts.view(W, El).sum(1).tolist()
         recv = recv_counts.view(W, El).sum(1).tolist()
+        # rows leaving this rank in the forward (dispatch out + results back); the backward mirrors them
+        self.remote_rows = getattr(self, "remote_rows", 0) + (sum(send) - send[self.ep_rank]) + (
+            sum(recv) - recv[self.ep_rank])
         got = all_to_all_single_autograd(xs, recv, send, dist.group.WORLD)  # (sum(recv), D) by source rank
         by_expert = _source_to_expert_order(recv_counts.view(W, El))  # regroup by local expert
         h_in = got[by_expert]

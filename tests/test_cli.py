@@ -40,7 +40,7 @@ def test_cost_v3_pretraining(capsys):
 
 def test_unknown_preset_exits_2_and_lists_presets(capsys):
     code, out, err = run(capsys, "stats", "deepseek-v9")
-    assert code == 2 and out == "" and "tiny, small, deepseek-v2-lite, deepseek-v2, deepseek-v3" in err
+    assert code == 2 and out == "" and "tiny, small, small-dense, small-lite, deepseek-v2-lite, deepseek-v2, deepseek-v3" in err
     assert len(err.strip().splitlines()) == 1
 
 

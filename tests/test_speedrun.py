@@ -14,7 +14,7 @@ def test_speedrun_smoke(tmp_path):
     out = tmp_path / "run"
     args = ["speedrun", "--out", str(out), "--preset", "tiny", "--student", "tiny", "--budget", "0.03",
             "--data", str(corpus), "--vocab-size", "320", "--eval-n", "4",
-            "--model-overrides", json.dumps({"max_seq_len": 256, "original_seq_len": 256})]
+            "--model-overrides", json.dumps({"max_seq_len": 512, "original_seq_len": 512})]
     assert main(args) == 0
     report = (out / "report.md").read_text()
     for label in ("teacher base", "teacher + GRPO", "student base", "student distilled", "student + GRPO"):
