@@ -96,7 +96,18 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def _draw(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-    return torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(gens)])
+    """One token per row: inverse-CDF sampling with one uniform from each row's own generator (argmax when
+    the distribution is one-hot, i.e. greedy, so greedy decoding consumes no randomness)."""
+    if bool((probs.amax(-1) == 1.0).all()):
+        return probs.argmax(-1)
+    u = torch.cat([torch.rand(1, generator=g) for g in gens]).to(probs.device)
+    cdf = probs.cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).squeeze(1)
+    return idx.clamp(max=probs.shape[-1] - 1)
+
+
+def _draw_one(probs: torch.Tensor, gen: torch.Generator) -> int:
+    return int(_draw(probs.unsqueeze(0), [gen])[0])
 
 
 class Engine:
@@ -124,7 +135,15 @@ class Engine:
         gens = [Generation(prompt_tokens=p) for p in ids]
         self.last_stats = Stats()
         run = self._speculative if speculative else self._plain
-        run(ids, params, gens, generators, on_token or (lambda row, tok: None))
+        attn = [m for m in self.model.modules() if hasattr(m, "attend_absorb")]
+        modes = [m.attn_impl for m in attn]
+        try:  # decoding always attends in the latent space: the cache holds latents, nothing is re-expanded
+            for m in attn:
+                m.attn_impl = "absorb"
+            run(ids, params, gens, generators, on_token or (lambda row, tok: None))
+        finally:
+            for m, mode in zip(attn, modes):
+                m.attn_impl = mode
         self.last_stats.seconds = time.perf_counter() - t0
         self.last_stats.tokens = sum(len(g.tokens) for g in gens)
         for g in gens:
@@ -178,15 +197,24 @@ class Engine:
 
     # ------------------------------------------------------------------ plain decoding
     def _prefill(self, ids: list[list[int]], cache: KVCache):
+        """Prompts through the model once each: repeated prompts (a GRPO group) share one prefill, and its
+        latents are copied to every row that asked for it."""
         B, L = len(ids), max(len(p) for p in ids)
         device = self.model.embed.weight.device
         tokens = torch.zeros(B, L, dtype=torch.long, device=device)
         for b, p in enumerate(ids):
             tokens[b, : len(p)] = torch.tensor(p)
-        positions = torch.arange(L, device=device).expand(B, L)
-        h = self.model.hidden_cached(tokens, positions, cache.main)  # right padding is never attended to
         lengths = torch.tensor([len(p) for p in ids], device=device)
-        return tokens, h, lengths
+        unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+        positions = torch.arange(L, device=device).expand(unique.shape[0], L)
+        if unique.shape[0] == B:
+            return tokens, self.model.hidden_cached(tokens, positions[:B], cache.main), lengths
+        shared = KVCache(self.model, unique.shape[0], L)
+        h = self.model.hidden_cached(unique, positions, shared.main)  # right padding is never attended to
+        n = shared.kv.shape[0]  # the main layers (an MTP cache, if any, is filled by the caller)
+        cache.kv[:n, :, :L] = shared.kv[:, inverse]
+        cache.pe[:n, :, :L] = shared.pe[:, inverse]
+        return tokens, h[inverse], lengths
 
     def _plain(self, ids, params: SamplingParams, gens: list[Generation], generators, on_token) -> None:
         B = len(ids)
@@ -198,9 +226,10 @@ class Engine:
             probs = filtered_probs(self.model.head(last).float(), params)
             token = _draw(probs, generators)
             logp = probs.gather(1, token[:, None]).squeeze(1).clamp_min(1e-30).log()
+            token_list, logp_list = token.tolist(), logp.tolist()
             for b in range(B):
                 if not done[b]:
-                    done[b] = self._emit(gens[b], b, int(token[b]), float(logp[b]), params, on_token)
+                    done[b] = self._emit(gens[b], b, token_list[b], logp_list[b], params, on_token)
             if all(done):
                 return
             last = self.model.hidden_cached(token[:, None], lengths[:, None], cache.main)[:, 0]
@@ -255,7 +284,7 @@ class Engine:
                 target, draw_from, new_n[b] = p0, residual, n[b] + 1
             if done[b]:
                 continue
-            token = int(torch.multinomial(draw_from, 1, generator=generators[b]))
+            token = _draw_one(draw_from, generators[b])
             new_pending[b] = token
             history[b, new_n[b]] = token
             done[b] = self._emit(gens[b], b, token, _logp(target, token), params, on_token)

@@ -204,8 +204,16 @@ def test_read_user_data_errors(tmp_path):
         corpus.read_user_data([str(tmp_path / "x.csv")])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is not None, reason="pyarrow is installed")
-def test_parquet_without_pyarrow_says_how_to_fix(tmp_path):
-    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+def test_parquet_reads_or_says_how_to_fix(tmp_path, monkeypatch):
+    """With pyarrow: the text column is read. Without it (simulated): one line saying what to install."""
+    if importlib.util.find_spec("pyarrow") is not None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": ["first doc", "second doc"]}), str(tmp_path / "d.parquet"))
+        assert corpus.read_user_data([str(tmp_path / "d.parquet")]) == ["first doc", "second doc"]
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)  # import pyarrow now fails
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
+    (tmp_path / "e.parquet").write_bytes(b"PAR1")
     with pytest.raises(ValueError, match="pip install pyarrow"):
-        corpus.read_user_data([str(tmp_path / "d.parquet")])
+        corpus.read_user_data([str(tmp_path / "e.parquet")])

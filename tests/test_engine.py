@@ -72,8 +72,9 @@ def test_greedy_speculative_equals_greedy():
     model = model_for()
     engine = Engine(model)
     params = SamplingParams(max_new_tokens=30, temperature=0)
-    plain = engine.generate(PROMPTS, params)
-    spec = engine.generate(PROMPTS, params, speculative=True)
+    prompts = PROMPTS + [PROMPTS[0]]  # a repeated prompt shares its prefill
+    plain = engine.generate(prompts, params)
+    spec = engine.generate(prompts, params, speculative=True)
     assert [g.tokens for g in spec] == [g.tokens for g in plain]
     assert engine.last_stats.drafted > 0
 

@@ -189,11 +189,21 @@ def _pack(prompts: list[list[int]], completions: list[list[int]], pad: int):
     return tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
 
 
-def _logprobs(model, inputs, targets, micro: int, grad: bool):
+def completion_logprobs(model, inputs, targets, mask):
+    """log p and entropy (B, T) of the targets, zero outside `mask`; the output head runs on masked positions only
+    (prompts are most of each row, and their logits are never used)."""
+    h = model.hidden(inputs)
+    logp_sel, ent_sel = token_logprobs(model.head(h[mask]).unsqueeze(0), targets[mask].unsqueeze(0))
+    logp = torch.zeros(mask.shape, dtype=logp_sel.dtype).masked_scatter(mask, logp_sel[0])
+    ent = torch.zeros(mask.shape, dtype=ent_sel.dtype).masked_scatter(mask, ent_sel[0])
+    return logp, ent
+
+
+def _logprobs(model, inputs, targets, mask, micro: int, grad: bool):
     outs = []
     for i in range(0, inputs.shape[0], micro):
         with torch.set_grad_enabled(grad):
-            outs.append(token_logprobs(model(inputs[i:i + micro]), targets[i:i + micro]))
+            outs.append(completion_logprobs(model, inputs[i:i + micro], targets[i:i + micro], mask[i:i + micro]))
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
@@ -213,16 +223,16 @@ def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: 
     model.train()
     old_logp = ref_logp = None
     if cfg.mu > 1:
-        old_logp = _logprobs(model, inputs, targets, micro, grad=False)[0]
+        old_logp = _logprobs(model, inputs, targets, mask, micro, grad=False)[0]
     if reference is not None:
-        ref_logp = _logprobs(reference, inputs, targets, micro, grad=False)[0]
+        ref_logp = _logprobs(reference, inputs, targets, mask, micro, grad=False)[0]
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     n_tok = mask.sum().clamp(min=1)
     for _ in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
         for i in range(0, len(rows), micro):
             sl = slice(i, i + micro)
-            logp, ent = token_logprobs(model(inputs[sl]), targets[sl])
+            logp, ent = completion_logprobs(model, inputs[sl], targets[sl], mask[sl])
             old = old_logp[sl] if old_logp is not None else logp.detach()
             ref = ref_logp[sl] if ref_logp is not None else None
             loss, s = grpo_loss(logp, old, advantages[sl], mask[sl], cfg.eps_low, settings["eps_high"],
