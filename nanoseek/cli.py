@@ -306,11 +306,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in small, tested PyTorch.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+def _add_model_tools(sub) -> None:
     presets = ", ".join(PRESETS)
-
     s = sub.add_parser("stats", help="parameters, KV cache and training FLOPs of a preset or checkpoint",
                        description=f"Scale of a model. PRESET is one of: {presets}; CKPT is a nanoseek or "
                                    "Hugging Face checkpoint directory.")
@@ -346,15 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", metavar="OUT")
     e.set_defaults(func=cmd_export)
 
-    from .stages.pretrain import PretrainConfig
 
-    t = sub.add_parser("pretrain", help="pretrain a model (MLA + DeepSeekMoE + MTP) on the embedded corpus or --data",
-                       description="DeepSeek-V3's pretraining recipe: AdamW, warm-up/constant/cosine/tail schedule, "
-                                   "MTP, auxiliary-loss-free balancing; atomic checkpoints; --resume continues a "
-                                   "killed run exactly. Writes OUT/metrics.jsonl and OUT/checkpoints/step_N/.")
-    add_config_arguments(t, PretrainConfig)
-    t.set_defaults(func=cmd_pretrain)
-
+def _add_inference_tools(sub) -> None:
     g = sub.add_parser("generate", help="complete prompts with a checkpoint",
                        description="Only the generated text goes to stdout (one completion per prompt); speed and "
                                    "acceptance statistics go to stderr.")
@@ -371,30 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(c, 256)
     c.set_defaults(func=cmd_chat)
 
-    from .stages.grpo import GRPOConfig
-
-    r = sub.add_parser("grpo", help="reinforcement learning with rule rewards (GRPO, Dr. GRPO, DAPO)",
-                       description="R1-Zero-style RL: G samples per prompt, rule rewards (accuracy + format), "
-                                   "group-normalised advantages, clipped objective, optional k3 KL. Writes "
-                                   "OUT/metrics.jsonl and OUT/checkpoints/step_N/.")
-    add_config_arguments(r, GRPOConfig)
-    r.set_defaults(func=cmd_grpo)
-
-    from .stages.sample import SampleConfig
-    from .stages.sft import SFTConfig
-
-    sm = sub.add_parser("sample", help="rollouts to JSONL; --keep correct for rejection sampling",
-                        description="k samples per problem; keeps verified-correct, well-formed completions "
-                                    "(deduplicated) with provenance, or all of them with --keep all.")
-    add_config_arguments(sm, SampleConfig)
-    sm.set_defaults(func=cmd_sample)
-
-    ft = sub.add_parser("sft", help="supervised fine-tuning / distillation on traces",
-                        description="Loss on completion tokens only; packed samples with sample masking; cosine "
-                                    "schedule; optional logit distillation from --teacher.")
-    add_config_arguments(ft, SFTConfig)
-    ft.set_defaults(func=cmd_sft)
-
     v = sub.add_parser("eval", help="held-out pass@1 / cons@k / response length on a task",
                        description="Samples k responses per held-out problem (R1 protocol: temperature 0.6, "
                                    "top-p 0.95); --temperature 0 for greedy.")
@@ -410,13 +376,46 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
 
-    from .stages.speedrun import SpeedrunConfig
 
-    sr = sub.add_parser("speedrun", help="the whole recipe end to end, ending in OUT/report.md",
-                        description="pretrain → GRPO → rejection sampling → distillation → evaluation → report; "
-                                    "finished stages are skipped, so an interrupted run resumes.")
-    add_config_arguments(sr, SpeedrunConfig)
-    sr.set_defaults(func=cmd_speedrun)
+# The stage scripts: command, nanoseek.stages module and config class, handler, help, description.
+STAGES = [
+    ("pretrain", "pretrain:PretrainConfig", "cmd_pretrain",
+     "pretrain a model (MLA + DeepSeekMoE + MTP) on the embedded corpus or --data",
+     "DeepSeek-V3's pretraining recipe: AdamW, warm-up/constant/cosine/tail schedule, MTP, auxiliary-loss-free "
+     "balancing; atomic checkpoints; --resume continues a killed run exactly; runs under torchrun for data and "
+     "expert parallelism. Writes OUT/metrics.jsonl and OUT/checkpoints/step_N/."),
+    ("grpo", "grpo:GRPOConfig", "cmd_grpo", "reinforcement learning with rule rewards (GRPO, Dr. GRPO, DAPO)",
+     "R1-Zero-style RL: G samples per prompt, rule rewards (accuracy + format), group-normalised advantages, "
+     "clipped objective, optional k3 KL. Writes OUT/metrics.jsonl and OUT/checkpoints/step_N/."),
+    ("sample", "sample:SampleConfig", "cmd_sample", "rollouts to JSONL; --keep correct for rejection sampling",
+     "k samples per problem; keeps verified-correct, well-formed completions (deduplicated) with provenance, or "
+     "all of them with --keep all."),
+    ("sft", "sft:SFTConfig", "cmd_sft", "supervised fine-tuning / distillation on traces",
+     "Loss on completion tokens only; packed samples with sample masking; cosine schedule; optional logit "
+     "distillation from --teacher."),
+    ("speedrun", "speedrun:SpeedrunConfig", "cmd_speedrun", "the whole recipe end to end, ending in OUT/report.md",
+     "pretrain → GRPO → rejection sampling → distillation → evaluation → report; finished stages are skipped, "
+     "so an interrupted run resumes."),
+]
+
+
+def _add_stages(sub) -> None:
+    import importlib
+
+    for name, target, handler, help_text, description in STAGES:
+        module, cls = target.split(":")
+        config = getattr(importlib.import_module(f".stages.{module}", __package__), cls)
+        p = sub.add_parser(name, help=help_text, description=description)
+        add_config_arguments(p, config)
+        p.set_defaults(func=globals()[handler])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in small, tested PyTorch.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_model_tools(sub)
+    _add_stages(sub)
+    _add_inference_tools(sub)
     return p
 
 

@@ -23,15 +23,28 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def line_plot(curves: dict[str, tuple[list[float], list[float]]], path: str | Path, title: str,
-              xlabel: str = "step", ylabel: str = "", logy: bool = False) -> Path:
-    """One PNG with a line per labelled (x, y) curve."""
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=120)
+    return plt, *plt.subplots(figsize=(6.4, 3.8), dpi=120)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def line_plot(curves: dict[str, tuple[list[float], list[float]]], path: str | Path, title: str,
+              xlabel: str = "step", ylabel: str = "", logy: bool = False) -> Path:
+    """One PNG with a line per labelled (x, y) curve."""
+    plt, fig, ax = _figure()
     for label, (x, y) in curves.items():
         ax.plot(x, y, label=label, linewidth=1.4)
     ax.set_title(title)
@@ -42,12 +55,7 @@ def line_plot(curves: dict[str, tuple[list[float], list[float]]], path: str | Pa
     ax.grid(alpha=0.3)
     if len(curves) > 1:
         ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_runs(runs: dict[str, str | Path], key: str, path: str | Path, title: str, window: int = 1,
@@ -81,23 +89,15 @@ def summary(run_dir: str | Path, tail: float = 0.2) -> dict:
 
 
 def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    """One PNG bar per labelled fraction, annotated in percent."""
+    plt, fig, ax = _figure()
     bars = ax.bar(list(values), list(values.values()), color="#4c72b0")
     ax.bar_label(bars, labels=[f"{v:.0%}" for v in values.values()], fontsize=8)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, max(1.0, max(values.values(), default=0) * 1.15))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    ax.tick_params(axis="x", labelsize=8)
+    return _save(plt, fig, path)
 
 
 _STAGES = [  # (checkpoint directory, label, what trained it)
