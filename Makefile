@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
+# the whole recipe: pretrain → GRPO → rejection sampling → distillation → eval → runs/speedrun/report.md;
+# stages already done are skipped, so an interrupted run resumes
 speedrun: $(STAMP)
-	$(VENV)/bin/nanoseek stats --compare
-	$(VENV)/bin/nanoseek cost deepseek-v3 --tokens 14.8e12 --gpu h800 --mfu 0.3894 --price 2
+	$(VENV)/bin/nanoseek speedrun --out runs/speedrun
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'

@@ -81,7 +81,8 @@ def summary(run_dir: str | Path, tail: float = 0.2) -> dict:
         return sum(vals) / len(vals) if vals else float("nan")
 
     final_eval = next((r for r in reversed(records) if "heldout_loss" in r), {})
-    return {"steps": records[-1]["step"], "tokens": records[-1]["tokens"], "loss_tail": mean("loss"),
+    # RL runs log no token count; pretraining runs do
+    return {"steps": records[-1]["step"], "tokens": records[-1].get("tokens", 0), "loss_tail": mean("loss"),
             "maxvio_tail": mean("maxvio"), "tokens_per_s": mean("tokens_per_s"), "mfu": mean("mfu"),
             "heldout_loss": final_eval.get("heldout_loss", float("nan")),
             "heldout_mtp_loss": final_eval.get("heldout_mtp_loss", float("nan")),
