@@ -163,7 +163,8 @@ def write_speedrun_report(out: str | Path, cfg: dict, steps: dict, timings: dict
     lines = [
         "# nanoseek speedrun report", "",
         f"Task `{cfg['task']}` {json.dumps(cfg['task_args'])}; teacher `{cfg['preset']}`, student `{cfg['student']}`; "
-        f"budget {cfg['budget']}; total wall time {total / 60:.1f} min.", "",
+        f"budget {cfg['budget']}; wall time of all stages{' and evaluations' if 'eval' in timings else ''} "
+        f"{total / 60:.1f} min.", "",
         "| stage | params (total / active) | trained on | wall time | final training metric | held-out pass@1 "
         "| cons@4 | well-formed | response tokens |",
         "|---|---|---|---|---|---|---|---|---|",
