@@ -5,7 +5,7 @@ distil a dense student → the R1 comparison (the same student trained by GRPO f
 evaluate every checkpoint → report. Each stage is the real CLI command, run as a subprocess; a stage whose
 output exists is skipped, so an interrupted speedrun resumes where it stopped. --budget scales every stage.
 
-    nanoseek speedrun --out runs/speedrun              # ~20 minutes on 2 CPU cores
+    nanoseek speedrun --out runs/speedrun              # ~14 minutes on 2 CPU cores (measured 13:49 from a fresh clone)
 """
 
 from __future__ import annotations
