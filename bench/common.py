@@ -98,14 +98,19 @@ def report(title: str, args, cfg, impl: str, rel: float, times: dict, headline_k
     values = {"tokens_per_s": f"{tps['ours']:.0f}", "transformers_tokens_per_s": f"{tps['hf']:.0f}",
               "ratio": f"{tps['ours'] / tps['hf']:.2f}", "peak_fraction": f"{tps['ours'] * flops / peak:.3f}"}
     headline = " ".join(f"{k}={values[k]}" for k in headline_keys)
+    machine = [f"Machine: {platform.machine()}, torch {torch.__version__}, {_cpu_name()}", ""]
+    publish(title, lines, headline, args.out, preamble=machine)
+
+
+def publish(title: str, lines: list[str], headline: str, out: str | None, preamble: list[str] = ()) -> None:
+    """Print the result lines and the key=value headline (the last line, DESIGN.md §5); write the markdown
+    record with the command that produced it if `out`."""
     print("\n".join(lines))
     print(headline)
-    if args.out:
-        cmd = "python " + " ".join(sys.argv)
-        rec = [f"# {title} — {datetime.date.today()}", "", f"Command: `{cmd}`", "",
-               f"Machine: {platform.machine()}, torch {torch.__version__}, {_cpu_name()}", "", *lines, "",
-               "```", headline, "```", ""]
-        Path(args.out).write_text("\n".join(rec))
+    if out:
+        rec = [f"# {title} — {datetime.date.today()}", "", f"Command: `python {' '.join(sys.argv)}`", "",
+               *preamble, *lines, "", "```", headline, "```", ""]
+        Path(out).write_text("\n".join(rec))
 
 
 def _cpu_name() -> str:

@@ -13,7 +13,6 @@ Last line: ratio_b1=… ratio_b32=… cache_bytes_per_token=… acceptance=… s
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import publish  # noqa: E402
 from nanoseek import load  # noqa: E402
 from nanoseek.checkpoint import resolve  # noqa: E402
 from nanoseek.engine import Engine, KVCache, SamplingParams  # noqa: E402
@@ -115,12 +115,7 @@ def main() -> None:
     ]
     headline = (f"ratio_b1={ratios[1]:.2f} ratio_b32={ratios[32]:.2f} cache_bytes_per_token={ours_per_token} "
                 f"acceptance={acceptance:.3f} spec_speedup={speedup:.2f}")
-    print("\n".join(lines))
-    print(headline)
-    if args.out:
-        Path(args.out).write_text("\n".join([f"# bench/decode.py — {datetime.date.today()}", "",
-                                             f"Command: `python {' '.join(sys.argv)}`", "", *lines, "", "```",
-                                             headline, "```", ""]))
+    publish("bench/decode.py", lines, headline, args.out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Last line: tokens_per_s_1=… tokens_per_s_2dp=… tokens_per_s_2ep=… a2a_byte
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import publish  # noqa: E402
 from nanoseek import Transformer, get_preset  # noqa: E402
 from nanoseek import dist as ddp  # noqa: E402
 from nanoseek.optim import build_optimizer  # noqa: E402
@@ -103,12 +103,7 @@ def main() -> None:
              "(uniform routing; the measured share of remote slots is what the router chose)."]
     headline = (f"tokens_per_s_1={tps['1']:.0f} tokens_per_s_2dp={tps['2dp']:.0f} tokens_per_s_2ep={tps['2ep']:.0f} "
                 f"a2a_bytes={bytes_['measured']:.0f} a2a_formula_bytes={bytes_['formula']:.0f}")
-    print("\n".join(lines))
-    print(headline)
-    if args.out:
-        Path(args.out).write_text("\n".join([f"# bench/dist_throughput.py — {datetime.date.today()}", "",
-                                             f"Command: `python {' '.join(sys.argv)}`", "", *lines, "", "```",
-                                             headline, "```", ""]))
+    publish("bench/dist_throughput.py", lines, headline, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Last line: step_s=… trl_step_s=… ratio=…
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import publish  # noqa: E402
 from nanoseek import Transformer, get_preset  # noqa: E402
 from nanoseek.checkpoint import save_model  # noqa: E402
 from nanoseek.hf import save_hf  # noqa: E402
@@ -119,12 +119,7 @@ def main() -> None:
              "task chain_sum (2 one-digit terms)", "",
              "| | median seconds per GRPO step |", "|---|---|", f"| nanoseek | {ours:.2f} |", f"| TRL GRPOTrainer | {trl:.2f} |"]
     headline = f"step_s={ours:.2f} trl_step_s={trl:.2f} ratio={trl / ours:.2f}"
-    print("\n".join(lines))
-    print(headline)
-    if args.out:
-        Path(args.out).write_text("\n".join([f"# bench/grpo_step.py — {datetime.date.today()}", "",
-                                             f"Command: `python {' '.join(sys.argv)}`", "", *lines, "", "```",
-                                             headline, "```", ""]))
+    publish("bench/grpo_step.py", lines, headline, args.out)
 
 
 if __name__ == "__main__":
