@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import publish  # noqa: E402
 from nanoseek import Transformer, get_preset  # noqa: E402
 from nanoseek import dist as ddp  # noqa: E402
+from nanoseek.losses import lm_loss  # noqa: E402
 from nanoseek.optim import build_optimizer  # noqa: E402
 
 BATCH, SEQ = 16, 512
@@ -41,7 +42,7 @@ def worker(steps: int, ep: int, out: str) -> None:
     for step in range(steps + 1):
         batch = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=gen)[info.rank * rows:(info.rank + 1) * rows]
         t0 = time.perf_counter()
-        loss, _ = model(batch[:, :-1], batch[:, 1:])
+        loss, _ = lm_loss(model, batch[:, :-1], batch[:, 1:])
         loss.backward()
         ddp.finish_grads(model, info)
         opt.step()

@@ -13,6 +13,7 @@ import time
 import torch
 
 from common import batches, logit_check, parse_args, race, report, twin_models
+from nanoseek.losses import lm_loss
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
         return run
 
     times = race(args.steps, data, {
-        "ours": step(ours, lambda x, y: ours(x, y)[0]),
+        "ours": step(ours, lambda x, y: lm_loss(ours, x, y)[0]),
         "hf": step(theirs, lambda x, y: theirs(x, labels=x).loss),  # transformers shifts the labels itself
     })
     report("bench/forward.py", args, cfg, impl, rel, times,

@@ -14,6 +14,7 @@ import time
 import torch
 
 from common import batches, logit_check, parse_args, race, report, twin_models
+from nanoseek.losses import lm_loss
 from nanoseek.optim import build_optimizer
 
 
@@ -38,7 +39,7 @@ def main() -> None:
         return run
 
     times = race(args.steps, data, {
-        "ours": step(ours, opt_ours, lambda x, y: ours(x, y)[0]),
+        "ours": step(ours, opt_ours, lambda x, y: lm_loss(ours, x, y)[0]),
         "hf": step(theirs, opt_theirs, lambda x, y: theirs(x, labels=x).loss),
     })
     report("bench/train_step.py", args, cfg, impl, rel, times, headline_keys=("tokens_per_s", "ratio", "peak_fraction"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .engine import Engine, SamplingParams
-from .tokenizer import END_ANSWER, END_THINK, R1_PREAMBLE, THINK
+from .template import CHAT_STOP, END_ANSWER, END_THINK, R1_PREAMBLE, THINK
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -35,7 +35,7 @@ class _Printer:
 
 def chat(model, tokenizer, params: SamplingParams, speculative: bool = False, read=input) -> None:
     engine = Engine(model, tokenizer)
-    params.stop = list(params.stop) + [END_ANSWER, "\nUser:"]
+    params.stop = list(params.stop) + CHAT_STOP
     history = R1_PREAMBLE
     print("nanoseek chat — /reset clears the conversation, /exit quits.", file=sys.stderr)
     while True:

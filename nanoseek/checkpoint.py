@@ -17,11 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .errors import CheckpointError
 from .model import Transformer
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read; the message names the file or tensor."""
 
 
 def _sha256(path: Path) -> str:

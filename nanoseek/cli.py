@@ -10,10 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, ModelConfig, get_preset
-
-
-class UsageError(ValueError):
-    """A user mistake reported as `nanoseek: error: ...` with exit status 2."""
+from .errors import UsageError
 
 
 def _resolve_config(spec: str) -> tuple[str, ModelConfig]:
@@ -211,7 +208,7 @@ def _read_prompts(args) -> list[str]:
     if any(not p.strip() for p in prompts):
         raise UsageError("empty prompt")
     if args.template == "r1":
-        from .tokenizer import r1_prompt
+        from .template import r1_prompt
 
         prompts = [r1_prompt(p) for p in prompts]
     return prompts

@@ -25,7 +25,7 @@ from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
-from .tokenizer import r1_completion, r1_prompt
+from .template import r1_completion, r1_prompt
 
 # Share of each reasoning family. countdown's generator takes ~10 ms an item (it searches with sympy; the others
 # take ~20 us), so it stays a small share to keep the default build fast.

@@ -78,6 +78,11 @@ class Stats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+def sequence_seed(seed: int, index: int) -> int:
+    """The sampling seed of sequence `index` of a run seeded with `seed` (every stage derives its seeds here)."""
+    return seed * 1_000_003 + index
+
+
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Sampling distribution (B, V) after temperature, top-k and top-p; one-hot argmax when greedy."""
     if p.temperature <= 0:
@@ -129,7 +134,7 @@ class Engine:
         params = params or SamplingParams()
         ids = [self._encode(p) for p in prompts]
         self._check(ids, params, speculative)
-        seeds = seeds if seeds is not None else [params.seed * 1_000_003 + i for i in range(len(ids))]
+        seeds = seeds if seeds is not None else [sequence_seed(params.seed, i) for i in range(len(ids))]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         t0 = time.perf_counter()
         gens = [Generation(prompt_tokens=p) for p in ids]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .engine import Engine, SamplingParams
+from .engine import Engine, SamplingParams, sequence_seed
 from .tasks import Problem, Task
-from .tokenizer import END_ANSWER
+from .template import STOP
 
 
 def evaluate(engine: Engine, task: Task, problems: list[Problem], k: int = 1, temperature: float = 0.6,
@@ -18,11 +18,11 @@ def evaluate(engine: Engine, task: Task, problems: list[Problem], k: int = 1, te
     """{"accuracy", "cons_at_k", "format", "mean_response_tokens", "n", "k"} over `problems`."""
     prompts = [task.prompt(p) for p in problems for _ in range(k)]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                            stop=[END_ANSWER])
+                            stop=list(STOP))
     outs = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
-        outs += engine.generate(chunk, params, seeds=[seed * 1_000_003 + start + i for i in range(len(chunk))])
+        outs += engine.generate(chunk, params, seeds=[sequence_seed(seed, start + i) for i in range(len(chunk))])
     acc = fmt = cons = 0.0
     for i, problem in enumerate(problems):
         group = outs[i * k:(i + 1) * k]

@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError
 from .config import ModelConfig
+from .errors import CheckpointError
 from .fp8 import dequantize_weight, fp8_state
 from .model import Transformer
 

@@ -70,6 +70,18 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return _LinearCrossEntropy.apply(h, weight, targets, ignore_index)
 
 
+def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor, router_log=None) -> tuple[torch.Tensor, list]:
+    """(mean next-token cross-entropy, [mean cross-entropy of MTP depth k for k = 1..D]) of a Transformer.
+
+    inputs, targets (B, T): the tokens and the next tokens (IGNORE_INDEX skips a position); MTP depth k
+    predicts targets[:, k:]. The head and the loss are fused (`linear_cross_entropy`): no logits tensor."""
+
+    def head(h, weight, k):
+        return linear_cross_entropy(h.flatten(0, 1), weight, targets[:, k:].flatten())
+
+    return model(inputs, return_mtp=True, router_log=router_log, head=head)
+
+
 def balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_seq: int, per_sequence: bool = True) -> torch.Tensor:
     """Σ_i f_i·P_i of one MoE layer (V3 report eqs. 17-20), averaged over sequences (or over the whole batch).
 

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .losses import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -471,25 +470,22 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
         self.reset_buffers()
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, return_mtp: bool = False,
-                router_log: list | None = None):
+    def forward(self, tokens: torch.Tensor, return_mtp: bool = False, router_log: list | None = None, head=None):
         """tokens (B, T) -> logits (B, T, vocab); with return_mtp also [MTP logits (B, T-k, vocab) for k = 1..D].
 
-        With targets (B, T) (the next tokens; IGNORE_INDEX = -100 skips a position) it returns
-        (loss, mtp_losses): the mean next-token cross-entropy and, per MTP depth k, the mean cross-entropy
-        of predicting targets[:, k:] — computed by the fused head+loss, without materialising logits.
-        router_log, when a list, receives each MoE layer's (scores, indices), main layers then MTP layers.
+        `head(h, weight, k)`, when given, replaces the output projection: it receives the final-normed hidden
+        states of depth k (0 = the main model, (B, T, D); k >= 1 = MTP depth k, (B, T-k, D)) and the head
+        weight (vocab, D), and its results are returned in place of logits. `losses.lm_loss` passes a fused
+        head + cross-entropy this way, so the loss never materialises logits yet runs inside this forward
+        (where FSDP gathers the head). router_log, when given, receives each MoE layer's (scores, indices),
+        main layers then MTP layers.
         """
         h = self.hidden(tokens, router_log)  # (B, T, D), after the final norm
-        if targets is None:
-            logits = self.head(h)
-            if not return_mtp:
-                return logits
-            return logits, [self.head(hk) for hk in self.mtp_hidden(h, tokens, router_log)]
-        loss = linear_cross_entropy(h.flatten(0, 1), self.head.weight, targets.flatten())
-        mtp_losses = [linear_cross_entropy(hk.flatten(0, 1), self.head.weight, targets[:, k:].flatten())
-                      for k, hk in enumerate(self.mtp_hidden(h, tokens, router_log), start=1)]
-        return loss, mtp_losses
+        project = (lambda x, k: self.head(x)) if head is None else (lambda x, k: head(x, self.head.weight, k))
+        out = project(h, 0)
+        if not return_mtp:
+            return out
+        return out, [project(hk, k) for k, hk in enumerate(self.mtp_hidden(h, tokens, router_log), start=1)]
 
     def hidden(self, tokens: torch.Tensor, router_log: list | None = None, positions: torch.Tensor | None = None,
                segments: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer with nanoseek's special tokens, and the R1 prompt template.
+"""Byte-level BPE tokenizer with nanoseek's special tokens (the R1 format itself lives in template.py).
 
 `Tokenizer.train(texts, vocab_size)` trains one with the `tokenizers` library; `Tokenizer.load(path)` reads
 any Hugging Face `tokenizer.json` (DeepSeek-V3's included) or a directory holding one. Special tokens are
@@ -13,10 +13,10 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .template import TAGS
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
-SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
-SPECIAL_TOKENS = [BOS, EOS, PAD, THINK, END_THINK, ANSWER, END_ANSWER, SYSTEM, USER, ASSISTANT]
+SPECIAL_TOKENS = [BOS, EOS, PAD, *TAGS]  # the R1 tags are single tokens, so a completion's format is cheap to learn
 
 # Names other tokenizers use for the same roles (DeepSeek-V3 spells them with full-width bars).
 _ALIASES = {
@@ -24,26 +24,6 @@ _ALIASES = {
     "eos": [EOS, "<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>"],
     "pad": [PAD, "<｜▁pad▁｜>", "<pad>", "<|pad|>"],
 }
-
-# The R1-Zero training template (DeepSeek-R1 paper, Table 1), in our words: no chat tokens, no hints about
-# how to reason, only the output format.
-R1_PREAMBLE = (
-    "A conversation between User and Assistant. The User asks a question and the Assistant solves it. "
-    "The Assistant first thinks about the reasoning process and then gives the answer. The reasoning "
-    "process and the answer are enclosed in <think> </think> and <answer> </answer> tags: "
-    "<think> reasoning process here </think> <answer> answer here </answer>."
-)
-
-
-def r1_prompt(question: str) -> str:
-    """The prompt a model completes: preamble, question, and the opening <think> tag."""
-    return f"{R1_PREAMBLE}\nUser: {question.strip()}\nAssistant: {THINK}"
-
-
-def r1_completion(think: str, answer: str) -> str:
-    """What follows r1_prompt in a well-formed response."""
-    return f" {think.strip()} {END_THINK} {ANSWER} {answer.strip()} {END_ANSWER}"
-
 
 class Tokenizer:
     """A thin wrapper over a `tokenizers.Tokenizer` that knows its bos/eos/pad ids."""
@@ -58,7 +38,7 @@ class Tokenizer:
     # ------------------------------------------------------------------ construction
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "Tokenizer":
-        """Byte-level BPE on `texts` with SPECIAL_TOKENS first (ids 0..9). Deterministic for the same input."""
+        """Byte-level BPE on `texts` with SPECIAL_TOKENS first (ids 0..6). Deterministic for the same input."""
         if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
             raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} for byte-level BPE")
         tk = HFTokenizer(models.BPE())
@@ -100,9 +80,6 @@ class Tokenizer:
     @property
     def pad_id(self) -> int:
         return self.special["pad"] if self.special["pad"] is not None else self.eos_id
-
-    def token_id(self, token: str) -> int | None:
-        return self.tk.token_to_id(token)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.tk.encode(text, add_special_tokens=False).ids

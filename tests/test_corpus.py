@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 
 from nanoseek import corpus
-from nanoseek.tokenizer import R1_PREAMBLE, r1_completion, r1_prompt
+from nanoseek.template import R1_PREAMBLE, r1_completion, r1_prompt
 
 N = 60
 FRACTION = 0.05

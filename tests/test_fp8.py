@@ -8,6 +8,7 @@ from nanoseek import Transformer, get_preset
 from nanoseek.fp8 import (FP8Experts, FP8Linear, convert_to_fp8, dequantize_act, dequantize_weight, fp8_gemm,
                           fp8_linear, quantize_act, quantize_tensorwise, quantize_weight)
 from nanoseek.hf import load_hf, save_hf
+from nanoseek.losses import lm_loss
 from nanoseek.optim import AdamWBF16Moments, build_optimizer, optimizer_state_bytes
 
 E4M3_REL = 2.0**-4  # 3 mantissa bits: round-to-nearest error ≤ half an ulp = 2^-4 relative
@@ -141,7 +142,7 @@ def test_fp8_model_trains_close_to_fp32():
             convert_to_fp8(model, recipe)
         opt = build_optimizer(model, lr=3e-3)
         for _ in range(5):
-            loss, mtp = model(tokens[:, :-1], tokens[:, 1:])
+            loss, mtp = lm_loss(model, tokens[:, :-1], tokens[:, 1:])
             (loss + 0.3 * mtp[0]).backward()
             opt.step()
             opt.zero_grad()

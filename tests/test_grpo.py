@@ -10,7 +10,8 @@ from nanoseek.checkpoint import save_model
 from nanoseek.losses import grpo_loss, group_advantages, k3_kl, token_logprobs
 from nanoseek.stages.common import read_metrics
 from nanoseek.stages.grpo import ALGOS, GRPOConfig, resolve_algo, run, update
-from nanoseek.tokenizer import Tokenizer, r1_completion, r1_prompt
+from nanoseek.template import r1_completion, r1_prompt
+from nanoseek.tokenizer import Tokenizer
 
 
 def test_group_advantages_by_hand():

@@ -5,6 +5,7 @@ import torch
 
 from nanoseek import Transformer, get_preset
 from nanoseek.config import PRESETS
+from nanoseek.losses import lm_loss
 from nanoseek.model import MoE, rope_inv_freq, yarn_correction_range
 from nanoseek.stats import param_counts
 
@@ -161,7 +162,7 @@ def test_losses_match_logits():
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
     x, y = tokens[:, :-1], tokens[:, 1:].clone()
     y[0, 3] = -100
-    loss, (mtp_loss,) = model(x, y)
+    loss, (mtp_loss,) = lm_loss(model, x, y)
     logits, (mtp_logits,) = model(x, return_mtp=True)
     ce = torch.nn.functional.cross_entropy
     torch.testing.assert_close(loss, ce(logits.flatten(0, 1), y.flatten(), ignore_index=-100))
@@ -199,7 +200,7 @@ def test_dense_only_model():
     cfg = tiny(n_dense_layers=3, n_mtp_layers=1)
     model = random_model(cfg)
     assert not any(isinstance(m, MoE) for m in model.modules())
-    loss, (mtp,) = model(torch.randint(0, 256, (2, 9)), torch.randint(0, 256, (2, 9)))
+    loss, (mtp,) = lm_loss(model, torch.randint(0, 256, (2, 9)), torch.randint(0, 256, (2, 9)))
     assert loss.isfinite() and mtp.isfinite()
 
 

@@ -13,7 +13,8 @@ from nanoseek.stages.sample import SampleConfig
 from nanoseek.stages.sample import run as sample
 from nanoseek.stages.sft import SFTConfig, pack, read_examples
 from nanoseek.stages.sft import run as sft
-from nanoseek.tokenizer import Tokenizer, r1_completion, r1_prompt
+from nanoseek.template import r1_completion, r1_prompt
+from nanoseek.tokenizer import Tokenizer
 
 
 def test_pack_masks_prompts_and_separates_samples():

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import checkpoint as ckpt
 from ..checkpoint import atomic_dir
+from ..errors import CheckpointError
 from ..config import get_preset
 from ..data import encode_documents, fingerprint
 from ..tokenizer import Tokenizer
 
-DATA_VERSION = 1  # bump when the corpus recipe or the tokenizer training changes
+DATA_VERSION = 2  # bump when the corpus recipe or the tokenizer training changes
 
 
 class MetricsLog:
@@ -34,6 +36,25 @@ class MetricsLog:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         tmp.replace(self.path)
+
+
+def load_checkpoint(path, dtype=None):
+    """(model, tokenizer) of a checkpoint or run directory; a checkpoint without tokenizer.json is an error."""
+    import torch
+
+    model, tokenizer = ckpt.load(path, dtype or torch.float32)
+    if tokenizer is None:
+        raise CheckpointError(f"{path}: the checkpoint has no tokenizer.json (text stages need one)")
+    return model, tokenizer
+
+
+def save_step(out: Path, step: int, model, tokenizer, meta: dict) -> Path:
+    """Atomically write OUT/checkpoints/step_N (model, config, tokenizer, meta with checksums); returns it."""
+    path = Path(out) / "checkpoints" / f"step_{step:06d}"
+    with atomic_dir(path) as tmp:
+        tokenizer.save(tmp / "tokenizer.json")  # checksummed with the rest by write_model_files
+        ckpt.write_model_files(model, tmp, meta={"step": step, **meta})
+    return path
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -23,14 +23,15 @@ import torch
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
-from ..engine import Engine, SamplingParams
+from ..engine import Engine, SamplingParams, sequence_seed
 from ..evaluation import evaluate
 from ..losses import grpo_loss, group_advantages, token_logprobs
+from ..optim import build_optimizer
 from ..runtime import set_threads
 from ..tasks import get_task
 from ..tasks.base import combine
-from ..tokenizer import END_ANSWER
-from .common import MetricsLog
+from ..template import STOP
+from .common import MetricsLog, load_checkpoint, save_step
 
 ALGOS = {  # the settings each named recipe fixes (reference r1-grpo §2)
     "grpo": dict(scale_rewards=True, loss_norm="sequence", eps_high=0.2, beta=0.04, dynamic_sampling=False),
@@ -101,16 +102,13 @@ def run(cfg: GRPOConfig) -> Path:
     if ckpt.step_dirs(out):
         raise ValueError(f"{out} already holds checkpoints; choose another --out")
     task = get_task(cfg.task, **cfg.task_args)
-    model, tokenizer = ckpt.load(cfg.init)
-    if tokenizer is None:
-        raise ValueError(f"{cfg.init}: the checkpoint has no tokenizer.json")
+    model, tokenizer = load_checkpoint(cfg.init)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps({**dataclasses.asdict(cfg), "effective": settings}, indent=2) + "\n")
     torch.manual_seed(cfg.seed)
     model.mtp.requires_grad_(False)  # RL trains the next-token policy; the MTP drafter stays as pretrained
     reference = copy.deepcopy(model).eval().requires_grad_(False) if settings["beta"] > 0 else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = build_optimizer(model, cfg.lr, weight_decay=0.0)
     engine, log = Engine(model, tokenizer), MetricsLog(out / "metrics.jsonl")
     heldout = task.problems(cfg.seed, cfg.eval_n, split="heldout")
     if cfg.eval_every:  # the starting point, before any update
@@ -135,10 +133,7 @@ def run(cfg: GRPOConfig) -> Path:
         bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
                         held=f"{record.get('heldout_accuracy', float('nan')):.2f}")
         if (step + 1) % cfg.save_every == 0 or last:
-            path = out / "checkpoints" / f"step_{step + 1:06d}"
-            with ckpt.atomic_dir(path) as tmp:
-                tokenizer.save(tmp / "tokenizer.json")  # checksummed with the rest by write_model_files
-                ckpt.write_model_files(model, tmp, meta={"step": step + 1, "stage": "grpo", "init": str(cfg.init)})
+            path = save_step(out, step + 1, model, tokenizer, {"stage": "grpo", "init": str(cfg.init)})
         if last:
             break
     return path
@@ -152,9 +147,9 @@ def rollout(engine: Engine, task, problems, cfg: GRPOConfig, step: int):
     tok = engine.tokenizer
     prompts = [task.prompt(p) for p in problems for _ in range(cfg.group_size)]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            stop=[END_ANSWER])
+                            stop=list(STOP))
     t0 = time.perf_counter()
-    seeds = [(cfg.seed * 1_000_003 + step) * 4096 + i for i in range(len(prompts))]
+    seeds = [sequence_seed(cfg.seed, step) * 4096 + i for i in range(len(prompts))]
     gens = engine.generate(prompts, params, seeds=seeds)
     rollout_s = time.perf_counter() - t0
     scores = [task.score(problems[i // cfg.group_size], g.text) for i, g in enumerate(gens)]

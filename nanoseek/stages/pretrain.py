@@ -28,7 +28,7 @@ from ..config import get_preset
 from .. import dist as ddp
 from ..data import PackedLoader, fixed_batches
 from ..fp8 import RECIPES, convert_to_fp8
-from ..losses import balance_loss
+from ..losses import balance_loss, lm_loss
 from ..model import Gate, RouterLog, Transformer
 from ..optim import (batch_size_at, build_optimizer, expert_loads, lr_at, max_violation, mtp_lambda_at,
                      update_routing_bias)
@@ -181,7 +181,7 @@ class _Trainer:
         x, y = batch[:, :-1], batch[:, 1:]
         router_log = RouterLog()
         with autocast(self.device):
-            loss, mtp_losses = self.forward(x, y, router_log=router_log)
+            loss, mtp_losses = lm_loss(self.forward, x, y, router_log)
         lam = mtp_lambda_at(step, cfg.steps, cfg.mtp_lambda, cfg.mtp_lambda_final, cfg.mtp_switch)
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else None
         alpha = {"aux-free": cfg.seq_balance_alpha, "aux-loss": cfg.aux_loss_alpha}.get(cfg.balance, 0.0)
@@ -260,7 +260,7 @@ class _Trainer:
             batch = batch[self.info.rank * rows:(self.info.rank + 1) * rows].to(self.device)
             router_log = RouterLog()
             with autocast(self.device):
-                loss, mtp_losses = self.model(batch[:, :-1], batch[:, 1:], router_log=router_log)
+                loss, mtp_losses = lm_loss(self.model, batch[:, :-1], batch[:, 1:], router_log)
             ce += loss.item() / len(batches)
             mtp += torch.stack(mtp_losses).mean().item() / len(batches) if mtp_losses else 0.0
             for i, (_, idx) in enumerate(router_log):

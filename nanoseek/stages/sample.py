@@ -17,10 +17,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
-from ..engine import Engine, SamplingParams
+from ..engine import Engine, SamplingParams, sequence_seed
 from ..tasks import get_task
 from ..tasks.base import combine
-from ..tokenizer import END_ANSWER
+from ..template import STOP
+from .common import load_checkpoint
 
 
 @dataclass
@@ -47,20 +48,18 @@ def run(cfg: SampleConfig) -> dict:
     if cfg.n <= 0 or cfg.k <= 0:
         raise ValueError("--n and --k must be positive")
     task = get_task(cfg.task, **cfg.task_args)
-    model, tokenizer = ckpt.load(cfg.ckpt)
-    if tokenizer is None:
-        raise ValueError(f"{cfg.ckpt}: the checkpoint has no tokenizer.json")
+    model, tokenizer = load_checkpoint(cfg.ckpt)
     engine = Engine(model, tokenizer)
     problems = task.problems(cfg.seed, cfg.n, split=cfg.split)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            seed=cfg.seed, stop=[END_ANSWER])
+                            seed=cfg.seed, stop=list(STOP))
     jobs = [(p, j) for p in problems for j in range(cfg.k)]
     rows, seen, counts = [], set(), {"generated": 0, "correct": 0, "kept": 0}
     source = str(ckpt.resolve(cfg.ckpt))
     for start in tqdm(range(0, len(jobs), cfg.batch), desc=f"sample {cfg.task}", unit="batch"):
         chunk = jobs[start:start + cfg.batch]
         prompts = [task.prompt(p) for p, _ in chunk]
-        gens = engine.generate(prompts, params, seeds=[cfg.seed * 1_000_003 + start + i for i in range(len(chunk))])
+        gens = engine.generate(prompts, params, seeds=[sequence_seed(cfg.seed, start + i) for i in range(len(chunk))])
         for (problem, j), prompt, g in zip(chunk, prompts, gens):
             scores = task.score(problem, g.text)
             counts["generated"] += 1

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from ..losses import IGNORE_INDEX, linear_cross_entropy
+from ..optim import build_optimizer, lr_at
 from ..runtime import set_threads
-from .common import MetricsLog
+from .common import MetricsLog, load_checkpoint, save_step
 
 
 @dataclass
@@ -111,9 +112,7 @@ def run(cfg: SFTConfig) -> Path:
     out = Path(cfg.out)
     if ckpt.step_dirs(out):
         raise ValueError(f"{out} already holds checkpoints; choose another --out")
-    model, tokenizer = ckpt.load(cfg.init)
-    if tokenizer is None:
-        raise ValueError(f"{cfg.init}: the checkpoint has no tokenizer.json")
+    model, tokenizer = load_checkpoint(cfg.init)
     teacher = ckpt.load(cfg.teacher)[0].eval().requires_grad_(False) if cfg.teacher else None
     if teacher is not None and teacher.cfg.vocab_size != model.cfg.vocab_size:
         raise ValueError("logit distillation needs teacher and student to share the tokenizer (vocab sizes differ)")
@@ -124,7 +123,7 @@ def run(cfg: SFTConfig) -> Path:
     (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     model.mtp.requires_grad_(False)  # packed samples would leak through the MTP's look-ahead; it is not trained
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     log, gen = MetricsLog(out / "metrics.jsonl"), torch.Generator().manual_seed(cfg.seed)
@@ -135,7 +134,7 @@ def run(cfg: SFTConfig) -> Path:
         order = torch.randperm(len(rows), generator=gen).tolist()
         for i in range(0, len(rows), cfg.batch_size):
             b = _batch([rows[j] for j in order[i:i + cfg.batch_size]])
-            lr = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * step / total)))
+            lr = lr_at(step, total, cfg.lr, warmup=0.0, decay_start=0.0, decay_end=1.0, min_ratio=cfg.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
             h = model.hidden(b["inputs"], positions=b["positions"], segments=b["segments"])
@@ -159,9 +158,5 @@ def run(cfg: SFTConfig) -> Path:
         if cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds:
             break
     bar.close()
-    path = out / "checkpoints" / f"step_{step:06d}"
-    with ckpt.atomic_dir(path) as tmp:
-        tokenizer.save(tmp / "tokenizer.json")
-        ckpt.write_model_files(model.eval(), tmp, meta={"step": step, "stage": "sft", "init": str(cfg.init),
-                                                        "examples": len(pairs), "rows": len(rows)})
-    return path
+    return save_step(out, step, model.eval(), tokenizer, {"stage": "sft", "init": str(cfg.init),
+                                                           "examples": len(pairs), "rows": len(rows)})

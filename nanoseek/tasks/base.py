@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..tokenizer import r1_prompt
+from ..template import r1_prompt
 
 # A completion is what follows the prompt's "<think>": reasoning, "</think>", then exactly one answer block.
 _FORMAT = re.compile(r"^(?:(?!<think>|</think>|<answer>|</answer>).)*</think>\s*<answer>"

@@ -1,0 +1,73 @@
+"""The R1 prompt/completion format: tags, the prompt a model completes, stop strings, and the reasoning split.
+
+DeepSeek-R1-Zero's template (R1 paper, Table 1) asks for `<think> reasoning </think> <answer> answer </answer>`
+after a short preamble. One module owns it, so that the corpus, the tasks' prompts, GRPO, rejection sampling,
+evaluation, `chat` and the server all speak the same format:
+
+    prompt = r1_prompt("What is 3 + 4?")                  # ends with "<think>": the model writes the reasoning
+    text = prompt + r1_completion("3 + 4 = 7.", "7")       # a well-formed training document
+    conversation([{"role": "user", "content": "hi"}])      # multi-turn chat in the same format
+    split_reasoning(" 3 + 4 = 7. </think> <answer> 7 </answer>")   # -> ("3 + 4 = 7.", "7")
+"""
+
+from __future__ import annotations
+
+THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
+TAGS = (THINK, END_THINK, ANSWER, END_ANSWER)
+
+# The R1-Zero training template, in our words: no chat tokens, no hints about how to reason, only the format.
+R1_PREAMBLE = (
+    "A conversation between User and Assistant. The User asks a question and the Assistant solves it. "
+    "The Assistant first thinks about the reasoning process and then gives the answer. The reasoning "
+    "process and the answer are enclosed in <think> </think> and <answer> </answer> tags: "
+    "<think> reasoning process here </think> <answer> answer here </answer>."
+)
+
+# A completion is finished once its answer block closes; a new "User:" turn also ends a chat reply.
+STOP = [END_ANSWER]
+CHAT_STOP = [END_ANSWER, "\nUser:"]
+
+
+def r1_prompt(question: str) -> str:
+    """The prompt a model completes: preamble, question, and the opening <think> tag."""
+    return f"{R1_PREAMBLE}\nUser: {question.strip()}\nAssistant: {THINK}"
+
+
+def r1_completion(think: str, answer: str) -> str:
+    """What follows r1_prompt in a well-formed response."""
+    return f" {think.strip()} {END_THINK} {ANSWER} {answer.strip()} {END_ANSWER}"
+
+
+def conversation(messages: list[dict]) -> str:
+    """A chat (OpenAI-style messages: role system/user/assistant, content) as one prompt ending in "<think>".
+
+    A system message replaces the preamble; earlier assistant turns are shown with their answers (their
+    reasoning is dropped, as R1's multi-turn template does), so the context holds what the user saw."""
+    preamble, turns = R1_PREAMBLE, []
+    for m in messages:
+        role, content = m["role"], str(m["content"]).strip()
+        if role == "system":
+            preamble = content
+        elif role == "user":
+            turns.append(f"User: {content}")
+        elif role == "assistant":
+            turns.append(f"Assistant: {THINK} {END_THINK} {ANSWER} {content} {END_ANSWER}")
+        else:
+            raise ValueError(f"unknown message role {role!r} (system, user or assistant)")
+    if not turns or not turns[-1].startswith("User:"):
+        raise ValueError("a conversation must end with a user message")
+    return "\n".join([preamble, *turns]) + f"\nAssistant: {THINK}"
+
+
+def split_reasoning(completion: str) -> tuple[str, str]:
+    """(reasoning, answer) of a completion that follows "<think>": the reasoning is the text before "</think>",
+    the answer the inside of <answer> … </answer> (or everything after "</think>" when there is no answer tag).
+    A completion that never closes its thinking is all reasoning."""
+    if END_THINK not in completion:
+        return completion.strip(), ""
+    reasoning, rest = completion.split(END_THINK, 1)
+    rest = rest.strip()
+    if rest.startswith(ANSWER):
+        rest = rest[len(ANSWER):]
+        rest = rest.split(END_ANSWER, 1)[0]
+    return reasoning.strip(), rest.strip()
