@@ -104,6 +104,10 @@ def step_dirs(run_dir: str | Path) -> list[Path]:
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory standing for its latest checkpoint."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: a file, not a checkpoint or run directory")
     if (path / "config.json").exists():
         return path
     steps = step_dirs(path)
@@ -140,8 +144,12 @@ def read_config(path: str | Path) -> ModelConfig:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
-    """Load a nanoseek checkpoint directory (config.json + model.safetensors) into a Transformer."""
+    """Load a nanoseek checkpoint directory (config.json + model.safetensors) into a Transformer.
+
+    The files are checked against the sha256 sums in meta.json first, so flipped bytes are named, not loaded."""
     path = resolve(path)
+    if (path / "meta.json").exists():
+        verify(path)
     cfg = read_config(path)
     file = path / "model.safetensors"
     if not file.exists():

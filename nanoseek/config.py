@@ -145,12 +145,14 @@ class ModelConfig:
 # The official presets copy DeepSeek's inference configs (reference/deepseek-v3.md §2.1), with the
 # 16384-token demo context; V2 uses mscale 0.707 as in its HF config (the demo JSON omits it, §7.4).
 PRESETS: dict[str, dict] = {
-    # For unit tests: every mechanism switched on (q compression, groups, sigmoid, MTP), tiny sizes.
+    # For unit tests and first steps: every mechanism switched on (q compression, groups, sigmoid, MTP), tiny
+    # sizes, with a vocabulary a byte-level BPE can train and a context that holds a prompt and its answer, so
+    # `pretrain --preset tiny` → generate → chat → eval → grpo runs with default flags.
     "tiny": dict(
-        max_seq_len=64, vocab_size=256, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=3, n_dense_layers=1,
+        max_seq_len=256, vocab_size=512, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=3, n_dense_layers=1,
         n_heads=4, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
         n_limited_groups=2, score_func="sigmoid", route_scale=2.5, q_lora_rank=32, kv_lora_rank=16,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, original_seq_len=64, rope_factor=1.0,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, original_seq_len=256, rope_factor=1.0,
         n_mtp_layers=1,
     ),
     # The CPU speedrun size: V3's structure (sigmoid routing over expert groups, 1 shared expert, MLA with

@@ -11,3 +11,12 @@ class CheckpointError(ValueError):
 
 class UsageError(ValueError):
     """A command-line mistake (a bad flag value, a refused overwrite); the message says how to fix it."""
+
+
+class StageError(RuntimeError):
+    """A stage that started correctly but could not finish (non-finite training, a failed sub-stage); the message
+    says why and what was kept. The command line prints it as one line and exits with status 1."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, after the stage saved what it could; the message says what was kept. Exit status 130."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .stages.common import read_metrics
+from .metrics import read_metrics
 
 
 def series(records: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:

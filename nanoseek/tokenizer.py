@@ -17,6 +17,7 @@ from .template import TAGS
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, *TAGS]  # the R1 tags are single tokens, so a completion's format is cheap to learn
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, the special tokens, and at least one merge
 
 # Names other tokenizers use for the same roles (DeepSeek-V3 spells them with full-width bars).
 _ALIASES = {
@@ -39,8 +40,8 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "Tokenizer":
         """Byte-level BPE on `texts` with SPECIAL_TOKENS first (ids 0..6). Deterministic for the same input."""
-        if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
-            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS) + 1} for byte-level BPE")
+        if vocab_size < MIN_VOCAB:
+            raise ValueError(f"vocab_size must be at least {MIN_VOCAB} for byte-level BPE")
         tk = HFTokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()

@@ -31,5 +31,8 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path):
 def test_shape_mismatch_is_named(tmp_path):
     save_model(Transformer(get_preset("tiny")), tmp_path / "a")
     get_preset("tiny", dim=32).save(tmp_path / "a" / "config.json")
+    with pytest.raises(CheckpointError, match="config.json: damaged"):  # the checksums catch the edit first
+        load_model(tmp_path / "a")
+    (tmp_path / "a" / "meta.json").unlink()  # a hand-made checkpoint without checksums
     with pytest.raises(CheckpointError, match="embed.weight has shape"):
         load_model(tmp_path / "a")

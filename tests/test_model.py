@@ -207,7 +207,7 @@ def test_dense_only_model():
 def test_sequence_longer_than_max_is_an_error():
     model = Transformer(tiny())
     with pytest.raises(ValueError, match="max_seq_len"):
-        model(torch.zeros(1, 65, dtype=torch.long))
+        model(torch.zeros(1, 257, dtype=torch.long))
 
 
 def test_yarn_matches_reference_numbers():

@@ -72,7 +72,7 @@ def test_resume_after_every_checkpoint(corpus, tmp_path):
         for d in ckpt.step_dirs(out):  # pretend the run died right after step `stop`
             if int(d.name[5:]) > stop:
                 shutil.rmtree(d)
-        run(PretrainConfig(out=str(out), resume=True))
+        run(PretrainConfig.resume_of(str(out)))
         assert losses(out) == reference
 
 

@@ -1,11 +1,14 @@
-"""Pieces every stage script shares: the metrics log and the data preparation (corpus → tokenizer → streams)."""
+"""Pieces every stage script shares: checkpoints in and out, the run directory, Ctrl-C, and the data preparation
+(corpus → tokenizer → token streams)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,29 +16,12 @@ import numpy as np
 from .. import checkpoint as ckpt
 from ..checkpoint import atomic_dir
 from ..errors import CheckpointError
+from ..metrics import MetricsLog, read_metrics  # noqa: F401  (re-exported for the stages)
 from ..config import get_preset
 from ..data import encode_documents, fingerprint
 from ..tokenizer import Tokenizer
 
 DATA_VERSION = 2  # bump when the corpus recipe or the tokenizer training changes
-
-
-class MetricsLog:
-    """OUT/metrics.jsonl: one JSON object per line, each with `step`."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records logged after `step` (a resumed run re-logs them)."""
-        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        tmp.replace(self.path)
 
 
 def load_checkpoint(path, dtype=None):
@@ -57,10 +43,46 @@ def save_step(out: Path, step: int, model, tokenizer, meta: dict) -> Path:
     return path
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not Path(path).exists():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def write_run_json(out: Path, command: str, settings: dict) -> None:
+    """OUT/run.json: the command and every setting, so a later --resume (or a refusal) knows whose run it is."""
+    (Path(out) / "run.json").write_text(json.dumps({"command": command, **settings}, indent=2) + "\n")
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "report.md", "figures")  # what a stage writes in OUT
+
+
+def clear_run(out: Path) -> None:
+    """--force: remove an earlier run's own files from OUT (never anything else; the data cache is kept)."""
+    for name in RUN_FILES:
+        target = Path(out) / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+class StopRequest:
+    """Ctrl-C as a request: the first one asks the stage to stop at its next step boundary (it saves a checkpoint,
+    then ends with status 130); a second one aborts at once. A context manager; a no-op outside the main thread."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.requested, self._previous = enabled, False, None
+
+    def __enter__(self) -> "StopRequest":
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
 
 def cache_root() -> Path:

@@ -31,7 +31,8 @@ from ..runtime import set_threads
 from ..tasks import get_task
 from ..tasks.base import combine
 from ..template import STOP
-from .common import MetricsLog, load_checkpoint, save_step
+from ..options import check_out_dir, own_run
+from .common import MetricsLog, clear_run, load_checkpoint, save_step, write_run_json
 
 ALGOS = {  # the settings each named recipe fixes (reference r1-grpo §2)
     "grpo": dict(scale_rewards=True, loss_norm="sequence", eps_high=0.2, beta=0.04, dynamic_sampling=False),
@@ -73,6 +74,7 @@ class GRPOConfig:
     seed: int = field(default=0, metadata={"help": "seed for problems and sampling"})
     max_seconds: float = field(default=0.0, metadata={"help": "stop after this wall time (0: run all --steps)"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0: all)"})
+    force: bool = field(default=False, metadata={"help": "replace an earlier grpo run in --out instead of refusing"})
 
 
 def resolve_algo(cfg: GRPOConfig) -> dict:
@@ -99,12 +101,13 @@ def run(cfg: GRPOConfig) -> Path:
     settings = resolve_algo(cfg)
     set_threads(cfg.threads)
     out = Path(cfg.out)
-    if ckpt.step_dirs(out):
-        raise ValueError(f"{out} already holds checkpoints; choose another --out")
+    check_out_dir(out, "--out", own=own_run(out, "grpo"), force=cfg.force)
     task = get_task(cfg.task, **cfg.task_args)
     model, tokenizer = load_checkpoint(cfg.init)
+    if cfg.force:  # only now that the inputs are known good
+        clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({**dataclasses.asdict(cfg), "effective": settings}, indent=2) + "\n")
+    write_run_json(out, "grpo", {**dataclasses.asdict(cfg), "effective": settings})
     torch.manual_seed(cfg.seed)
     model.mtp.requires_grad_(False)  # RL trains the next-token policy; the MTP drafter stays as pretrained
     reference = copy.deepcopy(model).eval().requires_grad_(False) if settings["beta"] > 0 else None

@@ -17,14 +17,16 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
-from ..config import get_preset
+from ..config import PRESETS, get_preset
+from ..errors import Interrupted, StageError
+from ..options import ComputeOptions, check, check_out_dir, option, own_run
 from .. import dist as ddp
 from ..data import PackedLoader, fixed_batches
 from ..fp8 import RECIPES, convert_to_fp8
@@ -34,64 +36,92 @@ from ..optim import (batch_size_at, build_optimizer, expert_loads, lr_at, max_vi
                      update_routing_bias)
 from ..runtime import autocast, matmul_peak, pick_device, set_threads
 from ..stats import train_flops_per_token
-from .common import MetricsLog, prepare_data
+from ..tokenizer import MIN_VOCAB
+from .common import MetricsLog, StopRequest, clear_run, prepare_data, write_run_json
 
 
-@dataclass
-class PretrainConfig:
-    out: str = field(metadata={"help": "run directory (checkpoints, metrics.jsonl, data cache)"})
-    preset: str = field(default="small", metadata={"help": "model preset"})
-    data: list[str] = field(default_factory=list, metadata={"help": "text/JSONL/Parquet files or globs (default: the embedded corpus)"})
-    tokenizer: str = field(default="", metadata={"help": "use this tokenizer.json instead of training one"})
-    vocab_size: int = field(default=0, metadata={"help": "tokenizer vocabulary to train (0: the preset's)"})
-    seq_len: int = field(default=0, metadata={"help": "training sequence length (0: the preset's max_seq_len)"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per optimizer step"})
-    micro_batch: int = field(default=0, metadata={"help": "sequences per forward pass (gradient accumulation); 0: batch_size"})
-    batch_start: int = field(default=0, metadata={"help": "batch-size ramp: sequences per step at the start (0: no ramp)"})
-    batch_ramp: float = field(default=0.0, metadata={"help": "batch-size ramp: fraction of the run to reach --batch-size"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr (V3: 0.1)"})
-    warmup: float = field(default=0.02, metadata={"help": "fraction of steps in linear warm-up"})
-    decay_start: float = field(default=0.676, metadata={"help": "fraction where cosine decay starts (V3: 10T/14.8T)"})
-    decay_end: float = field(default=0.966, metadata={"help": "fraction where the constant tail starts (V3: 14.3T/14.8T)"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    mtp_lambda: float = field(default=0.3, metadata={"help": "MTP loss weight λ (V3: 0.3)"})
-    mtp_lambda_final: float = field(default=0.1, metadata={"help": "λ after --mtp-switch (V3: 0.1)"})
-    mtp_switch: float = field(default=0.676, metadata={"help": "fraction of the run where λ changes"})
-    balance: str = field(default="aux-free", metadata={"help": "aux-free (V3: bias update + sequence-wise loss), aux-loss (batch-level auxiliary loss only) or none"})
-    bias_update_speed: float = field(default=0.001, metadata={"help": "γ of the bias update (V3: 0.001)"})
-    bias_update_stop: float = field(default=0.966, metadata={"help": "fraction of the run after which γ = 0"})
-    seq_balance_alpha: float = field(default=1e-4, metadata={"help": "α of V3's sequence-wise balance loss (aux-free mode)"})
-    aux_loss_alpha: float = field(default=0.01, metadata={"help": "α of the batch-level auxiliary loss (aux-loss mode)"})
-    eval_every: int = field(default=50, metadata={"help": "held-out loss every N steps (0: only at the end)"})
-    eval_batches: int = field(default=8, metadata={"help": "held-out batches per evaluation"})
-    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
-    keep: int = field(default=2, metadata={"help": "checkpoints to keep"})
-    seed: int = field(default=0, metadata={"help": "seed for initialisation and data order"})
-    data_seed: int = field(default=0, metadata={"help": "seed of the embedded corpus"})
-    n_problems: int = field(default=6000, metadata={"help": "reasoning documents in the embedded corpus"})
-    easy_problems: int = field(default=0, metadata={"help": "extra one-digit chain_sum problems in the embedded corpus"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    ep: int = field(default=1, metadata={"help": "expert parallelism over this many ranks (1 or the torchrun world size)"})
-    fp8: bool = field(default=False, metadata={"help": "train the projections and experts in FP8 (V3's fine-grained recipe)"})
-    fp8_recipe: str = field(default="blockwise", metadata={"help": "blockwise (1×128 / 128×128 scales) or tensorwise"})
-    optim_moments: str = field(default="fp32", metadata={"help": "AdamW moments in fp32 or bf16 (V3)"})
-    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many non-finite steps in a row"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
-    threads: int = field(default=0, metadata={"help": "CPU threads (0: all)"})
-    model_overrides: dict = field(default_factory=dict, metadata={"help": "ModelConfig fields to override (JSON)"})
+@dataclass(kw_only=True)
+class PretrainConfig(ComputeOptions):
+    """DeepSeek-V3's pretraining recipe: AdamW, warm-up/constant/cosine/tail schedule, MTP, auxiliary-loss-free
+    balancing; atomic checkpoints; --resume continues a stopped run exactly (Ctrl-C saves a checkpoint first); runs
+    under torchrun for data and expert parallelism. Writes OUT/metrics.jsonl and OUT/checkpoints/step_N/."""
+
+    out: str = option(help="run directory (checkpoints, metrics.jsonl, data cache)")
+    preset: str = option("small", help="model preset", choices=tuple(PRESETS))
+    data: list[str] = option(default_factory=list, help="text/JSONL/Parquet files or globs (default: the embedded "
+                             "corpus)")
+    tokenizer: str = option("", help="use this tokenizer.json instead of training one")
+    vocab_size: int = option(0, help="tokenizer vocabulary to train (0: the preset's)", min=0)
+    seq_len: int = option(0, help="training sequence length (0: the preset's max_seq_len)", min=0)
+    steps: int = option(300, help="optimizer steps", min=1)
+    batch_size: int = option(16, help="sequences per optimizer step", min=1)
+    micro_batch: int = option(0, help="sequences per forward pass (gradient accumulation); 0: batch_size", min=0)
+    batch_start: int = option(0, help="batch-size ramp: sequences per step at the start (0: no ramp)", min=0)
+    batch_ramp: float = option(0.0, help="batch-size ramp: fraction of the run to reach --batch-size", min=0, max=1)
+    lr: float = option(3e-3, help="peak learning rate", above=0)
+    min_lr_ratio: float = option(0.1, help="final lr / peak lr (V3: 0.1)", min=0, max=1)
+    warmup: float = option(0.02, help="fraction of steps in linear warm-up", min=0, max=1)
+    decay_start: float = option(0.676, help="fraction where cosine decay starts (V3: 10T/14.8T)", min=0, max=1)
+    decay_end: float = option(0.966, help="fraction where the constant tail starts (V3: 14.3T/14.8T)", min=0, max=1)
+    weight_decay: float = option(0.1, help="AdamW weight decay", min=0)
+    beta1: float = option(0.9, help="AdamW beta1", min=0, below=1)
+    beta2: float = option(0.95, help="AdamW beta2", min=0, below=1)
+    grad_clip: float = option(1.0, help="gradient-norm clip", above=0)
+    mtp_lambda: float = option(0.3, help="MTP loss weight λ (V3: 0.3)", min=0)
+    mtp_lambda_final: float = option(0.1, help="λ after --mtp-switch (V3: 0.1)", min=0)
+    mtp_switch: float = option(0.676, help="fraction of the run where λ changes", min=0, max=1)
+    balance: str = option("aux-free", help="aux-free (V3: bias update + sequence-wise loss), aux-loss (batch-level "
+                          "auxiliary loss only) or none", choices=("aux-free", "aux-loss", "none"))
+    bias_update_speed: float = option(0.001, help="γ of the bias update (V3: 0.001)", min=0)
+    bias_update_stop: float = option(0.966, help="fraction of the run after which γ = 0", min=0, max=1)
+    seq_balance_alpha: float = option(1e-4, help="α of V3's sequence-wise balance loss (aux-free mode)", min=0)
+    aux_loss_alpha: float = option(0.01, help="α of the batch-level auxiliary loss (aux-loss mode)", min=0)
+    eval_every: int = option(50, help="held-out loss every N steps (0: only at the end)", min=0)
+    eval_batches: int = option(8, help="held-out batches per evaluation", min=0)
+    save_every: int = option(100, help="checkpoint every N steps (and at the end)", min=1)
+    keep: int = option(2, help="checkpoints to keep (0: all)", min=0)
+    seed: int = option(0, help="seed for initialisation and data order", min=0)
+    data_seed: int = option(0, help="seed of the embedded corpus", min=0)
+    n_problems: int = option(6000, help="reasoning documents in the embedded corpus", min=0)
+    easy_problems: int = option(0, help="extra one-digit chain_sum problems in the embedded corpus", min=0)
+    resume: bool = option(False, help="continue the run in --out from its latest checkpoint (a larger --steps "
+                          "extends it)")
+    force: bool = option(False, help="replace an earlier run in --out instead of refusing")
+    compile: bool = option(False, help="torch.compile the model")
+    ep: int = option(1, help="expert parallelism over this many ranks (1 or the torchrun world size)", min=1)
+    fp8: bool = option(False, help="train the projections and experts in FP8 (V3's fine-grained recipe)")
+    fp8_recipe: str = option("blockwise", help="blockwise (1×128 / 128×128 scales) or tensorwise", choices=RECIPES)
+    optim_moments: str = option("fp32", help="AdamW moments in fp32 or bf16 (V3)", choices=("fp32", "bf16"))
+    max_bad_steps: int = option(5, help="stop after this many non-finite steps in a row", min=1)
+    model_overrides: dict = option(default_factory=dict, help="ModelConfig fields to override (JSON)")
+
+    def __post_init__(self):
+        check(self)
+        if self.micro_batch and self.batch_size % self.micro_batch:
+            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch {self.micro_batch}")
+        if self.resume and self.force:
+            raise ValueError("--resume continues the run in --out and --force replaces it: give one of them")
+
+    @classmethod
+    def resume_of(cls, out: str, **changes) -> "PretrainConfig":
+        """The configuration that continues the run in `out` (with `changes`, e.g. steps=600 to extend it)."""
+        return resumed_config({"out": str(out), **changes})
+
+    @classmethod
+    def from_cli(cls, given: dict) -> "PretrainConfig":
+        """The flags given on the command line; with --resume, the stored run's settings plus those flags."""
+        if not given.get("resume"):
+            return cls(**given)
+        return resumed_config(given)
 
 
-# Fields that may differ between a run and its resumption without changing the computation.
-RESUME_FREE = {"resume", "threads", "device", "compile", "eval_every", "eval_batches", "save_every", "keep", "ep"}
+# Fields that may differ between a run and its resumption without changing the computation. Those of INVOCATION
+# describe this process (where and how it runs) and are never inherited from the stored run.
+INVOCATION = {"resume", "force", "threads", "device", "compile", "ep"}
+RESUME_FREE = INVOCATION | {"eval_every", "eval_batches", "save_every", "keep"}
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(StageError):
     """Too many consecutive non-finite losses or gradients."""
 
 
@@ -100,12 +130,12 @@ def run(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
     device = pick_device(cfg.device)
     info = ddp.setup(device, cfg.ep)
-    cfg = _reconcile_resume(cfg, out, info)
-    _validate(cfg)
+    _check_run(cfg, out, info.main)
+    ddp.barrier(info)  # every rank checks OUT before rank 0 writes into it
     set_threads(cfg.threads)
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        write_run_json(out, "pretrain", dataclasses.asdict(cfg))
         tokenizer, train_tokens, heldout_tokens = prepare_data(cfg, out)
     ddp.barrier(info)
     if not info.main:  # the data is built once, by rank 0
@@ -136,27 +166,31 @@ def run(cfg: PretrainConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not info.main)
     last = None
-    while state["step"] < cfg.steps:
-        step = state["step"]
-        n_seq = batch_size_at(step, cfg.steps, cfg.batch_size, cfg.batch_start, cfg.batch_ramp)
-        batch = loader.next(n_seq)  # the global batch, identical on every rank; each trains on its slice
-        rows = n_seq // info.world
-        metrics = trainer.step(batch[info.rank * rows:(info.rank + 1) * rows].to(device), step)
-        state["bad_steps"] = 0 if metrics["finite"] else state["bad_steps"] + 1
-        if state["bad_steps"] >= cfg.max_bad_steps:
-            raise NonFiniteError(f"{cfg.max_bad_steps} non-finite steps in a row (last at step {step}); "
-                                 "stopping without writing a checkpoint")
-        state["step"], state["tokens"] = step + 1, state["tokens"] + n_seq * seq_len
-        record = {"step": step + 1, "tokens": state["tokens"], "batch_size": n_seq,
-                  **{k: v for k, v in metrics.items() if k != "finite"}}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            record.update(trainer.evaluate(heldout))
-        if log is not None:
-            log.write(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            last = _save(out, model, optimizer, loader, state, tok_file, cfg, info)
+    with StopRequest(enabled=not info.enabled) as stop:  # Ctrl-C stops at the next step boundary
+        while state["step"] < cfg.steps:
+            if stop.requested:  # Ctrl-C: the last finished step is saved, then the command ends with status 130
+                path = _save(out, model, optimizer, loader, state, tok_file, cfg, info)
+                raise Interrupted(f"interrupted after step {state['step']}; saved {path} (continue with --resume)")
+            step = state["step"]
+            n_seq = batch_size_at(step, cfg.steps, cfg.batch_size, cfg.batch_start, cfg.batch_ramp)
+            batch = loader.next(n_seq)  # the global batch, identical on every rank; each trains on its slice
+            rows = n_seq // info.world
+            metrics = trainer.step(batch[info.rank * rows:(info.rank + 1) * rows].to(device), step)
+            state["bad_steps"] = 0 if metrics["finite"] else state["bad_steps"] + 1
+            if state["bad_steps"] >= cfg.max_bad_steps:
+                raise NonFiniteError(f"{cfg.max_bad_steps} non-finite steps in a row (last at step {step}); "
+                                     "stopping without writing a checkpoint")
+            state["step"], state["tokens"] = step + 1, state["tokens"] + n_seq * seq_len
+            record = {"step": step + 1, "tokens": state["tokens"], "batch_size": n_seq,
+                      **{k: v for k, v in metrics.items() if k != "finite"}}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                record.update(trainer.evaluate(heldout))
+            if log is not None:
+                log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                last = _save(out, model, optimizer, loader, state, tok_file, cfg, info)
     bar.close()
     return last or ckpt.resolve(out)
 
@@ -337,39 +371,54 @@ def _restore(out: Path, model, optimizer, loader, log: "MetricsLog | None", info
     return {k: saved[k] for k in ("step", "tokens", "bad_steps")}
 
 
-def _reconcile_resume(cfg: PretrainConfig, out: Path, info=None) -> PretrainConfig:
-    """On --resume the saved run configuration rules; a conflicting explicit setting is an error."""
-    saved_file = out / "run.json"
-    if not cfg.resume:
-        if ckpt.step_dirs(out):
-            raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out")
-        return cfg
-    if not saved_file.exists():
-        raise ValueError(f"--resume: {out} is not a pretraining run (no run.json)")
-    saved = json.loads(saved_file.read_text())
-    defaults = PretrainConfig(out=cfg.out)
-    for f in dataclasses.fields(PretrainConfig):
-        mine = getattr(cfg, f.name)
-        if f.name in RESUME_FREE or f.name == "out":
+def _read_run(out: Path) -> dict:
+    try:
+        saved = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"--resume: {out} is not a pretraining run (no readable run.json)") from None
+    if saved.get("command", "pretrain") != "pretrain":
+        raise ValueError(f"--resume: {out} holds a {saved['command']} run, not a pretraining run")
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    return {k: v for k, v in saved.items() if k in known}
+
+
+def resumed_config(given: dict) -> PretrainConfig:
+    """--resume: the stored run's settings, then the flags given. A given flag that changes the computation is
+    refused, except a larger --steps, which extends the run (the schedule is recomputed for the new length)."""
+    out = Path(given["out"])
+    saved = _read_run(out)
+    for name, value in given.items():
+        if name in RESUME_FREE or name == "out" or value == saved.get(name, value):
             continue
-        if mine != getattr(defaults, f.name) and mine != saved.get(f.name):
-            raise ValueError(f"--resume: --{f.name.replace('_', '-')} {mine} differs from the run being resumed "
-                             f"({saved.get(f.name)})")
-    # free settings: an explicit new value wins, otherwise the run keeps its own
-    free = {k: getattr(cfg, k) for k in RESUME_FREE if getattr(cfg, k) != getattr(defaults, k)}
-    return PretrainConfig(**{**saved, **free, "resume": True, "out": cfg.out})
+        if name == "steps" and value > saved.get("steps", 0):
+            print(f"--resume: extending the run from {saved['steps']} to {value} steps", file=sys.stderr)
+            continue
+        raise ValueError(f"--resume: --{name.replace('_', '-')} {value} differs from the run being resumed "
+                         f"({saved.get(name)}); continue it with its own settings or start a new --out")
+    inherited = {k: v for k, v in saved.items() if k not in INVOCATION}
+    return PretrainConfig(**{**inherited, **given, "resume": True})
 
 
-def _validate(cfg: PretrainConfig) -> None:
-    if cfg.balance not in ("aux-free", "aux-loss", "none"):
-        raise ValueError(f"--balance must be aux-free, aux-loss or none, got {cfg.balance!r}")
-    if cfg.steps <= 0 or cfg.batch_size <= 0:
-        raise ValueError("--steps and --batch-size must be positive")
-    if cfg.micro_batch and cfg.batch_size % cfg.micro_batch:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
-    if cfg.save_every <= 0:
-        raise ValueError("--save-every must be positive")
-    if cfg.fp8_recipe not in RECIPES:
-        raise ValueError(f"--fp8-recipe must be one of {', '.join(RECIPES)}, got {cfg.fp8_recipe!r}")
-    if cfg.optim_moments not in ("fp32", "bf16"):
-        raise ValueError(f"--optim-moments must be fp32 or bf16, got {cfg.optim_moments!r}")
+def _check_run(cfg: PretrainConfig, out: Path, main: bool = True) -> None:
+    """Everything that can be wrong with the run's settings or its OUT, found before any work starts."""
+    mcfg = get_preset(cfg.preset, **cfg.model_overrides)  # ValueError naming a bad override
+    if not cfg.tokenizer and (cfg.vocab_size or mcfg.vocab_size) < MIN_VOCAB:
+        raise ValueError(f"--vocab-size {cfg.vocab_size or mcfg.vocab_size}: a byte-level BPE tokenizer needs at "
+                         f"least {MIN_VOCAB} entries (pass --vocab-size {MIN_VOCAB} or more)")
+    if cfg.tokenizer and not Path(cfg.tokenizer).exists():
+        raise ValueError(f"--tokenizer {cfg.tokenizer}: no such file")
+    if cfg.resume:
+        steps = ckpt.step_dirs(out)
+        if not steps:
+            raise ValueError(f"--resume: {out} has no checkpoint to resume from (pass --force to start it over)")
+        saved, done = _read_run(out), int(steps[-1].name.split("_")[1])
+        for name, value in dataclasses.asdict(cfg).items():
+            if name not in RESUME_FREE | {"out", "steps"} and name in saved and saved[name] != value:
+                raise ValueError(f"--resume: --{name.replace('_', '-')} {value} differs from the run being "
+                                 f"resumed ({saved[name]})")
+        if cfg.steps < done:
+            raise ValueError(f"--resume: --steps {cfg.steps} is fewer than the {done} steps already done")
+        return
+    check_out_dir(out, "--out", own=own_run(out, "pretrain"), force=cfg.force)
+    if cfg.force and main:
+        clear_run(out)

@@ -21,6 +21,7 @@ from ..engine import Engine, SamplingParams, sequence_seed
 from ..tasks import get_task
 from ..tasks.base import combine
 from ..template import STOP
+from ..options import check_out_file
 from .common import load_checkpoint
 
 
@@ -39,6 +40,7 @@ class SampleConfig:
     max_new_tokens: int = field(default=96, metadata={"help": "response length limit"})
     seed: int = field(default=0, metadata={"help": "problem and sampling seed"})
     batch: int = field(default=64, metadata={"help": "sequences per engine call"})
+    force: bool = field(default=False, metadata={"help": "replace --out if it exists"})
 
 
 def run(cfg: SampleConfig) -> dict:
@@ -47,6 +49,7 @@ def run(cfg: SampleConfig) -> dict:
         raise ValueError(f"--keep must be correct or all, got {cfg.keep!r}")
     if cfg.n <= 0 or cfg.k <= 0:
         raise ValueError("--n and --k must be positive")
+    check_out_file(cfg.out, "--out", force=cfg.force)
     task = get_task(cfg.task, **cfg.task_args)
     model, tokenizer = load_checkpoint(cfg.ckpt)
     engine = Engine(model, tokenizer)

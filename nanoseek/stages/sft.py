@@ -25,7 +25,8 @@ from .. import checkpoint as ckpt
 from ..losses import IGNORE_INDEX, linear_cross_entropy
 from ..optim import build_optimizer, lr_at
 from ..runtime import set_threads
-from .common import MetricsLog, load_checkpoint, save_step
+from ..options import check_out_dir, own_run
+from .common import MetricsLog, clear_run, load_checkpoint, save_step, write_run_json
 
 
 @dataclass
@@ -45,6 +46,7 @@ class SFTConfig:
     max_seconds: float = field(default=0.0, metadata={"help": "stop after this wall time (0: no limit)"})
     seed: int = field(default=0, metadata={"help": "shuffling seed"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0: all)"})
+    force: bool = field(default=False, metadata={"help": "replace an earlier sft run in --out instead of refusing"})
 
 
 def read_examples(patterns: list[str]) -> list[tuple[str, str]]:
@@ -110,8 +112,7 @@ def _kd_loss(student, teacher, b: dict, h: torch.Tensor, tau: float) -> torch.Te
 def run(cfg: SFTConfig) -> Path:
     set_threads(cfg.threads)
     out = Path(cfg.out)
-    if ckpt.step_dirs(out):
-        raise ValueError(f"{out} already holds checkpoints; choose another --out")
+    check_out_dir(out, "--out", own=own_run(out, "sft"), force=cfg.force)
     model, tokenizer = load_checkpoint(cfg.init)
     teacher = ckpt.load(cfg.teacher)[0].eval().requires_grad_(False) if cfg.teacher else None
     if teacher is not None and teacher.cfg.vocab_size != model.cfg.vocab_size:
@@ -119,8 +120,10 @@ def run(cfg: SFTConfig) -> Path:
     pairs = read_examples(cfg.data)
     encoded = [(tokenizer.encode(p), tokenizer.encode(c) + [tokenizer.eos_id]) for p, c in pairs]
     rows = pack(encoded, model.cfg.max_seq_len, tokenizer.pad_id)
+    if cfg.force:  # only now that the inputs are known good
+        clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    write_run_json(out, "sft", dataclasses.asdict(cfg))
     model.mtp.requires_grad_(False)  # packed samples would leak through the MTP's look-ahead; it is not trained
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)

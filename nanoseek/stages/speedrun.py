@@ -15,28 +15,39 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import checkpoint as ckpt
+from ..config import PRESETS
+from ..errors import Interrupted, StageError
+from ..options import check, check_out_dir, option, own_run
+from ..tasks import TASKS
+from .common import write_run_json
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SpeedrunConfig:
-    out: str = field(metadata={"help": "run directory (report.md is written here)"})
-    budget: float = field(default=1.0, metadata={"help": "scale every stage's steps (2 = twice as long)"})
-    preset: str = field(default="small", metadata={"help": "teacher preset"})
-    student: str = field(default="small-dense", metadata={"help": "student preset for distillation"})
-    task: str = field(default="chain_sum", metadata={"help": "RL / distillation task family"})
-    task_args: dict = field(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1,
-                                                     "max_digits": 1}, metadata={"help": "task generator options"})
-    data: list[str] = field(default_factory=list, metadata={"help": "pretraining data (default: embedded corpus)"})
-    easy_problems: int = field(default=24000, metadata={"help": "one-digit chain_sum problems added to the corpus"})
-    vocab_size: int = field(default=0, metadata={"help": "tokenizer vocabulary (0: the teacher preset's)"})
-    model_overrides: dict = field(default_factory=dict, metadata={"help": "ModelConfig overrides for both models"})
-    gpu: bool = field(default=False, metadata={"help": "the GPU preset: larger batches and more steps"})
-    eval_n: int = field(default=100, metadata={"help": "held-out problems per evaluation"})
-    seed: int = field(default=0, metadata={"help": "seed of every stage"})
+    """pretrain → GRPO → rejection sampling → distillation → evaluation → report, each stage the real command in a
+    subprocess. Finished stages are skipped, so running it again into the same OUT resumes an interrupted run."""
+
+    out: str = option(help="run directory (report.md is written here)")
+    budget: float = option(1.0, help="scale every stage's steps (2 = twice as long)", above=0)
+    preset: str = option("small", help="teacher preset", choices=tuple(PRESETS))
+    student: str = option("small-dense", help="student preset for distillation", choices=tuple(PRESETS))
+    task: str = option("chain_sum", help="RL / distillation task family", choices=tuple(TASKS))
+    task_args: dict = option(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1,
+                                                      "max_digits": 1}, help="task generator options")
+    data: list[str] = option(default_factory=list, help="pretraining data (default: embedded corpus)")
+    easy_problems: int = option(24000, help="one-digit chain_sum problems added to the corpus", min=0)
+    vocab_size: int = option(0, help="tokenizer vocabulary (0: the teacher preset's)", min=0)
+    model_overrides: dict = option(default_factory=dict, help="ModelConfig overrides for both models")
+    gpu: bool = option(False, help="the GPU preset: larger batches and more steps")
+    eval_n: int = option(100, help="held-out problems per evaluation", min=1)
+    seed: int = option(0, help="seed of every stage", min=0)
+
+    def __post_init__(self):
+        check(self)
 
 
 def plan(cfg: SpeedrunConfig) -> dict[str, int]:
@@ -57,17 +68,32 @@ def _run(label: str, args: list[str], log: Path) -> float:
     with open(log, "a") as f:
         f.write(f"\n$ nanoseek {' '.join(args)}\n")
         f.flush()
+        start = f.tell()
         done = subprocess.run([sys.executable, "-m", "nanoseek", *args], stdout=f, stderr=f)
     seconds = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise RuntimeError(f"speedrun stage {label!r} failed (exit {done.returncode}); see {log}")
+    _check_stage(label, done.returncode, log, start)
     print(f"[speedrun] {label}: done in {seconds:.0f}s", file=sys.stderr, flush=True)
     return seconds
 
 
+def _check_stage(label: str, code: int, log: Path, start: int) -> None:
+    """A failed stage ends the speedrun with the stage's own one-line reason (the full output stays in the log)."""
+    if code == 0:
+        return
+    if code == 130:
+        raise Interrupted(f"interrupted during {label}; run the same command again to resume")
+    with open(log, errors="replace") as f:
+        f.seek(start)
+        lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if line.startswith("nanoseek ")), lines[-1] if lines else "")
+    raise StageError(f"stage {label} failed (exit {code}): {reason} (full output: {log})")
+
+
 def run(cfg: SpeedrunConfig) -> Path:
     out = Path(cfg.out)
+    check_out_dir(out, "--out", own=own_run(out, "speedrun"), resumable=True)
     out.mkdir(parents=True, exist_ok=True)
+    write_run_json(out, "speedrun", dataclasses.asdict(cfg))
     log, timings_file = out / "speedrun.log", out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     steps, task = plan(cfg), ["--task", cfg.task, "--task-args", json.dumps(cfg.task_args)]
@@ -138,8 +164,8 @@ def _evaluate(run_dir: Path, result: Path, cfg: SpeedrunConfig, log: Path) -> No
     print(f"[speedrun] eval {run_dir.name} …", file=sys.stderr, flush=True)
     with open(log, "a") as f:
         f.write(f"\n$ nanoseek {' '.join(args)}\n")
-        done = subprocess.run([sys.executable, "-m", "nanoseek", *args], capture_output=True, text=True)
-        f.write(done.stderr)
-    if done.returncode != 0:
-        raise RuntimeError(f"evaluating {run_dir} failed; see {log}")
+        f.flush()
+        start = f.tell()
+        done = subprocess.run([sys.executable, "-m", "nanoseek", *args], stdout=subprocess.PIPE, stderr=f, text=True)
+    _check_stage(f"eval {run_dir.name}", done.returncode, log, start)
     result.write_text(done.stdout)

@@ -25,6 +25,7 @@ class ReasoningGymTask(Task):
     def __init__(self, name: str, **options):
         super().__init__(**{**DEFAULTS.get(name, {}), **options})
         self.name = name
+        self.generate(0, 1)  # a bad generator option fails here, before a stage starts any work
 
     def generate(self, seed: int, n: int) -> list[Problem]:
         import reasoning_gym  # ~1 s to import; only needed when problems are generated

@@ -1,0 +1,58 @@
+"""nanoseek eval: held-out pass@1 (mean over k samples), cons@k (majority vote) and response length on a task.
+
+R1's protocol: k samples per problem at temperature 0.6 and top-p 0.95, accuracy averaged over the samples;
+--temperature 0 gives greedy decoding. Only held-out problems are scored (chosen by content, see tasks/base.py);
+--json prints the numbers and the problems scored.
+
+    nanoseek eval --ckpt runs/rl --task chain_sum --n 200 --k 4 --json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+from ..engine import Engine
+from ..evaluation import evaluate
+from ..options import ComputeOptions, check, option
+from ..runtime import resolve, set_threads
+from ..tasks import TASKS, get_task
+from .common import load_checkpoint
+
+
+@dataclass(kw_only=True)
+class EvalConfig(ComputeOptions):
+    """Sample k responses per held-out problem and score them with the task's rule-based verifier."""
+
+    ckpt: str = option(help="checkpoint or run directory")
+    task: str = option(help="task family", choices=tuple(TASKS))
+    task_args: dict = option(default_factory=dict, help='generator options as JSON, e.g. {"max_terms": 2}')
+    n: int = option(100, help="held-out problems", min=1)
+    k: int = option(1, help="samples per problem", min=1)
+    temperature: float = option(0.6, help="sampling temperature (R1: 0.6); 0 = greedy", min=0)
+    top_p: float = option(0.95, help="nucleus sampling mass (R1: 0.95)", above=0, max=1)
+    max_new_tokens: int = option(128, help="response length limit", min=1)
+    seed: int = option(0, help="problem and sampling seed", min=0)
+    json: bool = option(False, help="print one JSON object: the numbers and every problem scored")
+
+    def __post_init__(self):
+        check(self)
+
+
+def run(cfg: EvalConfig) -> dict:
+    task = get_task(cfg.task, **cfg.task_args)
+    rt = resolve(cfg.device, cfg.precision)
+    set_threads(cfg.threads)
+    model, tokenizer = load_checkpoint(cfg.ckpt)
+    model = model.to(device=rt.device, dtype=rt.dtype)
+    problems = task.problems(cfg.seed, cfg.n, split="heldout")
+    r = evaluate(Engine(model, tokenizer), task, problems, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    if cfg.json:
+        print(json.dumps({"task": cfg.task, "task_args": cfg.task_args, "precision": rt.precision, **r}))
+    else:
+        print(f"{cfg.task}: pass@1 {r['accuracy']:.1%} (mean of {r['k']} samples over {r['n']} held-out problems), "
+              f"cons@{r['k']} {r['cons_at_k']:.1%}, well-formed {r['format']:.1%}, "
+              f"{r['mean_response_tokens']:.1f} tokens per response", file=sys.stdout)
+    return r
