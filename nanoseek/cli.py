@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(result, Path):
             print(f"final checkpoint: {result}", file=sys.stderr)
         return 0
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # an Interrupted from a stage says what it saved
+        print(f"\n{prog}: {e or 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `nanoseek … | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

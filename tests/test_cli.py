@@ -82,3 +82,33 @@ def test_console_entry_points_and_help():
         assert r.returncode == 0 and "usage: nanoseek" in r.stdout
     r = subprocess.run([sys.executable, "-m", "nanoseek", "stats", "nope"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "presets:" in r.stderr
+
+
+def test_export_of_a_run_directory_keeps_the_tokenizer(tmp_path, capsys):
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["a b c d e f g h"] * 20, 300)
+    tok.save(tmp_path / "tokenizer.json")
+    step = tmp_path / "run" / "checkpoints" / "step_000001"
+    save_model(Transformer(get_preset("tiny", vocab_size=tok.vocab_size)), step, tokenizer_file=tmp_path / "tokenizer.json")
+    assert run(capsys, "export", "--ckpt", str(tmp_path / "run"), str(tmp_path / "hf"))[0] == 0
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == (tmp_path / "tokenizer.json").read_text()
+    assert run(capsys, "export", "--ckpt", str(tmp_path / "run"), str(tmp_path / "hf"))[0] == 2  # exists: refused
+    assert run(capsys, "export", "--ckpt", str(tmp_path / "run"), str(tmp_path / "hf"), "--force")[0] == 0
+
+
+def test_help_never_imports_torch_and_every_command_has_help():
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "nanoseek", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "torch" not in r.stderr
+    from nanoseek.cli import COMMANDS
+
+    for name in COMMANDS:
+        code = main([name, "--help"])
+        assert code == 0, name
+
+
+def test_a_closed_pipe_ends_quietly():
+    r = subprocess.run(f"{sys.executable} -m nanoseek stats --compare | head -c 10", shell=True, capture_output=True,
+                       text=True, timeout=120)
+    assert "Traceback" not in r.stderr and len(r.stdout) == 10

@@ -196,3 +196,45 @@ def test_balance_loss_is_one_when_balanced_and_grows_with_imbalance():
     two_seqs = torch.cat([balanced_idx, skewed_idx])
     per_seq = balance_loss(torch.cat([uniform, skewed]), two_seqs, n_seq=2, per_sequence=True)
     assert per_seq.item() == pytest.approx((1.0 + balance_loss(skewed, skewed_idx, 1).item()) / 2)
+
+
+def test_ctrl_c_saves_then_resume_gives_the_uninterrupted_run(corpus, tmp_path):
+    """SIGINT: the stage finishes its step, saves it, prints one line and exits 130; --resume continues exactly."""
+    assert main(tiny_args(corpus, tmp_path / "a", steps=16)) == 0
+    reference = losses(tmp_path / "a")
+    cmd = [sys.executable, "-m", "nanoseek", *tiny_args(corpus, tmp_path / "b", steps=16, extra=["--save-every", "100"])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 300  # a safety net for a hung child, not a speed bound
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=300)[1]
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert "interrupted after step" in last and "--resume" in last
+    done = int(ckpt.step_dirs(tmp_path / "b")[-1].name[5:])
+    assert 3 <= done < 16  # saved at the step it stopped on, not at a --save-every boundary
+    assert main(["pretrain", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert losses(tmp_path / "b") == reference
+
+
+def test_resume_with_more_steps_extends_even_when_equal_to_the_default(corpus, tmp_path, capsys):
+    assert main(tiny_args(corpus, tmp_path / "a", steps=4)) == 0
+    # 300 is the flag's default: an explicit --steps 300 must still extend the 4-step run, not be ignored
+    cfg = PretrainConfig.from_cli({"out": str(tmp_path / "a"), "resume": True, "steps": 300})
+    assert cfg.steps == 300 and cfg.preset == "tiny" and "extending the run from 4 to 300" in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(tmp_path / "a"), "--resume", "--steps", "2"]) == 2  # fewer than done
+    assert main(["pretrain", "--out", str(tmp_path / "a"), "--resume", "--steps", "6"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_force_replaces_an_earlier_run_and_never_a_foreign_directory(corpus, tmp_path):
+    assert main(tiny_args(corpus, tmp_path / "a", steps=4)) == 0
+    assert main(tiny_args(corpus, tmp_path / "a", steps=2)) == 2  # an earlier run, no --resume/--force
+    assert main(tiny_args(corpus, tmp_path / "a", steps=2, extra=["--force"])) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")] == [1, 2]  # not appended
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(tiny_args(corpus, tmp_path / "mine", steps=2, extra=["--force"])) == 2
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]

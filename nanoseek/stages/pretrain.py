@@ -170,6 +170,7 @@ def run(cfg: PretrainConfig) -> Path:
         while state["step"] < cfg.steps:
             if stop.requested:  # Ctrl-C: the last finished step is saved, then the command ends with status 130
                 path = _save(out, model, optimizer, loader, state, tok_file, cfg, info)
+                bar.close()
                 raise Interrupted(f"interrupted after step {state['step']}; saved {path} (continue with --resume)")
             step = state["step"]
             n_seq = batch_size_at(step, cfg.steps, cfg.batch_size, cfg.batch_start, cfg.batch_ramp)
