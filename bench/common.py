@@ -2,14 +2,19 @@
 
 Both models get the same configuration (a preset with MTP off, since transformers has no MTP training path),
 the same weights (ours exported with save_hf and loaded by from_pretrained) and the same batches. Steps
-alternate between the two so that machine noise hits both alike; the median step is reported. Achieved
-model FLOP/s (stats.train_flops_per_token × tokens/s) is divided by this machine's matmul peak, measured in
-the same run with the same thread count.
-"""
+alternate between the contenders so that machine noise hits all alike; the median step is reported. Achieved
+model FLOP/s (stats.train_flops_per_token × tokens/s) is divided by this machine's matmul peak in the compute
+precision (bf16 or fp32), measured in the same run with the same thread count.
+
+`--precision` (default auto: runtime.resolve's measured choice) sets both sides. In bf16 both keep fp32
+weights and train in mixed precision: ours through runtime.prepare_for_training (bf16 compute copies of the
+weights, bf16 activations), transformers through torch.autocast(bfloat16) — its documented CPU mixed-precision
+path — with its defaults sdpa attention and grouped_mm experts. Ours in fp32 runs alongside, for bf16_speedup.
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import platform
 import statistics
@@ -22,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoseek import Transformer, get_preset  # noqa: E402
 from nanoseek.hf import save_hf  # noqa: E402
-from nanoseek.runtime import matmul_peak  # noqa: E402
+from nanoseek.runtime import matmul_peak, resolve  # noqa: E402
 from nanoseek.stats import model_stats  # noqa: E402
 
 
@@ -33,6 +38,7 @@ def parse_args(doc: str) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10, help="measured steps per model (after 2 warm-up steps)")
+    ap.add_argument("--precision", default="auto", help="auto (measured), fp32 or bf16, for both libraries")
     ap.add_argument("--out", default=None, help="write a markdown record here (e.g. docs/results/NAME.md)")
     return ap.parse_args()
 
@@ -78,26 +84,44 @@ def race(steps: int, data: list[torch.Tensor], step_fns: dict) -> dict[str, list
     return times
 
 
-def report(title: str, args, cfg, impl: str, rel: float, times: dict, headline_keys: tuple) -> None:
-    """Print the table and the key=value headline; write the markdown record if --out."""
-    peak = matmul_peak("cpu", seconds=3.0)
+def runtime(args):
+    """The precision of this run (after torch.set_num_threads, so the probe measures at the bench's threads)."""
+    return resolve("cpu", args.precision)
+
+
+def hf_context(rt):
+    """transformers' mixed precision on CPU: autocast to bf16 around the forward (fp32 otherwise)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if rt.precision == "bf16" else contextlib.nullcontext()
+
+
+def report(title: str, args, cfg, impl: str, rel: float, times: dict, rt) -> None:
+    """Print the table and the key=value headline; write the markdown record if --out.
+
+    times: seconds per step of "ours", "hf" (both in rt's precision) and, in bf16, "ours_fp32"."""
+    peak = matmul_peak("cpu", seconds=3.0, dtype=rt.dtype)
     n_tok = args.batch * args.seq_len
     flops = model_stats(cfg, args.seq_len)["train_flops_per_token"]
     tps = {k: n_tok / statistics.median(v) for k, v in times.items()}
+    fp32_tps = tps.get("ours_fp32", tps["ours"])
+    probe = f"probe {rt.probe['fp32_gflops']} vs {rt.probe['bf16_gflops']} GFLOP/s, " if rt.probe else ""
     lines = [
         f"config: preset {args.preset} (MTP off), {model_stats(cfg)['active_params'] / 1e6:.2f}M active params, "
-        f"batch {args.batch}×{args.seq_len}, fp32, {args.threads} threads; transformers {impl}",
-        f"logit check before timing: max rel diff {rel:.1e}",
-        f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; model FLOPs/token {flops / 1e6:.2f} M",
+        f"batch {args.batch}×{args.seq_len}, {args.threads} threads; transformers {impl}",
+        f"precision: {rt.precision} (--precision {args.precision}; {probe}fp32 → bf16 speedup "
+        f"{rt.probe.get('speedup', 'n/a')}); transformers {'autocast bf16' if rt.precision == 'bf16' else 'fp32'}",
+        f"logit check before timing (fp32): max rel diff {rel:.1e}",
+        f"{rt.precision} matmul peak: {peak / 1e9:.1f} GFLOP/s; model FLOPs/token {flops / 1e6:.2f} M",
         "", "| model | median step (ms) | tokens/s | model GFLOP/s | peak fraction |", "|---|---|---|---|---|",
     ]
-    for name, label in (("ours", "nanoseek"), ("hf", "transformers")):
-        med = statistics.median(times[name])
-        lines.append(f"| {label} | {med * 1e3:.1f} | {tps[name]:.0f} | {tps[name] * flops / 1e9:.1f} | "
-                     f"{tps[name] * flops / peak:.3f} |")
-    values = {"tokens_per_s": f"{tps['ours']:.0f}", "transformers_tokens_per_s": f"{tps['hf']:.0f}",
-              "ratio": f"{tps['ours'] / tps['hf']:.2f}", "peak_fraction": f"{tps['ours'] * flops / peak:.3f}"}
-    headline = " ".join(f"{k}={values[k]}" for k in headline_keys)
+    labels = {"ours": f"nanoseek {rt.precision}", "hf": f"transformers {rt.precision}", "ours_fp32": "nanoseek fp32"}
+    for name, label in labels.items():
+        if name in times:
+            med = statistics.median(times[name])
+            lines.append(f"| {label} | {med * 1e3:.1f} | {tps[name]:.0f} | {tps[name] * flops / 1e9:.1f} | "
+                         f"{tps[name] * flops / peak:.3f} |")
+    headline = (f"tokens_per_s={tps['ours']:.0f} transformers_tokens_per_s={tps['hf']:.0f} "
+                f"ratio={tps['ours'] / tps['hf']:.2f} fp32_tokens_per_s={fp32_tps:.0f} "
+                f"bf16_speedup={tps['ours'] / fp32_tps:.2f} peak_fraction={tps['ours'] * flops / peak:.3f}")
     machine = [f"Machine: {platform.machine()}, torch {torch.__version__}, {_cpu_name()}", ""]
     publish(title, lines, headline, args.out, preamble=machine)
 

@@ -3,9 +3,11 @@
 Greedy decoding of --new-tokens tokens after prompts of --prompt-len tokens taken from the checkpoint's held-out
 text, at batch 1 and batch 32, end to end (prefill included) and without early stopping on either side. Also:
 cache bytes per token (ours: the latent cache; transformers: its DynamicCache after generation), and MTP
-speculative decoding (greedy, batch 1) against plain decoding: draft acceptance and speedup.
+speculative decoding (greedy, batch 1) against plain decoding: draft acceptance and speedup. --precision
+(default auto: bf16 where measured faster) sets both: ours via runtime.prepare_inference (bf16 weights, fp32
+router, bf16 latent cache), transformers loaded with from_pretrained(dtype=...), its best inference setting.
 
-    python bench/decode.py --ckpt runs/evidence/aux-free [--out docs/results/decode.md]
+    python bench/decode.py --ckpt runs/evidence/aux-free [--precision auto] [--out docs/results/decode.md]
 
 Last line: ratio_b1=… ratio_b32=… cache_bytes_per_token=… acceptance=… spec_speedup=…
 """
@@ -28,6 +30,7 @@ from nanoseek import load  # noqa: E402
 from nanoseek.checkpoint import resolve  # noqa: E402
 from nanoseek.engine import Engine, KVCache, SamplingParams  # noqa: E402
 from nanoseek.hf import save_hf  # noqa: E402
+from nanoseek.runtime import prepare_inference, resolve  # noqa: E402
 
 
 def prompts_from(ckpt: Path, n: int, length: int) -> list[list[int]]:
@@ -68,17 +71,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--precision", default="auto", help="auto (measured), fp32 or bf16, for both libraries")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    rt = resolve("cpu", args.precision)
     from transformers import AutoModelForCausalLM
 
     ckpt = resolve(args.ckpt)
     model, _ = load(ckpt)
-    engine = Engine(model)  # token ids in and out: no eos stop, like transformers with eos_token_id=None
     with tempfile.TemporaryDirectory() as d:
         save_hf(model, d)
-        theirs = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        theirs = AutoModelForCausalLM.from_pretrained(d, dtype=rt.dtype).eval()
+    model = prepare_inference(model, rt)
+    engine = Engine(model)  # token ids in and out: no eos stop, like transformers with eos_token_id=None
     rows, ratios = [], {}
     for batch in (1, 32):
         prompts = prompts_from(ckpt, batch, args.prompt_len)
@@ -105,11 +111,12 @@ def main() -> None:
     acceptance, speedup = accepted / max(drafted, 1), t_plain / t_spec
     lines = [
         f"checkpoint: {ckpt}; prompts of {args.prompt_len} tokens from held-out text; {args.new_tokens} new "
-        f"tokens, greedy, fp32, {args.threads} threads; transformers {type(theirs).__name__}.generate",
+        f"tokens, greedy, {rt.precision} (--precision {args.precision}), {args.threads} threads; transformers "
+        f"{type(theirs).__name__}.generate in {rt.precision}",
         "", "| batch | nanoseek tokens/s | transformers tokens/s | ratio | same tokens |", "|---|---|---|---|---|",
         *rows, "",
-        f"Cache bytes per token (fp32): nanoseek {ours_per_token:,} (= n_layers × (kv_lora_rank + "
-        f"qk_rope_head_dim) × 4); transformers' DynamicCache {hf_per_token:,.0f}.",
+        f"Cache bytes per token ({rt.precision}): nanoseek {ours_per_token:,} (= n_layers × (kv_lora_rank + "
+        f"qk_rope_head_dim) × {model.embed.weight.element_size()}); transformers' DynamicCache {hf_per_token:,.0f}.",
         f"MTP speculative decoding (batch 1, greedy, {len(spec_prompts)} prompts): acceptance {acceptance:.1%}, "
         f"speedup {speedup:.2f}× over plain decoding (outputs identical by construction, tested).",
     ]

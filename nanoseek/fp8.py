@@ -180,14 +180,18 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: str = "blockwise",
 
 
 class FP8Linear(nn.Linear):
-    """An nn.Linear (same parameters, same state-dict keys) whose matmul runs in FP8."""
+    """An nn.Linear (same parameters, same state-dict keys) whose matmul runs in FP8.
+
+    Under bf16 mixed precision its weight stays fp32 (`keep_fp32_weights`: quantised from the fp32 master, not
+    from a bf16 copy) while its input and output are bf16, like every operation around it (V3 report §3.3)."""
 
     recipe: str = "blockwise"
     ue8m0: bool = False
+    keep_fp32_weights = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = fp8_linear(x, self.weight, self.recipe, self.ue8m0)
-        return y + self.bias if self.bias is not None else y
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
 
 
 def _fp8_grouped(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, recipe: str, ue8m0: bool) -> torch.Tensor:
@@ -205,6 +209,7 @@ class FP8Experts(Experts):
 
     recipe: str = "blockwise"
     ue8m0: bool = False
+    keep_fp32_weights = True
 
     def matmul(self, x, w, ends):
         return _fp8_grouped(x, w, ends, self.recipe, self.ue8m0)

@@ -3,7 +3,8 @@
 `linear_cross_entropy` is the fast path for the output head: it never materialises the (N, vocab) logits.
 Rows are processed in cache-sized chunks, and because the loss is a scalar its gradients with respect to
 the hidden states and the head weight are computed in the same pass (the backward only rescales them).
-`cross_entropy_reference` is the plain version it is tested against.
+`cross_entropy_reference` is the plain version it is tested against. In bf16 the logits come out of a bf16
+GEMM and everything after it (log-sum-exp, softmax gradient, the head's gradient sum over chunks) is fp32.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g.mul_((valid / n_valid).unsqueeze(1))
                 g = g.to(h.dtype)
                 torch.mm(g, weight, out=grad_h[s:s + step])
-                grad_w.addmm_(g.T.float(), hc.float())
+                if hc.dtype == torch.float32:
+                    grad_w.addmm_(g.T, hc)
+                else:  # a bf16 GEMM (fp32 accumulation inside, one rounding) per chunk, summed in fp32
+                    grad_w += g.T @ hc
         if want_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / n_valid

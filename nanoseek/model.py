@@ -22,7 +22,11 @@ from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """y = w ⊙ x / sqrt(mean(x²) + eps), normalised in fp32 (as DeepSeek's first release and HF do)."""
+    """y = w ⊙ x / sqrt(mean(x²) + eps), with the statistics in fp32 whatever x's dtype.
+
+    torch's fused rms_norm accumulates bf16 inputs in fp32 and rounds once, after the weight (DeepSeek's and HF's
+    code normalise in fp32, round, then multiply by the weight: one rounding more, and three passes instead of one).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -30,8 +34,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 # ----------------------------------------------------------------------------- RoPE / YaRN
@@ -197,22 +200,53 @@ class MLA(nn.Module):
         return o[..., :V].transpose(1, 2)  # (B, T, H, V)
 
     def attend_absorb(self, q_nope, q_pe, kv, k_pe, q_pos: torch.Tensor | None = None,
-                      segments: torch.Tensor | None = None, block: int = 128) -> torch.Tensor:
+                      segments: torch.Tensor | None = None, block: int = 128, fused: bool = True) -> torch.Tensor:
         """Attention in the latent space (V2 report App. C): W_UK folded into q, W_UV applied after.
 
-        Every head shares one key [c_KV | k_pe] (C+R) and one value c_KV (C), so the H heads of a query are
-        rows of one matrix ("MQA mode", as FlashMLA calls it): rows (t, h) against keys s. Query positions go
-        in blocks, each against only the keys it can see, which skips the masked half of a causal square.
-        q_pos (B, T) gives each query's position among the S keys; by default the queries are the last T
-        positions (S > T when earlier keys come from a cache). Returns (B, T, H, V).
+        Every head shares one key [c_KV | k_pe] (C+R) and one value c_KV (C), so the H heads of a query attend
+        like multi-query attention ("MQA mode", as FlashMLA calls it). q_pos (B, T) gives each query's position
+        among the S keys; by default the queries are the last T positions (S > T when earlier keys come from a
+        cache). Over a whole sequence (no q_pos, T == S) and `fused`, torch's fused causal attention runs it
+        (`_latent_fused`); otherwise `_latent_blocks`, which is also the fused path's reference. Returns (B, T, H, V).
         """
         B, T, H, P = q_nope.shape
         S, C = kv.shape[1], self.kv_lora_rank
         wkv_b = self.wkv_b.weight.view(H, P + self.v_head_dim, C)  # (H, P+V, C)
         w_uk, w_uv = wkv_b[:, :P], wkv_b[:, P:]  # (H, P, C), (H, V, C)
         q_lat = torch.einsum("bthp,hpc->bthc", q_nope, w_uk)  # (B, T, H, C)
-        q = torch.cat([q_lat, q_pe], dim=-1).flatten(1, 2) * self.softmax_scale  # (B, T·H, C+R), rows (t, h)
+        q = torch.cat([q_lat, q_pe], dim=-1)  # (B, T, H, C+R)
         k = torch.cat([kv, k_pe[:, :, 0]], dim=-1)  # (B, S, C+R)
+        if fused and q_pos is None and T == S:
+            o_lat = self._latent_fused(q, k, kv, segments)
+        else:
+            o_lat = self._latent_blocks(q, k, kv, q_pos, segments, block)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
+
+    def _latent_fused(self, q, k, kv, segments: torch.Tensor | None) -> torch.Tensor:
+        """Causal latent attention through F.scaled_dot_product_attention: one key/value head shared by the H
+        query heads (enable_gqa), the value c_KV zero-padded to the key width C+R because the CPU flash kernel
+        needs equal widths (the padded columns are sliced off). Its online softmax keeps fp32 statistics and
+        never stores the (T, S) scores, and it skips key blocks above the diagonal. (B, T, H, C)."""
+        C, R = kv.shape[-1], k.shape[-1] - kv.shape[-1]
+        mask = None
+        if segments is not None:  # packed samples never see each other: causal and same segment, (B, 1, T, S)
+            T = segments.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=kv.device).tril()
+            mask = (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.unsqueeze(1), F.pad(kv, (0, R)).unsqueeze(1), attn_mask=mask,
+            is_causal=mask is None, scale=self.softmax_scale, enable_gqa=True,
+        )  # (B, H, T, C+R)
+        return o[..., :C].transpose(1, 2)
+
+    def _latent_blocks(self, q, k, kv, q_pos: torch.Tensor | None, segments: torch.Tensor | None,
+                       block: int) -> torch.Tensor:
+        """The same attention with explicit scores: the H heads of a query are rows (t, h) of one matrix, and
+        query positions go in blocks, each against only the keys it can see (the masked half of a causal square
+        is skipped). Serves cached decoding (any q_pos). (B, T, H, C)."""
+        B, T, H, _ = q.shape
+        S, C = kv.shape[1], kv.shape[-1]
+        q = q.flatten(1, 2) * self.softmax_scale  # (B, T·H, C+R), rows (t, h)
         if q_pos is None:
             q_pos = torch.arange(S - T, S, device=kv.device).expand(B, T)
         outs = []
@@ -227,8 +261,7 @@ class MLA(nn.Module):
                 future = future | (rows_seg[..., None] != segments[:, None, :visible])
             probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
             outs.append(probs @ kv[:, :visible])  # (B, rows, C)
-        o_lat = torch.cat(outs, dim=1).view(B, T, H, C)
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
+        return torch.cat(outs, dim=1).view(B, T, H, C)
 
 
 # ----------------------------------------------------------------------------- feed-forward
@@ -255,6 +288,8 @@ class Gate(nn.Module):
     scores. With expert groups, a group is scored by the sum of its top-2 biased scores (sigmoid/V3) or its
     max score (softmax/V2), and only the best n_limited_groups groups stay eligible.
     """
+
+    keep_fp32_weights = True  # routing runs in fp32 in every precision (runtime.prepare_for_training)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -487,6 +522,11 @@ class Transformer(nn.Module):
             return out
         return out, [project(hk, k) for k, hk in enumerate(self.mtp_hidden(h, tokens, router_log), start=1)]
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, D) in the dtype the layers compute in: under mixed precision the table stays
+        fp32 (runtime.MixedPrecision) and its rows are cast, which equals a lookup in a bf16 table."""
+        return self.embed(tokens).to(self.head.weight.dtype)
+
     def hidden(self, tokens: torch.Tensor, router_log: list | None = None, positions: torch.Tensor | None = None,
                segments: torch.Tensor | None = None) -> torch.Tensor:
         """The main model's final-normed hidden states (B, T, D).
@@ -497,7 +537,7 @@ class Transformer(nn.Module):
         if T > self.freqs_cis.shape[0]:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.freqs_cis.shape[0]}")
         freqs_cis = self._freqs_at(positions) if positions is not None else torch.view_as_complex(self.freqs_cis[:T])
-        h = self.embed(tokens)
+        h = self.embed_tokens(tokens)
         for layer in self.layers:
             h = layer(h, freqs_cis, router_log, segments=segments)
         return self.norm(h)
@@ -507,7 +547,8 @@ class Transformer(nn.Module):
         T, out = tokens.shape[1], []
         for k, mtp in enumerate(self.mtp, start=1):
             # depth k at position i combines h^{k-1}_i with the embedding of token i+k (causal chain kept)
-            h = mtp(h[:, :-1], self.embed(tokens[:, k:]), torch.view_as_complex(self.freqs_cis[: T - k]), router_log)
+            freqs = torch.view_as_complex(self.freqs_cis[: T - k])
+            h = mtp(h[:, :-1], self.embed_tokens(tokens[:, k:]), freqs, router_log)
             out.append(h)
         return out
 
@@ -521,7 +562,7 @@ class Transformer(nn.Module):
     def hidden_cached(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
         """Final-normed hidden states (B, T, D) of tokens at `positions` (B, T), reading and extending the cache."""
         freqs = self._freqs_at(positions)
-        h = self.embed(tokens)
+        h = self.embed_tokens(tokens)
         for layer, cache in zip(self.layers, caches):
             h = layer(h, freqs, cache=cache, positions=positions)
         return self.norm(h)
@@ -529,5 +570,5 @@ class Transformer(nn.Module):
     def mtp_cached(self, depth: int, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
                    cache: LayerCache) -> torch.Tensor:
         """MTP depth `depth` (1-based) at `positions`: h_i (the previous depth's hidden) with token i+depth."""
-        return self.mtp[depth - 1](h, self.embed(next_tokens), self._freqs_at(positions), cache=cache,
+        return self.mtp[depth - 1](h, self.embed_tokens(next_tokens), self._freqs_at(positions), cache=cache,
                                    positions=positions)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..engine import Engine
 from ..evaluation import evaluate
 from ..options import ComputeOptions, check, option
-from ..runtime import resolve, set_threads
+from ..runtime import prepare_inference, resolve, set_threads
 from ..tasks import TASKS, get_task
 from .common import load_checkpoint
 
@@ -42,10 +42,10 @@ class EvalConfig(ComputeOptions):
 
 def run(cfg: EvalConfig) -> dict:
     task = get_task(cfg.task, **cfg.task_args)
-    rt = resolve(cfg.device, cfg.precision)
     set_threads(cfg.threads)
     model, tokenizer = load_checkpoint(cfg.ckpt)
-    model = model.to(device=rt.device, dtype=rt.dtype)
+    rt = resolve(cfg.device, cfg.precision, dims=model.cfg)
+    model = prepare_inference(model, rt)
     problems = task.problems(cfg.seed, cfg.n, split="heldout")
     r = evaluate(Engine(model, tokenizer), task, problems, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)

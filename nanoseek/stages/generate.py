@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..engine import Engine, SamplingParams
 from ..options import ComputeOptions, check, option
-from ..runtime import resolve, set_threads
+from ..runtime import prepare_inference, resolve, set_threads
 from .common import load_checkpoint
 
 _DEFAULTS = {f.name: f.default for f in fields(SamplingParams) if f.name != "stop"}  # the library's, in one place
@@ -64,10 +64,10 @@ class ChatConfig(SamplingOptions):
 
 def load_for_inference(cfg: SamplingOptions):
     """(model, tokenizer, runtime): the checkpoint in the compute precision on the chosen device."""
-    rt = resolve(cfg.device, cfg.precision)
     set_threads(cfg.threads)
     model, tokenizer = load_checkpoint(cfg.ckpt)
-    return model.to(device=rt.device, dtype=rt.dtype).eval(), tokenizer, rt
+    rt = resolve(cfg.device, cfg.precision, dims=model.cfg)
+    return prepare_inference(model, rt).eval(), tokenizer, rt
 
 
 def fit_context(params: SamplingParams, prompt_lens: list[int], context: int, speculative: bool) -> SamplingParams:

@@ -34,7 +34,7 @@ from ..losses import balance_loss, lm_loss
 from ..model import Gate, RouterLog, Transformer
 from ..optim import (batch_size_at, build_optimizer, expert_loads, lr_at, max_violation, mtp_lambda_at,
                      update_routing_bias)
-from ..runtime import autocast, matmul_peak, pick_device, set_threads
+from ..runtime import matmul_peak, pick_device, prepare_for_training, resolve, set_threads
 from ..stats import train_flops_per_token
 from ..tokenizer import MIN_VOCAB
 from .common import MetricsLog, StopRequest, clear_run, prepare_data, write_run_json
@@ -133,9 +133,12 @@ def run(cfg: PretrainConfig) -> Path:
     _check_run(cfg, out, info.main)
     ddp.barrier(info)  # every rank checks OUT before rank 0 writes into it
     set_threads(cfg.threads)
+    rt = _runtime(cfg, device, info)
+    cfg = dataclasses.replace(cfg, precision=rt.precision)  # run.json records the choice; --resume keeps it
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
         write_run_json(out, "pretrain", dataclasses.asdict(cfg))
+        (out / "runtime.json").write_text(json.dumps(rt.describe(), indent=2) + "\n")
         tokenizer, train_tokens, heldout_tokens = prepare_data(cfg, out)
     ddp.barrier(info)
     if not info.main:  # the data is built once, by rank 0
@@ -159,8 +162,9 @@ def run(cfg: PretrainConfig) -> Path:
     state = {"step": 0, "tokens": 0, "bad_steps": 0}
     if cfg.resume:
         state = _restore(out, model, optimizer, loader, log, info)
-    forward = torch.compile(model) if cfg.compile else model
-    trainer = _Trainer(cfg, model, forward, optimizer, device, seq_len, info)
+    forward = prepare_for_training(model, rt)  # bf16: compute copies of the fp32 master weights
+    forward = torch.compile(forward) if cfg.compile else forward
+    trainer = _Trainer(cfg, model, forward, optimizer, device, seq_len, info, peak_dtype=rt.dtype)
     tok_file = out / "data" / "tokenizer.json"
 
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="pretrain", unit="step", dynamic_ncols=True,
@@ -196,6 +200,17 @@ def run(cfg: PretrainConfig) -> Path:
     return last or ckpt.resolve(out)
 
 
+def _runtime(cfg: PretrainConfig, device: torch.device, info: "ddp.DistInfo"):
+    """The precision of this run. With several processes every rank must compute alike, and the bf16 compute
+    copies are not wired into FSDP yet: auto then means fp32, and an explicit bf16 is an error."""
+    if info.enabled and cfg.precision != "fp32":
+        if cfg.precision == "bf16":
+            raise ValueError("--precision bf16 is not supported with several processes yet; use --precision fp32")
+        return resolve(str(device), "fp32")
+    mcfg = get_preset(cfg.preset, **cfg.model_overrides)
+    return resolve(str(device), cfg.precision, dims=mcfg)
+
+
 # ----------------------------------------------------------------------------- one step
 
 
@@ -203,20 +218,19 @@ class _Trainer:
     """The computation of one optimiser step and of one held-out evaluation."""
 
     def __init__(self, cfg: PretrainConfig, model: Transformer, forward, optimizer, device, seq_len: int,
-                 info: "ddp.DistInfo"):
+                 info: "ddp.DistInfo", peak_dtype: torch.dtype = torch.float32):
         self.cfg, self.model, self.forward, self.opt, self.device = cfg, model, forward, optimizer, device
         self.info = info
         self.gates = [m for m in model.modules() if isinstance(m, Gate)]
         self.n_main_moe = model.cfg.n_moe_layers
         self.flops_per_token = train_flops_per_token(model.cfg, seq_len, include_mtp=True)
-        self.peak = matmul_peak(device)
+        self.peak = matmul_peak(device, dtype=peak_dtype)  # MFU against the peak of the compute precision
 
     def _losses(self, batch: torch.Tensor, step: int):
         cfg = self.cfg
         x, y = batch[:, :-1], batch[:, 1:]
         router_log = RouterLog()
-        with autocast(self.device):
-            loss, mtp_losses = lm_loss(self.forward, x, y, router_log)
+        loss, mtp_losses = lm_loss(self.forward, x, y, router_log)
         lam = mtp_lambda_at(step, cfg.steps, cfg.mtp_lambda, cfg.mtp_lambda_final, cfg.mtp_switch)
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else None
         alpha = {"aux-free": cfg.seq_balance_alpha, "aux-loss": cfg.aux_loss_alpha}.get(cfg.balance, 0.0)
@@ -294,8 +308,7 @@ class _Trainer:
             rows = batch.shape[0] // self.info.world
             batch = batch[self.info.rank * rows:(self.info.rank + 1) * rows].to(self.device)
             router_log = RouterLog()
-            with autocast(self.device):
-                loss, mtp_losses = lm_loss(self.model, batch[:, :-1], batch[:, 1:], router_log)
+            loss, mtp_losses = lm_loss(self.forward, batch[:, :-1], batch[:, 1:], router_log)
             ce += loss.item() / len(batches)
             mtp += torch.stack(mtp_losses).mean().item() / len(batches) if mtp_losses else 0.0
             for i, (_, idx) in enumerate(router_log):
