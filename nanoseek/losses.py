@@ -30,30 +30,38 @@ def _chunk_rows(vocab: int) -> int:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index):
-        n_valid = (targets != ignore_index).sum().clamp(min=1)
+        valid_all = targets != ignore_index
+        n_valid = valid_all.sum().clamp(min=1)
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         step = _chunk_rows(weight.shape[0])
         for s in range(0, h.shape[0], step):
-            hc, tc = h[s:s + step], targets[s:s + step]
-            logits = (hc @ weight.T).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            valid = tc != ignore_index
-            tgt = torch.where(valid, tc, 0).unsqueeze(1)
-            total += ((lse - logits.gather(1, tgt).squeeze(1)) * valid).sum()
+            hc, valid = h[s:s + step], valid_all[s:s + step]
+            tgt = torch.where(valid, targets[s:s + step], 0).unsqueeze(1)
+            logits = hc @ weight.T  # (n, V) in h's dtype
+            # one fused pass gives the fp32 softmax; -log p[target] is the loss, except where p underflows
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            p_target = probs.gather(1, tgt).squeeze(1)
+            nll = -p_target.log()
+            tiny = valid & (p_target < 1e-30)
+            if tiny.any():  # log-sum-exp form for the rows whose target probability underflowed
+                rows = logits[tiny].float()
+                nll[tiny] = torch.logsumexp(rows, dim=-1) - rows.gather(1, tgt[tiny]).squeeze(1)
+            total += torch.where(valid, nll, 0.0).sum()
             if want_grad:
-                # dL/dlogits = (softmax - onehot) · valid / n_valid, computed in place in the chunk buffer
-                g = logits.sub_(lse.unsqueeze(1)).exp_()
-                g.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=g.dtype))
-                g.mul_((valid / n_valid).unsqueeze(1))
-                g = g.to(h.dtype)
-                torch.mm(g, weight, out=grad_h[s:s + step])
+                # dL/dlogits = (softmax - onehot) · valid / n_valid; the per-row scale is applied to the small
+                # (n, D) factors of both gradient GEMMs rather than to the (n, V) probabilities
+                probs.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=probs.dtype))
+                g = probs.to(h.dtype)
+                scale = (valid / n_valid).unsqueeze(1)
+                torch.mul(g @ weight, scale, out=grad_h[s:s + step])
+                hs = (hc * scale).to(h.dtype)
                 if hc.dtype == torch.float32:
-                    grad_w.addmm_(g.T, hc)
+                    grad_w.addmm_(g.T, hs)
                 else:  # a bf16 GEMM (fp32 accumulation inside, one rounding) per chunk, summed in fp32
-                    grad_w += g.T @ hc
+                    grad_w += g.T @ hs
         if want_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / n_valid

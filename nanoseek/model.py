@@ -22,11 +22,11 @@ from .config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """y = w ⊙ x / sqrt(mean(x²) + eps), with the statistics in fp32 whatever x's dtype.
+    """y = w ⊙ x / sqrt(mean(x²) + eps), computed in fp32 whatever x's dtype, rounded once to x's dtype.
 
-    torch's fused rms_norm accumulates bf16 inputs in fp32 and rounds once, after the weight (DeepSeek's and HF's
-    code normalise in fp32, round, then multiply by the weight: one rounding more, and three passes instead of one).
-    """
+    The weight stays fp32 under mixed precision (`keep_fp32_weights`: a gradient summed over every token)."""
+
+    keep_fp32_weights = True
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -34,7 +34,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with a hand-written backward: torch's differentiates its decomposition (pow, mean, rsqrt, mul) op
+    by op, which costs twice the passes over the activations. With x̂ = x·r, r = (mean(x²) + eps)^-1/2 and
+    g = dy ⊙ w: dx = r·(g − x̂·mean(g ⊙ x̂)), dw = Σ_tokens dy ⊙ x̂; all in fp32 (F.rms_norm is the reference)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, r)
+        return (xf * r).mul_(weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, r = ctx.saved_tensors
+        xhat = x.float() * r
+        dyf = dy.float()
+        dw = (dyf * xhat).flatten(0, -2).sum(0)
+        g = dyf * weight.float()
+        dx = g.sub_(xhat.mul_((g * xhat).mean(-1, keepdim=True))).mul_(r)
+        return dx.to(x.dtype), dw.to(weight.dtype), None
 
 
 # ----------------------------------------------------------------------------- RoPE / YaRN
@@ -163,7 +186,7 @@ class MLA(nn.Module):
             rows = torch.arange(B, device=x.device)[:, None]
             cache.kv[rows, positions] = kv.to(cache.kv.dtype)
             cache.pe[rows, positions] = k_pe[:, :, 0].to(cache.pe.dtype)
-            S = int(positions.max()) + 1
+            S = min(cache.kv.shape[1], -(-(int(positions.max()) + 1) // 64) * 64)  # as in _latent_blocks
             kv, k_pe = cache.kv[:, :S], cache.pe[:, :S, None]  # (B, S, C), (B, S, 1, R)
         if self.attn_impl == "naive":
             o = self.attend_naive(q_nope, q_pe, kv, k_pe, positions, segments)
@@ -206,8 +229,8 @@ class MLA(nn.Module):
         Every head shares one key [c_KV | k_pe] (C+R) and one value c_KV (C), so the H heads of a query attend
         like multi-query attention ("MQA mode", as FlashMLA calls it). q_pos (B, T) gives each query's position
         among the S keys; by default the queries are the last T positions (S > T when earlier keys come from a
-        cache). Over a whole sequence (no q_pos, T == S) and `fused`, torch's fused causal attention runs it
-        (`_latent_fused`); otherwise `_latent_blocks`, which is also the fused path's reference. Returns (B, T, H, V).
+        cache). Over a whole sequence (no q_pos, T == S) and `fused`, `_latent_causal` runs it (training's fast
+        path); otherwise `_latent_blocks`, which is also its reference. Returns (B, T, H, V).
         """
         B, T, H, P = q_nope.shape
         S, C = kv.shape[1], self.kv_lora_rank
@@ -217,20 +240,23 @@ class MLA(nn.Module):
         q = torch.cat([q_lat, q_pe], dim=-1)  # (B, T, H, C+R)
         k = torch.cat([kv, k_pe[:, :, 0]], dim=-1)  # (B, S, C+R)
         if fused and q_pos is None and T == S:
-            o_lat = self._latent_fused(q, k, kv, segments)
+            o_lat = self._latent_causal(q, k, kv, segments)
         else:
             o_lat = self._latent_blocks(q, k, kv, q_pos, segments, block)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
 
-    def _latent_fused(self, q, k, kv, segments: torch.Tensor | None) -> torch.Tensor:
-        """Causal latent attention through F.scaled_dot_product_attention: one key/value head shared by the H
-        query heads (enable_gqa), the value c_KV zero-padded to the key width C+R because the CPU flash kernel
-        needs equal widths (the padded columns are sliced off). Its online softmax keeps fp32 statistics and
-        never stores the (T, S) scores, and it skips key blocks above the diagonal. (B, T, H, C)."""
+    def _latent_causal(self, q, k, kv, segments: torch.Tensor | None) -> torch.Tensor:
+        """Causal latent attention over a whole sequence, (B, T, H, C). On CPU, when the probabilities fit a memory
+        budget, `_CausalLatentAttention` (blockwise, probabilities kept for the backward); otherwise, and for packed
+        samples, F.scaled_dot_product_attention with one key/value head shared by the H query heads (enable_gqa)
+        and the value zero-padded to the key width C+R (the CPU flash kernel needs equal widths)."""
+        B, T, H, _ = q.shape
         C, R = kv.shape[-1], k.shape[-1] - kv.shape[-1]
+        if segments is None and q.device.type == "cpu" and B * H * T * T <= _SAVED_PROBS_LIMIT:
+            o = _CausalLatentAttention.apply(q.flatten(1, 2) * self.softmax_scale, k, kv, H, 64)
+            return o.view(B, T, H, C)
         mask = None
         if segments is not None:  # packed samples never see each other: causal and same segment, (B, 1, T, S)
-            T = segments.shape[1]
             causal = torch.ones(T, T, dtype=torch.bool, device=kv.device).tril()
             mask = (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
         o = F.scaled_dot_product_attention(
@@ -253,7 +279,9 @@ class MLA(nn.Module):
         for t0 in range(0, T, block):
             t1 = min(T, t0 + block)
             pos = q_pos[:, t0:t1].repeat_interleave(H, dim=1)  # (B, rows): each row's position
-            visible = int(pos.max()) + 1  # keys up to the block's last query position
+            # keys up to the block's last query position, rounded up to 64 (masked below) so that decoding, whose
+            # key count grows by one per token, reuses a few GEMM shapes (oneDNN builds a bf16 kernel per shape)
+            visible = min(S, -(-(int(pos.max()) + 1) // 64) * 64)
             scores = q[:, t0 * H:t1 * H] @ k[:, :visible].transpose(1, 2)  # (B, rows, visible)
             future = torch.arange(visible, device=kv.device) > pos[..., None]
             if segments is not None:  # packed samples never see each other
@@ -262,6 +290,58 @@ class MLA(nn.Module):
             probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
             outs.append(probs @ kv[:, :visible])  # (B, rows, C)
         return torch.cat(outs, dim=1).view(B, T, H, C)
+
+
+_SAVED_PROBS_LIMIT = 1 << 26  # B·H·T² up to 64M probabilities (128 MB in bf16, half that kept) per layer
+
+
+class _CausalLatentAttention(torch.autograd.Function):
+    """softmax(q kᵀ) v for q (B, T·H, C+R) (rows (t, h), already scaled), k (B, T, C+R), v (B, T, C), causal
+    per position t = row // H: the H heads share the keys and values, so each block of query positions is one
+    (rows × visible keys) matrix against only the keys it can see (the masked half of the square is skipped).
+
+    Scores come from bf16 GEMMs, the softmax runs in fp32 and rounds the probabilities P to the value dtype, as
+    the blockwise reference does. The backward reuses the kept P instead of recomputing the scores (flash-style
+    kernels trade that memory for a second pass): dV = Pᵀ dO, dS = P ⊙ (dO vᵀ − rowsum(dO ⊙ O)), dq = dS k,
+    dk = dSᵀ q. Masked probabilities are exactly 0, so dS needs no mask. Blocks of 64 positions measured fastest
+    on CPU (small score tiles stay in cache; 128 and flash attention were 1.4-1.9× slower here).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, heads: int, block: int):
+        T = k.shape[1]
+        rows = torch.arange(block * heads, device=q.device) // heads
+        future = torch.arange(block, device=q.device) > rows[:, None]  # (block·H, block): the diagonal tile's mask
+        probs, outs = [], []
+        for t0 in range(0, T, block):
+            t1 = min(T, t0 + block)
+            scores = q[:, t0 * heads:t1 * heads] @ k[:, :t1].transpose(1, 2)  # (B, rows, t1)
+            scores[..., t0:t1].masked_fill_(future[: (t1 - t0) * heads, : t1 - t0], float("-inf"))
+            p = scores.softmax(dim=-1).to(v.dtype)  # (torch accumulates bf16 softmax in fp32, rounds once)
+            probs.append(p)
+            outs.append(p @ v[:, :t1])  # (B, rows, C)
+        o = torch.cat(outs, dim=1)
+        ctx.save_for_backward(q, k, v, o, *probs)
+        ctx.heads, ctx.block = heads, block
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, *probs = ctx.saved_tensors
+        heads, block, T = ctx.heads, ctx.block, k.shape[1]
+        delta = (do.float() * o.float()).sum(-1, keepdim=True)  # (B, T·H, 1): rowsum(dO ⊙ O) = Σ P ⊙ dP
+        dq = torch.empty_like(q)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for i, t0 in enumerate(range(0, T, block)):
+            t1 = min(T, t0 + block)
+            r = slice(t0 * heads, t1 * heads)
+            p, do_r = probs[i], do[:, r]
+            ds = torch.sub(do_r @ v[:, :t1].transpose(1, 2), delta[:, r]).mul_(p).to(q.dtype)  # (B, rows, t1)
+            torch.bmm(ds, k[:, :t1], out=dq[:, r])
+            dk[:, :t1] += ds.transpose(1, 2) @ q[:, r]
+            dv[:, :t1] += p.transpose(1, 2) @ do_r
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 # ----------------------------------------------------------------------------- feed-forward
@@ -337,13 +417,12 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Σ_k weights[n,k]·expert_{indices[n,k]}(x[n]) with tokens sorted by expert. x: (N, D) -> (N, D)."""
         N, K = indices.shape
-        order = indices.flatten().argsort(stable=True)  # (N·K,) token slots grouped by expert id
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        ends = torch.bincount(indices.flatten(), minlength=self.w1.shape[0]).cumsum(0).to(torch.int32)
-        xs = _GatherRows.apply(x, order, inverse, K)  # (N·K, D): row j is token order[j] // K
+        # bf16 GEMMs go to oneDNN, which builds a kernel per new shape: rounding each expert's group up to a
+        # multiple of 32 rows keeps the shapes few and cached (fp32 GEMMs go to MKL and need no padding)
+        src, slot_pos, ends = _dispatch(indices, self.w1.shape[0], 1 if x.dtype == torch.float32 else 32)
+        xs = _GatherRows.apply(x, src.clamp(max=N * K - 1), slot_pos, K)  # (M, D): row j is token src[j] // K
         h = F.silu(self.matmul(xs, self.w1.transpose(1, 2), ends)) * self.matmul(xs, self.w3.transpose(1, 2), ends)
-        ys = _GatherRows.apply(self.matmul(h, self.w2.transpose(1, 2), ends), inverse, order, 1)  # back to (n, k)
+        ys = _GatherRows.apply(self.matmul(h, self.w2.transpose(1, 2), ends), slot_pos, src, 1)  # back to (n, k)
         return torch.bmm(weights.unsqueeze(1), ys.view(N, K, -1)).squeeze(1)  # (N, 1, K) @ (N, K, D)
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
@@ -363,8 +442,29 @@ class Experts(nn.Module):
         return y
 
 
+def _dispatch(indices: torch.Tensor, n_experts: int, multiple: int):
+    """Where each (token, slot) goes in the expert-sorted rows, each expert's group padded to `multiple` rows.
+
+    Returns src (M,): the slot n·K+k that each row holds (N·K for a padding row), slot_pos (N·K,): the row of
+    each slot, and ends (E,) int32: the end row of each expert's group. With multiple=1, M = N·K, no padding."""
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)  # (N·K,) slots grouped by expert id
+    counts = torch.bincount(flat, minlength=n_experts)
+    sizes = (counts + multiple - 1) // multiple * multiple
+    ends = sizes.cumsum(0)
+    expert = flat[order]
+    rank = torch.arange(order.numel(), device=order.device) - (counts.cumsum(0) - counts)[expert]
+    rows = (ends - sizes)[expert] + rank  # the row of sorted slot j
+    src = torch.full((int(ends[-1]),), order.numel(), dtype=order.dtype, device=order.device)
+    src[rows] = order
+    slot_pos = torch.empty_like(order)
+    slot_pos[order] = rows
+    return src, slot_pos, ends.to(torch.int32)
+
+
 class _GatherRows(torch.autograd.Function):
-    """out[j] = x[index[j] // fold], where `index` is a permutation with inverse `inverse`.
+    """out[j] = x[index[j] // fold], where inverse[i] is the one row of out that row i of x·fold went to, or
+    len(out) for none (a padding row of x, which then gets zero gradient).
 
     Its backward is again a gather (plus a sum over the `fold` copies of each row), which is much faster on
     CPU than the scatter-add that autograd would use for plain advanced indexing.
@@ -379,6 +479,8 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
+        if inverse.numel() and int(inverse.max()) == grad.shape[0]:  # padding rows read a zero row
+            grad = torch.cat([grad, grad.new_zeros(1, grad.shape[-1])])
         g = grad.index_select(0, inverse)
         if ctx.fold > 1:
             g = g.view(-1, ctx.fold, g.shape[-1]).sum(dim=1)

@@ -26,7 +26,7 @@ from nanoseek.cli import main
 from nanoseek.engine import Engine, KVCache, SamplingParams
 from nanoseek.fp8 import FP8Experts, FP8Linear, convert_to_fp8
 from nanoseek.losses import cross_entropy_reference, linear_cross_entropy, lm_loss
-from nanoseek.model import RouterLog
+from nanoseek.model import Experts, RouterLog, _dispatch
 from nanoseek.optim import build_optimizer
 from nanoseek.runtime import (MixedPrecision, bf16_probe, prepare_for_training, prepare_inference, probe_shapes,
                               resolve)
@@ -132,8 +132,11 @@ def test_bf16_forward_and_gradients_close_to_fp32_dense():
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for n, g in grads["fp32"].items():
         assert grads["bf16"][n].dtype == torch.float32, n  # gradients land on the fp32 masters
-        # a gradient is a product of ~2L rounded factors: the same 2^-5 budget, per tensor in norm
-        assert rel_norm(grads["bf16"][n], g) < BF16_NORM_TOL, n
+        # a weight's gradient sums products of a forward activation and a backward signal, each within the
+        # forward budget: twice it per tensor (measured ≤ 3.3%, in the q path, whose scores are bf16 GEMMs) ...
+        assert rel_norm(grads["bf16"][n], g) < 2 * BF16_NORM_TOL, n
+    flat = [torch.cat([g.flatten() for g in grads[k].values()]) for k in ("bf16", "fp32")]
+    assert rel_norm(*flat) < BF16_NORM_TOL  # ... and the forward budget over the whole gradient (measured 1.9%)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
@@ -187,7 +190,7 @@ def test_fused_latent_attention_equals_blockwise_reference(dtype, packed):
     outs, grads = [], []
     for fused in (True, False):
         k = torch.cat([kv, pe], -1)
-        o = attn._latent_fused(q, k, kv, segments) if fused else attn._latent_blocks(q, k, kv, None, segments, 16)
+        o = attn._latent_causal(q, k, kv, segments) if fused else attn._latent_blocks(q, k, kv, None, segments, 16)
         outs.append(o)
         grads.append(torch.autograd.grad(o.float().square().sum(), (q, kv, pe)))
     # fp32: the same sums in another order; bf16: the fused kernel rounds its probabilities to bf16 before P·V
@@ -196,6 +199,35 @@ def test_fused_latent_attention_equals_blockwise_reference(dtype, packed):
     assert rel_max(outs[0], outs[1]) < tol
     for a, b in zip(*grads):
         assert rel_norm(a, b) < tol
+
+
+def test_padded_expert_dispatch_is_a_consistent_layout():
+    indices = torch.tensor([[3, 0], [0, 2], [3, 1], [0, 3]])  # N=4 tokens, K=2
+    src, slot_pos, ends = _dispatch(indices, 4, multiple=4)
+    assert ends.tolist() == [4, 8, 12, 16] and src.shape == (16,)  # every group padded to 4 rows
+    assert torch.equal(src[slot_pos], torch.arange(8))  # each slot sits in the row that holds it
+    starts = [0, 4, 8, 12]
+    for e in range(4):  # an expert's rows hold exactly its slots, in token order, then padding (= N·K)
+        mine = [s for s in range(8) if indices.flatten()[s] == e]
+        assert src[starts[e]:ends[e]].tolist() == mine + [8] * (4 - len(mine))
+
+
+def test_grouped_bf16_experts_with_padding_equal_the_loop():
+    torch.manual_seed(6)
+    experts = Experts(8, 64, 32).to(torch.bfloat16)
+    torch.nn.init.normal_(experts.w1, std=0.1), torch.nn.init.normal_(experts.w2, std=0.1)
+    torch.nn.init.normal_(experts.w3, std=0.1)
+    x = torch.randn(200, 64).to(torch.bfloat16).requires_grad_()
+    indices = torch.stack([torch.randperm(8)[:2] for _ in range(200)])
+    weights = torch.rand(200, 2).to(torch.bfloat16)
+    outs, grads = [], []
+    for fn in (experts, experts.forward_loop):
+        y = fn(x, weights, indices)
+        outs.append(y)
+        grads.append(torch.autograd.grad(y.float().square().sum(), (x, experts.w1, experts.w2, experts.w3)))
+    assert rel_max(outs[0], outs[1]) < 2.0**-7  # the same bf16 products, summed by different kernels
+    for a, b in zip(*grads):
+        assert rel_norm(a, b) < 2.0**-7
 
 
 def test_linear_cross_entropy_in_bf16_matches_the_fp32_reference():
@@ -213,6 +245,18 @@ def test_linear_cross_entropy_in_bf16_matches_the_fp32_reference():
     # the only rounding before the fp32 softmax is the bf16 logits (2^-9 relative, ~0.01 absolute here)
     assert abs(loss.item() - ref.item()) / ref.item() < 2.0**-9
     assert rel_norm(gh, rh) < 2.0**-6 and rel_norm(gw, rw) < 2.0**-6
+
+
+def test_linear_cross_entropy_when_the_target_probability_underflows():
+    """The loss reads -log p[target] from the fused softmax; rows where p underflows (losses over ~69) fall back
+    to log-sum-exp, so even absurd logits give the reference's finite loss."""
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(64, 32, generator=gen) * 40
+    w = torch.randn(500, 32, generator=gen)
+    targets = torch.randint(0, 500, (64,), generator=gen)
+    ref = cross_entropy_reference(h, w, targets)
+    assert ref.item() > 100  # most rows underflow
+    assert abs(linear_cross_entropy(h, w, targets).item() - ref.item()) / ref.item() < 1e-6
 
 
 def test_fp8_with_bf16_runs_and_trains_close_to_fp32():
