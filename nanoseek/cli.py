@@ -229,11 +229,10 @@ def cmd_generate(args) -> None:
     prompts = _read_prompts(args)
     params = _sampling(args)
     model, tokenizer = _load_for_inference(args.ckpt)
-    engine = Engine(model, tokenizer)
-    outs = engine.generate(prompts, params, speculative=args.speculative)
+    outs = Engine(model, tokenizer).generate(prompts, params, speculative=args.speculative)
     for g in outs:
         print(json.dumps({"text": g.text, "finish_reason": g.finish_reason}) if args.jsonl else g.text)
-    st = engine.last_stats
+    st = outs.stats
     extra = f", draft acceptance {st.acceptance:.1%}" if args.speculative else ""
     print(f"[{len(outs)} prompt(s), {st.tokens} tokens in {st.seconds:.2f}s = {st.tokens_per_s:.1f} tokens/s{extra}]",
           file=sys.stderr)

@@ -1,8 +1,9 @@
 """Inference: the latent KV cache, batched sampling, and MTP speculative decoding (one engine for generate, chat,
 evaluation and GRPO rollouts).
 
-- `KVCache` preallocates, per layer, only what absorbed MLA reads: the normed latent (kv_lora_rank) and the
-  rotated shared key (qk_rope_head_dim) — 576 values per token per layer in V3 (reference §1.3).
+- The model allocates its own cache (`model.new_cache`); for MLA it holds, per layer, only what absorbed
+  attention reads: the normed latent (kv_lora_rank) and the rotated shared key (qk_rope_head_dim) — 576 values
+  per token per layer in V3 (V2 report §2.1, V3 report §2.1.1). The engine only moves its rows around.
 - Prompts of different lengths are right-padded into one prefill; each sequence then decodes at its own
   position, so a batch gives each prompt the tokens it would get alone.
 - Sampling: greedy (temperature 0), temperature, top-k, top-p; one torch.Generator per sequence, seeded from
@@ -19,28 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import LayerCache, Transformer
-
-
-class KVCache:
-    """Latent cache for `n_layers` (+ MTP) layers, batch B, up to max_len positions, in the model's dtype."""
-
-    def __init__(self, model: Transformer, batch: int, max_len: int, with_mtp: bool = False):
-        cfg = model.cfg
-        n = cfg.n_layers + (cfg.n_mtp_layers if with_mtp else 0)
-        dtype, device = model.embed.weight.dtype, model.embed.weight.device
-        self.kv = torch.zeros(n, batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.pe = torch.zeros(n, batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-        self.layers = [LayerCache(self.kv[i], self.pe[i]) for i in range(n)]
-        self.n_main = cfg.n_layers
-
-    @property
-    def main(self) -> list[LayerCache]:
-        return self.layers[: self.n_main]
-
-    def bytes_per_token(self) -> int:
-        """Bytes one token occupies in the main model's cache: n_layers × (kv_lora_rank + rope dim) × dtype size."""
-        return self.n_main * (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()
+from .model import Transformer
 
 
 @dataclass
@@ -64,6 +44,8 @@ class Generation:
 
 @dataclass
 class Stats:
+    """What one `generate` call did: tokens produced, wall time, and MTP drafts proposed / accepted."""
+
     tokens: int = 0
     seconds: float = 0.0
     drafted: int = 0
@@ -76,6 +58,14 @@ class Stats:
     @property
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class Generations(list):
+    """The Generation of each prompt, in order, plus the call's `stats`."""
+
+    def __init__(self, generations: list[Generation], stats: Stats):
+        super().__init__(generations)
+        self.stats = stats
 
 
 def sequence_seed(seed: int, index: int) -> int:
@@ -120,16 +110,16 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer=None):
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.last_stats = Stats()
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | None = None,
-                 speculative: bool = False, on_token=None, seeds: list[int] | None = None) -> list[Generation]:
+                 speculative: bool = False, on_token=None, seeds: list[int] | None = None) -> Generations:
         """Complete each prompt (token ids or text). on_token(row, token_id) is called as tokens are produced.
 
         Row i samples from its own generator seeded with seeds[i] (default: derived from params.seed and i), so
         a prompt given the same seed gets the same tokens in any batch, and repeated prompts get different ones.
+        Returns the generations (a list) with this call's `.stats`.
         """
         params = params or SamplingParams()
         ids = [self._encode(p) for p in prompts]
@@ -137,24 +127,18 @@ class Engine:
         seeds = seeds if seeds is not None else [sequence_seed(params.seed, i) for i in range(len(ids))]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         t0 = time.perf_counter()
-        gens = [Generation(prompt_tokens=p) for p in ids]
-        self.last_stats = Stats()
-        run = self._speculative if speculative else self._plain
-        attn = [m for m in self.model.modules() if hasattr(m, "attend_absorb")]
-        modes = [m.attn_impl for m in attn]
-        try:  # decoding always attends in the latent space: the cache holds latents, nothing is re-expanded
-            for m in attn:
-                m.attn_impl = "absorb"
-            run(ids, params, gens, generators, on_token or (lambda row, tok: None))
-        finally:
-            for m, mode in zip(attn, modes):
-                m.attn_impl = mode
-        self.last_stats.seconds = time.perf_counter() - t0
-        self.last_stats.tokens = sum(len(g.tokens) for g in gens)
+        gens, stats = [Generation(prompt_tokens=p) for p in ids], Stats()
+        on_token = on_token or (lambda row, tok: None)
+        if speculative:
+            self._speculative(ids, params, gens, generators, on_token, stats)
+        else:
+            self._plain(ids, params, gens, generators, on_token)
+        stats.seconds = time.perf_counter() - t0
+        stats.tokens = sum(len(g.tokens) for g in gens)
         for g in gens:
             if self.tokenizer is not None:
                 g.text = self._text(g, params)
-        return gens
+        return Generations(gens, stats)
 
     # ------------------------------------------------------------------ checks and text
     def _encode(self, prompt) -> list[int]:
@@ -201,7 +185,7 @@ class Engine:
         return len(g.tokens) >= params.max_new_tokens
 
     # ------------------------------------------------------------------ plain decoding
-    def _prefill(self, ids: list[list[int]], cache: KVCache):
+    def _prefill(self, ids: list[list[int]], cache):
         """Prompts through the model once each: repeated prompts (a GRPO group) share one prefill, and its
         latents are copied to every row that asked for it."""
         B, L = len(ids), max(len(p) for p in ids)
@@ -214,16 +198,14 @@ class Engine:
         positions = torch.arange(L, device=device).expand(unique.shape[0], L)
         if unique.shape[0] == B:
             return tokens, self.model.hidden_cached(tokens, positions[:B], cache.main), lengths
-        shared = KVCache(self.model, unique.shape[0], L)
+        shared = self.model.new_cache(unique.shape[0], L)
         h = self.model.hidden_cached(unique, positions, shared.main)  # right padding is never attended to
-        n = shared.kv.shape[0]  # the main layers (an MTP cache, if any, is filled by the caller)
-        cache.kv[:n, :, :L] = shared.kv[:, inverse]
-        cache.pe[:n, :, :L] = shared.pe[:, inverse]
+        cache.copy_rows(list(range(B)), shared, inverse.tolist())  # main layers (the caller fills an MTP cache)
         return tokens, h[inverse], lengths
 
     def _plain(self, ids, params: SamplingParams, gens: list[Generation], generators, on_token) -> None:
         B = len(ids)
-        cache = KVCache(self.model, B, max(len(p) for p in ids) + params.max_new_tokens + 1)
+        cache = self.model.new_cache(B, max(len(p) for p in ids) + params.max_new_tokens + 1)
         _, h, lengths = self._prefill(ids, cache)
         last = h[torch.arange(B), lengths - 1]  # (B, D)
         done = [False] * B
@@ -241,10 +223,11 @@ class Engine:
             lengths = lengths + 1
 
     # ------------------------------------------------------------------ speculative decoding
-    def _speculative(self, ids, params: SamplingParams, gens: list[Generation], generators, on_token) -> None:
+    def _speculative(self, ids, params: SamplingParams, gens: list[Generation], generators, on_token,
+                     stats: Stats) -> None:
         model, B = self.model, len(ids)
         max_len = max(len(p) for p in ids) + params.max_new_tokens + 3
-        cache = KVCache(model, B, max_len, with_mtp=True)
+        cache = model.new_cache(B, max_len, with_mtp=True)
         tokens, h, n = self._prefill(ids, cache)
         rows = torch.arange(B)
         history = torch.zeros(B, max_len, dtype=torch.long)  # every token, prompt and generated
@@ -254,7 +237,7 @@ class Engine:
         pending = _draw(probs, generators)  # token at position n, already part of the output
         done = [self._emit(gens[b], b, int(pending[b]), _logp(probs[b], pending[b]), params, on_token) for b in range(B)]
         history[rows, n] = pending
-        mtp_cache = cache.layers[model.cfg.n_layers]
+        mtp_cache = cache.mtp[0]
         if tokens.shape[1] > 1:  # MTP over the prompt: position i sees (h_i, t_{i+1})
             pos = torch.arange(tokens.shape[1] - 1).expand(B, -1)
             model.mtp_cached(1, h[:, :-1], tokens[:, 1:], pos, mtp_cache)
@@ -269,19 +252,20 @@ class Engine:
             hv = model.hidden_cached(torch.stack([pending, draft], 1), pos, cache.main)
             p_all = filtered_probs(model.head(hv).float().flatten(0, 1), params).view(B, 2, -1)
             hidden[rows[:, None], pos] = hv
-            n, pending = self._accept(rows, n, draft, q, p_all, generators, history, gens, done, params, on_token)
+            n, pending = self._accept(rows, n, draft, q, p_all, generators, history, gens, done, params, on_token,
+                                      stats)
 
-    def _accept(self, rows, n, draft, q, p_all, generators, history, gens, done, params, on_token):
+    def _accept(self, rows, n, draft, q, p_all, generators, history, gens, done, params, on_token, stats):
         """Accept or reject each row's draft; returns the new (n, pending). Log-probs are the target's."""
         new_n, new_pending = n.clone(), torch.zeros_like(draft)
         for b in rows.tolist():
             if done[b]:
                 continue
             p0, d = p_all[b, 0], int(draft[b])
-            self.last_stats.drafted += 1
+            stats.drafted += 1
             accepted, residual = speculative_check(p0, q[b], d, generators[b])
             if accepted:
-                self.last_stats.accepted += 1
+                stats.accepted += 1
                 done[b] = self._emit(gens[b], b, d, _logp(p0, d), params, on_token)
                 history[b, n[b] + 1] = d
                 target, draw_from, new_n[b] = p_all[b, 1], p_all[b, 1], n[b] + 2  # the bonus token

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanoseek import Transformer, get_preset
-from nanoseek.engine import Engine, KVCache, SamplingParams, filtered_probs, speculative_check
+from nanoseek.engine import Engine, SamplingParams, filtered_probs, speculative_check
 from nanoseek.stats import kv_cache_bytes
 
 
@@ -28,14 +28,43 @@ def test_cached_decode_equals_full_forward(attn_impl):
     model = model_for(attn_impl)
     B, L, steps = 3, 9, 40
     tokens = torch.randint(0, 256, (B, L + steps), generator=torch.Generator().manual_seed(1))
-    cache = KVCache(model, B, L + steps)
+    cache = model.new_cache(B, L + steps)
     with torch.no_grad():
         full = model(tokens)
-        h = model.hidden_cached(tokens[:, :L], torch.arange(L).expand(B, L), cache.main)
+        h = model.hidden_cached(tokens[:, :L], torch.arange(L).expand(B, L), cache.main, attn_impl=attn_impl)
         assert ((model.head(h) - full[:, :L]).abs().max() / full.abs().max()) < 1e-5
         for t in range(L, L + steps):
-            h = model.hidden_cached(tokens[:, t:t + 1], torch.full((B, 1), t), cache.main)
+            h = model.hidden_cached(tokens[:, t:t + 1], torch.full((B, 1), t), cache.main, attn_impl=attn_impl)
             assert ((model.head(h[:, 0]) - full[:, t]).abs().max() / full.abs().max()) < 1e-5, t
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
+def test_reused_slot_never_attends_stale_entries(attn_impl):
+    """A cache row that held a long sequence is reused by a new one from position 0, next to a row far ahead (so
+    the keys read span the old entries): the new sequence gets exactly the logits of a fresh forward."""
+    model = model_for()
+    gen = torch.Generator().manual_seed(2)
+    old, new = torch.randint(0, 256, (2, 50), generator=gen), torch.randint(0, 256, (1, 12), generator=gen)
+    cache = model.new_cache(2, 64)
+    with torch.no_grad():
+        model.hidden_cached(old, torch.arange(50).expand(2, 50), cache.main)  # both rows hold 50 old entries
+        full = model(new)
+        for t in range(new.shape[1]):  # row 0 restarts at position 0; row 1 keeps decoding at 50 + t
+            toks = torch.stack([new[0, t], old[1, t]])[:, None]
+            h = model.hidden_cached(toks, torch.tensor([[t], [50 + t]]), cache.main, attn_impl=attn_impl)
+            assert ((model.head(h[0, 0]) - full[0, t]).abs().max() / full.abs().max()) < 1e-5, t
+
+
+def test_attention_mode_is_an_argument_not_module_state():
+    model = model_for("naive")
+    Engine(model).generate(PROMPTS, SamplingParams(max_new_tokens=4, temperature=0))
+    assert {m.attn_impl for m in model.modules() if hasattr(m, "attend_absorb")} == {"naive"}
+    tokens = torch.tensor([PROMPTS[2]])
+    pos = torch.arange(tokens.shape[1])[None]
+    with torch.no_grad():
+        a = model.hidden_cached(tokens, pos, model.new_cache(1, 16).main, attn_impl="absorb")
+        n = model.hidden_cached(tokens, pos, model.new_cache(1, 16).main, attn_impl="naive")
+    assert torch.allclose(a, n, atol=1e-5) and torch.allclose(n, model.hidden(tokens), atol=1e-5)
 
 
 def greedy_reference(model, prompt, n):
@@ -76,7 +105,8 @@ def test_greedy_speculative_equals_greedy():
     plain = engine.generate(prompts, params)
     spec = engine.generate(prompts, params, speculative=True)
     assert [g.tokens for g in spec] == [g.tokens for g in plain]
-    assert engine.last_stats.drafted > 0
+    assert spec.stats.drafted > 0 and plain.stats.drafted == 0
+    assert spec.stats.tokens == plain.stats.tokens == 30 * len(prompts)
 
 
 def test_speculative_acceptance_rule_preserves_the_target_distribution():
@@ -103,7 +133,7 @@ def test_filtered_probs():
 
 def test_cache_memory_is_the_formula():
     model = model_for()
-    cache = KVCache(model, batch=4, max_len=50)
+    cache = model.new_cache(batch=4, max_len=50)
     cfg = model.cfg
     per_token = cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # fp32
     assert cache.bytes_per_token() == per_token == kv_cache_bytes(cfg)["kv_cache_bytes_per_token"] * 2
