@@ -131,9 +131,9 @@ class KVCache:
     def mtp(self) -> list[LayerCache]:
         return self.layers[self.n_main:]
 
-    def rows(self, n: int) -> "KVCache":
-        """The first n rows, sharing this cache's storage."""
-        return KVCache(self.kv[:, :n], self.pe[:, :n], self.n_main)
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows start..stop-1, sharing this cache's storage."""
+        return KVCache(self.kv[:, start:stop], self.pe[:, start:stop], self.n_main)
 
     def copy_rows(self, dst, src: "KVCache", src_rows) -> None:
         """self[dst] = src[src_rows] for the layers and positions src holds (dst, src_rows: index lists)."""
