@@ -245,6 +245,12 @@ def cmd_chat(args) -> None:
     chat(model, tokenizer, _sampling(args), speculative=args.speculative)
 
 
+def cmd_serve(args) -> None:
+    from .serve import ServeConfig, run
+
+    run(config_from_args(ServeConfig, args))
+
+
 def _add_sampling_arguments(p: argparse.ArgumentParser, max_new: int) -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"default {max_new}")
@@ -356,6 +362,15 @@ def _add_inference_tools(sub) -> None:
                        description="Interactive chat in the R1 template. The <think> part is shown dimmed.")
     _add_sampling_arguments(c, 256)
     c.set_defaults(func=cmd_chat)
+
+    from .serve import ServeConfig
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server with continuous batching, and a chat page at /",
+                       description="Serves /v1/models, /v1/completions and /v1/chat/completions (streaming as "
+                                   "server-sent events) and /health; the chat page at /. Binds 127.0.0.1 unless "
+                                   "--host says otherwise.")
+    add_config_arguments(s, ServeConfig)
+    s.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("eval", help="held-out pass@1 / cons@k / response length on a task",
                        description="Samples k responses per held-out problem (R1 protocol: temperature 0.6, "

@@ -20,6 +20,7 @@ engine for generate, chat, the server, evaluation and GRPO rollouts).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -238,9 +239,9 @@ class Batcher:
     """Continuous batching over one preallocated cache of max_batch rows × max_len positions.
 
     Row i of the cache belongs to active[i]; a leaving request's row is taken over by the last active row, so
-    the active rows stay a prefix of the cache and a decode step costs what the active rows need. `submit` may
-    be called from another thread than `step` (a deque append is atomic); everything else belongs to the
-    stepping thread.
+    the active rows stay a prefix of the cache and a decode step costs what the active rows need. `submit` and
+    `Request.cancel` may be called from other threads than `step`; everything else belongs to the stepping
+    thread.
     """
 
     def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None):
@@ -251,6 +252,7 @@ class Batcher:
         self.cache = model.new_cache(max_batch, self.max_len)
         self.active: list[Request] = []
         self.waiting: deque[Request] = deque()
+        self._lock = threading.Lock()  # guards `waiting` against submissions from other threads
 
     def check(self, r: Request) -> None:
         """ValueError naming what is wrong with a request that cannot run here."""
@@ -264,7 +266,14 @@ class Batcher:
 
     def submit(self, r: Request) -> None:
         self.check(r)
-        self.waiting.append(r)
+        with self._lock:
+            self.waiting.append(r)
+
+    def drain(self) -> list[Request]:
+        """Remove every request, running or waiting, and return them (after a step failed)."""
+        with self._lock:
+            out, self.active, self.waiting = self.active + list(self.waiting), [], deque()
+        return out
 
     @property
     def busy(self) -> bool:
@@ -281,13 +290,17 @@ class Batcher:
             self._decode()
 
     def _release(self) -> None:
+        with self._lock:  # cancelled requests that never got a row leave the queue too
+            gone = [r for r in self.waiting if r.cancelled]
+            if gone:
+                self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        for r in gone:
+            self._leave(r)
         i = 0
         while i < len(self.active):
             r = self.active[i]
             if not r.done and r.cancelled:
-                r.finish_reason = "cancelled"
-                if r.listener is not None:
-                    r.listener(r, None)
+                self._leave(r)
             if not r.done:
                 i += 1
                 continue
@@ -297,16 +310,15 @@ class Batcher:
                 self.active[i] = self.active[last]
             self.active.pop()
 
+    @staticmethod
+    def _leave(r: Request) -> None:
+        r.finish_reason = "cancelled"
+        if r.listener is not None:
+            r.listener(r, None)
+
     def _admit(self) -> None:
-        new = []
-        while self.waiting and len(self.active) + len(new) < self.max_batch:
-            r = self.waiting.popleft()
-            if r.cancelled:
-                r.finish_reason = "cancelled"
-                if r.listener is not None:
-                    r.listener(r, None)
-            else:
-                new.append(r)
+        with self._lock:
+            new = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.active)))]
         if not new:
             return
         start = len(self.active)

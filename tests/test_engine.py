@@ -270,11 +270,13 @@ def test_row_probs_of_a_row_do_not_depend_on_the_other_rows():
     from nanoseek.engine import row_probs
 
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(3)) * 3
-    temperature, top_k, top_p = torch.tensor([0.0, 1.0, 0.7, 1.3]), torch.tensor([0, 0, 20, 5]), torch.tensor([1.0, 1.0, 0.9, 0.5])
+    temperature, top_k = torch.tensor([0.0, 1.0, 0.7, 1.3]), torch.tensor([0, 0, 20, 5])
+    top_p = torch.tensor([1.0, 1.0, 0.9, 0.5])
     batch = row_probs(logits, temperature, top_k, top_p)
     for i in range(4):
         alone = row_probs(logits[i:i + 1], temperature[i:i + 1], top_k[i:i + 1], top_p[i:i + 1])
         assert torch.equal(batch[i:i + 1], alone), i  # bit for bit
         params = SamplingParams(temperature=float(temperature[i]), top_k=int(top_k[i]), top_p=float(top_p[i]))
         assert torch.equal(filtered_probs(logits[i:i + 1], params), alone)
-    assert (batch[2] > 0).sum() <= 20 and (batch[3] > 0).sum() <= 5 and torch.equal(batch[0], torch.eye(300)[logits[0].argmax()])
+    assert (batch[2] > 0).sum() <= 20 and (batch[3] > 0).sum() <= 5
+    assert torch.equal(batch[0], torch.eye(300)[logits[0].argmax()])
