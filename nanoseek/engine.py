@@ -181,13 +181,12 @@ class Request:
 
 def _detokenize(tokenizer, r: Request) -> None:
     """Extend r.text by the newest token: decode a short window and keep what it adds, waiting while the
-    window ends inside a multi-byte character (the incremental scheme vLLM and TGI use)."""
-    ids = r.tokens[:-1] if r.tokens and r.tokens[-1] == tokenizer.eos_id else r.tokens
-    before = tokenizer.decode(ids[r._prefix:r._read])
-    after = tokenizer.decode(ids[r._prefix:])
+    window ends inside a multi-byte character (the incremental scheme vLLM and TGI use). Never called for eos."""
+    before = tokenizer.decode(r.tokens[r._prefix:r._read])
+    after = tokenizer.decode(r.tokens[r._prefix:])
     if len(after) > len(before) and not after.endswith("\ufffd"):
         r.text += after[len(before):]
-        r._prefix, r._read = r._read, len(ids)
+        r._prefix, r._read = r._read, len(r.tokens)
 
 
 def emit(tokenizer, r: Request, token: int, logprob: float) -> None:

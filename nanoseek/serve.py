@@ -173,7 +173,8 @@ class QueueFull(Exception):
 
 
 class EngineLoop:
-    """Steps a Batcher in its own thread while requests are outstanding; admission is bounded."""
+    """Steps a Batcher in its own thread while requests are outstanding; admission is bounded. The token events
+    of a step go to the asyncio loop in one hand-over after the step (one wake-up per step, not per token)."""
 
     def __init__(self, batcher: Batcher, max_queue: int):
         self.batcher, self.capacity = batcher, batcher.max_batch + max_queue
@@ -181,8 +182,11 @@ class EngineLoop:
         self.outstanding, self.stopping = 0, False
         self.counts = {"completed": 0, "cancelled": 0, "rejected": 0, "failed": 0}
         self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.outbox: list[tuple[asyncio.Queue, tuple]] = []  # engine thread only
 
-    def start(self) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.thread.start()
 
     def stop(self) -> None:
@@ -203,6 +207,18 @@ class EngineLoop:
             for r in reqs:
                 self.batcher.submit(r)
             self.cond.notify()
+
+    def post(self, queue: asyncio.Queue, event: tuple) -> None:
+        """Engine thread: an event for an asyncio queue, delivered after the current step."""
+        self.outbox.append((queue, event))
+
+    def _flush(self) -> None:
+        batch, self.outbox = self.outbox, []
+        if batch:
+            try:
+                self.loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                pass
 
     def finished(self, r: Request) -> None:
         """Called (in the engine thread) once per request as it leaves."""
@@ -227,6 +243,7 @@ class EngineLoop:
             except Exception:  # a bug must not take the server down: fail what is in flight and go on
                 log.exception("engine step failed; failing the requests in flight")
                 self._fail_all()
+            self._flush()
 
     def _fail_all(self) -> None:
         for r in self.batcher.drain():
@@ -235,15 +252,20 @@ class EngineLoop:
                 r.listener(r, None)
 
 
+def _deliver(batch: list) -> None:
+    for queue, event in batch:
+        queue.put_nowait(event)
+
+
 # ----------------------------------------------------------------------------- one API call
 
 
 class Call:
     """One API request: its choices (engine requests), their event queue, and the text shown so far."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, engine: EngineLoop, prompts: list[list[int]],
-                 max_new: list[int], opts: Options, chat: bool, top_logprobs: int | None):
-        self.loop, self.engine, self.opts, self.chat = loop, engine, opts, chat
+    def __init__(self, engine: EngineLoop, prompts: list[list[int]], max_new: list[int], opts: Options, chat: bool,
+                 top_logprobs: int | None):
+        self.engine, self.opts, self.chat = engine, opts, chat
         self.top_logprobs = top_logprobs
         self.events: asyncio.Queue = asyncio.Queue()
         self.stops = opts.stop + (CHAT_STOP if chat else [])
@@ -264,10 +286,7 @@ class Call:
         event = (index, token, r.text, r.finish_reason, r.raw_logprobs[-1] if new else None, r.top[-1] if new else None)
         if r.done:
             self.engine.finished(r)
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            pass
+        self.engine.post(self.events, event)
 
     def cancel(self) -> None:
         for r in self.reqs:
@@ -442,7 +461,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str):
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        engine.start(asyncio.get_running_loop())
         yield
         engine.stop()
 
@@ -463,23 +482,9 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str):
                                                           "owned_by": "nanoseek", "max_model_len": context}]})
 
     async def handle(http, chat: bool):
-        body = await _json_body(http)
-        if body.get("model") not in (None, name):
-            raise APIError(404, f"The model {json.dumps(body['model'])[:60]} does not exist; this server serves "
-                                f"{name!r}", "model", code="model_not_found")
-        opts = parse_options(body)
-        if chat:
-            prompts = [tokenizer.encode(chat_prompt(body))]
-            want = _get(body, "logprobs", (bool,), False)
-            top = _get(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= 20, "between 0 and 20")
-            if top is not None and not want:
-                raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-            top_logprobs = (top or 0) if want else None
-        else:
-            prompts = completion_prompts(body, tokenizer, vocab)
-            top_logprobs = _get(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5, "between 0 and 5")
-        max_new = _budget(prompts, opts, context, "messages" if chat else "prompt")
-        call = Call(asyncio.get_running_loop(), engine, prompts, max_new, opts, chat, top_logprobs)
+        prompts, max_new, opts, top_logprobs = parse_call(await _json_body(http), chat, tokenizer, name, context,
+                                                          vocab)
+        call = Call(engine, prompts, max_new, opts, chat, top_logprobs)
         if len(call.reqs) > engine.capacity:
             raise APIError(400, f"{len(call.reqs)} sequences (prompts × n) exceed the server's capacity of "
                                 f"{engine.capacity}", "n")
@@ -514,6 +519,25 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str):
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
     return app
+
+
+def parse_call(body: dict, chat: bool, tokenizer, name: str, context: int, vocab: int):
+    """A request body's prompts (token ids), new-token budgets, options and log-prob setting, or APIError."""
+    if body.get("model") not in (None, name):
+        raise APIError(404, f"The model {json.dumps(body['model'])[:60]} does not exist; this server serves "
+                            f"{name!r}", "model", code="model_not_found")
+    opts = parse_options(body)
+    if chat:
+        prompts = [tokenizer.encode(chat_prompt(body))]
+        want = _get(body, "logprobs", (bool,), False)
+        top = _get(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= 20, "between 0 and 20")
+        if top is not None and not want:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        top_logprobs = (top or 0) if want else None
+    else:
+        prompts = completion_prompts(body, tokenizer, vocab)
+        top_logprobs = _get(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5, "between 0 and 5")
+    return prompts, _budget(prompts, opts, context, "messages" if chat else "prompt"), opts, top_logprobs
 
 
 async def _json_body(http) -> dict:
