@@ -116,7 +116,7 @@ class LayerCache(NamedTuple):
 class KVCache:
     """The latent cache of every layer (main, then MTP), batch rows × max_len positions; `Transformer.new_cache`
     allocates it. The engine treats it as opaque rows: it hands `main` / `mtp` to the cached forwards, takes
-    `rows(n)` views, and copies whole rows between caches. A row is reused by restarting its positions at 0:
+    `rows(start, stop)` views, and copies whole rows between caches. A row is reused by restarting at position 0:
     attention masks keys by position, so entries past a row's position are never read."""
 
     def __init__(self, kv: torch.Tensor, pe: torch.Tensor, n_main: int):
