@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nanoseek-installed
 
-.PHONY: install test speedrun bench clean
+.PHONY: install test browser speedrun bench clean
 
 install: $(STAMP)
 
@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+# the chat page's test drives a real headless Chromium: Debian's package, installed here when we are root;
+# otherwise the test is skipped and the summary says why
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q chromium)); } \
+	  || echo "WARNING: no chromium and cannot install it (apt-get install chromium as root): the browser test will skip"
 
 # the whole recipe: pretrain → GRPO → rejection sampling → distillation → eval → runs/speedrun/report.md;
 # stages already done are skipped, so an interrupted run resumes

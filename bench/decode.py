@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import publish  # noqa: E402
 from nanoseek import load  # noqa: E402
 from nanoseek.checkpoint import resolve  # noqa: E402
-from nanoseek.engine import Engine, KVCache, SamplingParams  # noqa: E402
+from nanoseek.engine import Engine, SamplingParams  # noqa: E402
 from nanoseek.hf import save_hf  # noqa: E402
 from nanoseek.runtime import prepare_inference, resolve  # noqa: E402
 
@@ -99,15 +99,15 @@ def main() -> None:
             cache = hf_out.past_key_values
             hf_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
             hf_per_token = hf_bytes / (batch * (args.prompt_len + args.new_tokens - 1))
-    ours_per_token = KVCache(model, 1, 1).bytes_per_token()
+    ours_per_token = model.new_cache(1, 1).bytes_per_token()
     spec_prompts = prompts_from(ckpt, 8, args.prompt_len)
     t_plain = sum(time_ours(engine, [p], args.new_tokens)[0] for p in spec_prompts)
     accepted = drafted = 0
     t_spec = 0.0
     for p in spec_prompts:
-        t, _ = time_ours(engine, [p], args.new_tokens, speculative=True)
+        t, out = time_ours(engine, [p], args.new_tokens, speculative=True)
         t_spec += t
-        accepted, drafted = accepted + engine.last_stats.accepted, drafted + engine.last_stats.drafted
+        accepted, drafted = accepted + out.stats.accepted, drafted + out.stats.drafted
     acceptance, speedup = accepted / max(drafted, 1), t_plain / t_spec
     lines = [
         f"checkpoint: {ckpt}; prompts of {args.prompt_len} tokens from held-out text; {args.new_tokens} new "

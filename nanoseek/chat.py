@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .engine import Engine, SamplingParams
-from .template import CHAT_STOP, END_ANSWER, END_THINK, R1_PREAMBLE, THINK
+from .template import CHAT_STOP, END_ANSWER, END_THINK, THINK, conversation, split_reasoning
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -34,9 +34,11 @@ class _Printer:
 
 
 def chat(model, tokenizer, params: SamplingParams, speculative: bool = False, read=input) -> None:
+    """Talk to the model in the R1 chat template (template.conversation, as the server uses); earlier turns
+    keep their answers and drop their reasoning, and the oldest turns go when the context is full."""
     engine = Engine(model, tokenizer)
     params.stop = list(params.stop) + CHAT_STOP
-    history = R1_PREAMBLE
+    messages: list[dict] = []
     print("nanoseek chat — /reset clears the conversation, /exit quits.", file=sys.stderr)
     while True:
         try:
@@ -47,20 +49,30 @@ def chat(model, tokenizer, params: SamplingParams, speculative: bool = False, re
         if line in ("/exit", "/quit"):
             return
         if line == "/reset":
-            history = R1_PREAMBLE
+            messages = []
             print("(conversation cleared)", file=sys.stderr)
             continue
         if not line:
             continue
-        prompt = f"{history}\nUser: {line}\nAssistant: {THINK}"
-        ids = tokenizer.encode(prompt)
-        room = model.cfg.max_seq_len - params.max_new_tokens - 2
-        if len(ids) > room:  # keep the most recent context that fits; say so
-            ids = ids[-room:]
-            print("(older conversation dropped to fit the context)", file=sys.stderr)
+        messages.append({"role": "user", "content": line})
+        ids = _fit(tokenizer, messages, model.cfg.max_seq_len - params.max_new_tokens - 2)
         printer = _Printer(tokenizer)
         sys.stdout.write(f"assistant> {DIM if printer.color else ''}{THINK}{RESET if printer.color else ''}")
         out = engine.generate([ids], params, speculative=speculative, on_token=printer)[0]
-        text = out.text + (END_ANSWER if out.finish_reason == "stop" else "")
         print(END_ANSWER if out.finish_reason == "stop" and not printer.shown.endswith(END_ANSWER) else "")
-        history = f"{history}\nUser: {line}\nAssistant: {THINK}{text}"
+        messages.append({"role": "assistant", "content": split_reasoning(out.text)[1]})
+
+
+def _fit(tokenizer, messages: list[dict], room: int) -> list[int]:
+    """The prompt of the conversation in at most `room` tokens: the oldest exchanges are dropped first (saying
+    so), and a single message that is still too long keeps its end."""
+    while True:
+        ids = tokenizer.encode(conversation(messages))
+        if len(ids) <= room:
+            return ids
+        if len(messages) > 1:
+            del messages[:2]  # the oldest user turn and its reply
+            print("(older conversation dropped to fit the context)", file=sys.stderr)
+        else:
+            print("(message shortened to fit the context)", file=sys.stderr)
+            return ids[-room:]

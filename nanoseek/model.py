@@ -139,6 +139,39 @@ class LayerCache(NamedTuple):
     pe: torch.Tensor  # (B, S_max, R): the rotated shared key k_pe
 
 
+class KVCache:
+    """The latent cache of every layer (main, then MTP), batch rows × max_len positions; `Transformer.new_cache`
+    allocates it. The engine treats it as opaque rows: it hands `main` / `mtp` to the cached forwards, takes
+    `rows(start, stop)` views, and copies whole rows between caches. A row is reused by restarting at position 0:
+    attention masks keys by position, so entries past a row's position are never read."""
+
+    def __init__(self, kv: torch.Tensor, pe: torch.Tensor, n_main: int):
+        self.kv, self.pe, self.n_main = kv, pe, n_main  # (layers, B, S_max, C), (layers, B, S_max, R)
+        self.layers = [LayerCache(kv[i], pe[i]) for i in range(kv.shape[0])]
+
+    @property
+    def main(self) -> list[LayerCache]:
+        return self.layers[: self.n_main]
+
+    @property
+    def mtp(self) -> list[LayerCache]:
+        return self.layers[self.n_main:]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows start..stop-1, sharing this cache's storage."""
+        return KVCache(self.kv[:, start:stop], self.pe[:, start:stop], self.n_main)
+
+    def copy_rows(self, dst, src: "KVCache", src_rows) -> None:
+        """self[dst] = src[src_rows] for the layers and positions src holds (dst, src_rows: index lists)."""
+        n, S = src.kv.shape[0], src.kv.shape[2]
+        self.kv[:n, dst, :S] = src.kv[:, src_rows]
+        self.pe[:n, dst, :S] = src.pe[:, src_rows]
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies in the main model's cache: n_layers × (kv_lora_rank + rope dim) × dtype size."""
+        return self.n_main * (self.kv.shape[-1] + self.pe.shape[-1]) * self.kv.element_size()
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -170,10 +203,12 @@ class MLA(nn.Module):
         self.wo = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attn_bias)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: LayerCache | None = None,
-                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                attn_impl: str | None = None) -> torch.Tensor:
         """x (B, T, D). With a cache, the new latents are written at `positions` (B, T) and the queries attend to
         every cached position up to their own; freqs_cis is then per sequence (B, T, R/2). Without a cache,
-        `segments` (B, T) restricts attention to keys of the same segment (packed samples, SFT)."""
+        `segments` (B, T) restricts attention to keys of the same segment (packed samples, SFT). attn_impl
+        ("naive" or "absorb") overrides the configured form for this call (cached decoding uses "absorb")."""
         B, T, _ = x.shape
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, self.n_heads, self.qk_head_dim)  # (B, T, H, P+R)
@@ -188,7 +223,7 @@ class MLA(nn.Module):
             cache.pe[rows, positions] = k_pe[:, :, 0].to(cache.pe.dtype)
             S = min(cache.kv.shape[1], -(-(int(positions.max()) + 1) // 64) * 64)  # as in _latent_blocks
             kv, k_pe = cache.kv[:, :S], cache.pe[:, :S, None]  # (B, S, C), (B, S, 1, R)
-        if self.attn_impl == "naive":
+        if (attn_impl or self.attn_impl) == "naive":
             o = self.attend_naive(q_nope, q_pe, kv, k_pe, positions, segments)
         else:
             o = self.attend_absorb(q_nope, q_pe, kv, k_pe, positions, segments)
@@ -532,8 +567,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, router_log: list | None = None,
                 cache: LayerCache | None = None, positions: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), freqs_cis, cache, positions, segments)
+                segments: torch.Tensor | None = None, attn_impl: str | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), freqs_cis, cache, positions, segments, attn_impl)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, router_log=router_log) if isinstance(self.ffn, MoE) else self.ffn(h))
 
@@ -555,9 +590,10 @@ class MTP(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor, router_log: list | None = None,
-                cache: LayerCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None, positions: torch.Tensor | None = None,
+                attn_impl: str | None = None) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.norm(self.block(x, freqs_cis, router_log, cache, positions))
+        return self.norm(self.block(x, freqs_cis, router_log, cache, positions, attn_impl=attn_impl))
 
 
 class Transformer(nn.Module):
@@ -661,16 +697,27 @@ class Transformer(nn.Module):
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.freqs_cis.shape[0]}")
         return torch.view_as_complex(self.freqs_cis)[positions]  # (B, T, R/2)
 
-    def hidden_cached(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
-        """Final-normed hidden states (B, T, D) of tokens at `positions` (B, T), reading and extending the cache."""
+    def new_cache(self, batch: int, max_len: int, with_mtp: bool = False) -> KVCache:
+        """An empty cache for `batch` rows of up to max_len positions, in the model's dtype and device: per layer
+        (and per MTP module with with_mtp) kv_norm(c_KV) and the rotated k_pe, what absorbed MLA reads."""
+        cfg, w = self.cfg, self.embed.weight
+        n = cfg.n_layers + (cfg.n_mtp_layers if with_mtp else 0)
+        kv = torch.zeros(n, batch, max_len, cfg.kv_lora_rank, dtype=w.dtype, device=w.device)
+        pe = torch.zeros(n, batch, max_len, cfg.qk_rope_head_dim, dtype=w.dtype, device=w.device)
+        return KVCache(kv, pe, cfg.n_layers)
+
+    def hidden_cached(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache],
+                      attn_impl: str = "absorb") -> torch.Tensor:
+        """Final-normed hidden states (B, T, D) of tokens at `positions` (B, T), reading and extending the cache.
+        Attention runs in the latent space by default: the cache holds latents, nothing is re-expanded."""
         freqs = self._freqs_at(positions)
         h = self.embed_tokens(tokens)
         for layer, cache in zip(self.layers, caches):
-            h = layer(h, freqs, cache=cache, positions=positions)
+            h = layer(h, freqs, cache=cache, positions=positions, attn_impl=attn_impl)
         return self.norm(h)
 
     def mtp_cached(self, depth: int, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
-                   cache: LayerCache) -> torch.Tensor:
+                   cache: LayerCache, attn_impl: str = "absorb") -> torch.Tensor:
         """MTP depth `depth` (1-based) at `positions`: h_i (the previous depth's hidden) with token i+depth."""
         return self.mtp[depth - 1](h, self.embed_tokens(next_tokens), self._freqs_at(positions), cache=cache,
-                                   positions=positions)
+                                   positions=positions, attn_impl=attn_impl)

@@ -8,6 +8,7 @@ evaluation, `chat` and the server all speak the same format:
     text = prompt + r1_completion("3 + 4 = 7.", "7")       # a well-formed training document
     conversation([{"role": "user", "content": "hi"}])      # multi-turn chat in the same format
     split_reasoning(" 3 + 4 = 7. </think> <answer> 7 </answer>")   # -> ("3 + 4 = 7.", "7")
+    split_reasoning(" 3 + 4 = 7. </thi", partial=True)                # -> ("3 + 4 = 7.", ""): streaming
 """
 
 from __future__ import annotations
@@ -59,15 +60,34 @@ def conversation(messages: list[dict]) -> str:
     return "\n".join([preamble, *turns]) + f"\nAssistant: {THINK}"
 
 
-def split_reasoning(completion: str) -> tuple[str, str]:
+def held_suffix(text: str, words) -> int:
+    """Length of the longest end of `text` that some word starts with but does not complete: text a stream
+    must hold back, since the next characters may turn it into one of the words."""
+    for n in range(min(len(text), max((len(w) for w in words), default=1) - 1), 0, -1):
+        if any(len(w) > n and w.startswith(text[-n:]) for w in words):
+            return n
+    return 0
+
+
+def split_reasoning(completion: str, partial: bool = False) -> tuple[str, str]:
     """(reasoning, answer) of a completion that follows "<think>": the reasoning is the text before "</think>",
     the answer the inside of <answer> … </answer> (or everything after "</think>" when there is no answer tag).
-    A completion that never closes its thinking is all reasoning."""
+    A completion that never closes its thinking is all reasoning.
+
+    partial=True is for a completion still being generated: it returns what is already certain, prefixes of
+    what the finished completion will give (whitespace and tag beginnings at the end are held back), so a
+    stream can send the growth of each part as it comes."""
     if END_THINK not in completion:
+        if partial:
+            completion = completion[: len(completion) - held_suffix(completion, [END_THINK])]
         return completion.strip(), ""
     reasoning, rest = completion.split(END_THINK, 1)
-    rest = rest.strip()
+    rest = rest.lstrip() if partial else rest.strip()
+    if partial and ANSWER.startswith(rest):  # nothing yet, or the answer tag is still arriving
+        return reasoning.strip(), ""
     if rest.startswith(ANSWER):
         rest = rest[len(ANSWER):]
+        if partial and END_ANSWER not in rest:
+            rest = rest[: len(rest) - held_suffix(rest, [END_ANSWER])]
         rest = rest.split(END_ANSWER, 1)[0]
     return reasoning.strip(), rest.strip()

@@ -109,11 +109,10 @@ def generate(cfg: GenerateConfig) -> None:
         raise ValueError(f"--speculative: {cfg.ckpt} has no MTP module (n_mtp_layers = 0)")
     ids = [tokenizer.encode(p) for p in prompts]
     params = fit_context(cfg.sampling(), [len(i) for i in ids], model.cfg.max_seq_len, cfg.speculative)
-    engine = Engine(model, tokenizer)
-    outs = engine.generate(ids, params, speculative=cfg.speculative)
+    outs = Engine(model, tokenizer).generate(ids, params, speculative=cfg.speculative)
     for g in outs:
         print(json.dumps({"text": g.text, "finish_reason": g.finish_reason}) if cfg.jsonl else g.text)
-    st = engine.last_stats
+    st = outs.stats
     extra = f", draft acceptance {st.acceptance:.1%}" if cfg.speculative else ""
     print(f"[{len(outs)} prompt(s), {st.tokens} tokens in {st.seconds:.2f}s = {st.tokens_per_s:.1f} tokens/s{extra}]",
           file=sys.stderr)

@@ -1,0 +1,380 @@
+"""`nanoseek serve` driven by the official `openai` client against a live server on 127.0.0.1: both endpoints,
+streaming and not, the reasoning split, stop strings, seeds, log-probs, bad input (400), a full queue (429), a
+burst, client disconnects, 32 concurrent streams, and Ctrl-C on the real command."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from .live_server import ANSWER, CONTENT, LOOP, REASONING, LiveServer, scripted_model, tokenizer
+from nanoseek.template import conversation, split_reasoning
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer()
+
+
+@pytest.fixture(scope="module")
+def server(tok):
+    with LiveServer(scripted_model(tok), tok, max_batch=32, max_queue=64) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url) as r:
+        return json.loads(r.read())
+
+
+# ----------------------------------------------------------------------------- the happy paths
+
+
+def test_models_health_and_page(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    health = get(server.url + "/health")
+    assert health["status"] == "ok" and health["max_batch"] == 32
+    with urllib.request.urlopen(server.url + "/") as r:
+        page = r.read().decode()
+    assert "<title>nanoseek chat</title>" in page and 'fetch("/v1/chat/completions"' in page
+    assert "http://" not in page and "https://" not in page  # nothing from elsewhere: works offline
+
+
+def test_chat_splits_reasoning_from_the_answer(client, tok):
+    r = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=50)
+    choice = r.choices[0]
+    assert choice.message.content == CONTENT and choice.finish_reason == "stop"
+    extra = choice.message.model_extra
+    assert extra["reasoning_content"] == extra["reasoning"] == REASONING
+    assert r.usage.prompt_tokens == len(tok.encode(conversation(HELLO)))
+    assert r.usage.completion_tokens == len(tok.encode(ANSWER)) and r.usage.total_tokens == r.usage.prompt_tokens + 7
+
+
+def test_chat_stream_gives_the_same_answer_in_pieces(client):
+    stream = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=50, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    def joined(key):
+        return "".join((c.choices[0].delta.model_extra or {}).get(key) or "" for c in chunks if c.choices)
+
+    reasoning, vllm_name = joined("reasoning_content"), joined("reasoning")
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert reasoning == vllm_name == REASONING and "".join(content) == CONTENT
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions_stream_and_not(client, tok):
+    prompt = "User: hello there\nAssistant: <think>"
+    r = client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=40)
+    assert r.choices[0].text == ANSWER and r.choices[0].finish_reason == "stop"  # ended by eos
+    assert r.usage.prompt_tokens == len(tok.encode(prompt)) and r.usage.completion_tokens == 8  # eos counted
+    pieces = list(client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=40, stream=True))
+    assert "".join(c.choices[0].text for c in pieces) == ANSWER and pieces[-1].choices[0].finish_reason == "stop"
+    r = client.completions.create(model="tiny", prompt=[prompt, "hello ping"], temperature=0, max_tokens=4)
+    assert [c.text for c in r.choices] == [" The cat sat</think>", " pong ping pong ping"]
+    assert [c.finish_reason for c in r.choices] == ["length", "length"] and r.usage.completion_tokens == 8
+    ids = tok.encode("hello ping")
+    r = client.completions.create(model="tiny", prompt=ids, temperature=0, max_tokens=2)
+    assert r.choices[0].text == " pong ping" and r.usage.prompt_tokens == len(ids)
+
+
+def test_stop_strings_end_the_text_before_them(client):
+    r = client.completions.create(model="tiny", prompt="hello ping", temperature=0, max_tokens=30, stop=[" ping"])
+    assert r.choices[0].text == " pong" and r.choices[0].finish_reason == "stop"
+    pieces = list(client.completions.create(model="tiny", prompt="hello ping", temperature=0, max_tokens=30,
+                                            stop=["ng pi"], stream=True))
+    assert "".join(c.choices[0].text for c in pieces) == " po"
+    r = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=30, stop="cat")
+    assert r.choices[0].message.model_extra["reasoning_content"] == "The" and r.choices[0].message.content == ""
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_and_max_completion_tokens(client):
+    r = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=2)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
+    assert r.choices[0].message.model_extra["reasoning_content"] == "The cat" and r.choices[0].message.content == ""
+    r = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_completion_tokens=3)
+    assert r.usage.completion_tokens == 3
+
+
+def test_seed_reproduces_samples_whatever_else_runs(client, server):
+    def sample(seed, n=1):
+        r = client.completions.create(model="tiny", prompt="the quick", temperature=1.0, max_tokens=12, seed=seed, n=n)
+        return [c.text for c in r.choices]
+
+    first = sample(7, n=3)
+    assert len(set(first)) == 3  # the choices of one call are different samples
+    assert sample(7, n=3) == first and sample(7) == first[:1]  # choice j's seed does not depend on n
+    assert sample(8) != first[:1]
+
+    async def crowd():  # the same request among 12 others of all kinds
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        others = [aclient.completions.create(model="tiny", prompt=p, temperature=t, max_tokens=20)
+                  for p in ("a b c", "hello ping", "the lazy dog") for t in (0.0, 0.5, 1.0, 1.5)]
+        mine = aclient.completions.create(model="tiny", prompt="the quick", temperature=1.0, max_tokens=12, seed=7,
+                                          n=3)
+        done = await asyncio.gather(*others[:6], mine, *others[6:])
+        await aclient.close()
+        return [c.text for c in done[6].choices]
+
+    assert asyncio.run(crowd()) == first
+
+
+def test_logprobs(client, tok):
+    r = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=50, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 7
+    assert "".join(e.token for e in content) == ANSWER
+    for e in content:  # greedy: the chosen token is the most likely one
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token and e.logprob <= 0
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+        assert bytes(e.bytes).decode() == e.token
+    r = client.completions.create(model="tiny", prompt="the quick", temperature=1.0, max_tokens=5, logprobs=2, seed=1)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    assert client.completions.create(model="tiny", prompt="a", max_tokens=2).choices[0].logprobs is None
+
+
+def test_unknown_fields_are_ignored(client):
+    r = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=50,
+                                       extra_body={"frobnicate": True, "presence_penalty": 0.5, "user": "x"})
+    assert r.choices[0].message.content == CONTENT
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+BAD = [
+    ({"messages": HELLO, "temperature": "hot"}, "temperature"),
+    ({"messages": HELLO, "temperature": 3}, "temperature"),
+    ({"messages": HELLO, "top_p": 0}, "top_p"),
+    ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+    ({"messages": HELLO, "max_tokens": 100000}, "max_tokens"),
+    ({"messages": HELLO, "max_completion_tokens": 600}, "max_completion_tokens"),
+    ({"messages": HELLO, "n": 0}, "n"),
+    ({"messages": HELLO, "stream": "yes"}, "stream"),
+    ({"messages": HELLO, "stop": [""]}, "stop"),
+    ({"messages": HELLO, "seed": -1}, "seed"),
+    ({"messages": HELLO, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "word " * 600}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD, ids=[p for _, p in BAD])
+def test_invalid_values_get_400_naming_the_field(client, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", **body)
+    assert e.value.status_code == 400 and e.value.body["param"] == param and e.value.body["type"] == \
+        "invalid_request_error"
+
+
+def test_malformed_requests(server, client):
+    status, body = post(server.url + "/v1/chat/completions", b'{"messages": [')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = post(server.url + "/v1/completions", b'[1, 2]')
+    assert status == 400 and "JSON object" in body["error"]["message"]
+    for prompt in ("", [], [-1], [10**6], 5):
+        status, body = post(server.url + "/v1/completions", json.dumps({"prompt": prompt}).encode())
+        assert status == 400 and body["error"]["param"] == "prompt", prompt
+    with pytest.raises(openai.BadRequestError, match="prompt"):
+        client.completions.create(model="tiny", prompt="word " * 600)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="tiny", prompt="a", logprobs=9)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4", messages=HELLO)
+    assert get(server.url + "/health")["status"] == "ok"
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def test_32_concurrent_streams_complete_with_correct_usage(server, tok):
+    words = ["a", "b", "c", "d", "e", "f", "g", "h"] * 4
+    prompts = [f"User: {w}\nAssistant: <think>" if i % 2 else f"{w} ping" for i, w in enumerate(words)]
+
+    async def one(aclient, prompt, i):
+        stream = await aclient.completions.create(model="tiny", prompt=prompt, temperature=0.8, max_tokens=8 + i,
+                                                  seed=i, stream=True, logprobs=0, extra_body={"top_k": 50},
+                                                  stream_options={"include_usage": True})
+        text, tokens, usage = "", 0, None
+        async for c in stream:
+            if c.choices:
+                text += c.choices[0].text
+                tokens += len(c.choices[0].logprobs.tokens) if c.choices[0].logprobs else 0
+            if c.usage:
+                usage = c.usage
+        return text, tokens, usage
+
+    async def run():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        out = await asyncio.gather(*(one(aclient, p, i) for i, p in enumerate(prompts)))
+        await aclient.close()
+        return out
+
+    results = asyncio.run(run())
+    assert len(results) == 32
+    for (text, tokens, usage), prompt, i in zip(results, prompts, range(32)):
+        assert usage.prompt_tokens == len(tok.encode(prompt))
+        assert usage.completion_tokens == tokens and 1 <= tokens <= 8 + i
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_client_disconnect_frees_the_slot(server, client):
+    before = server.engine.status()["cancelled"]
+    stream = client.completions.create(model="tiny", prompt="hello ping", temperature=0, max_tokens=400, stream=True)
+    got = []
+    for chunk in stream:
+        got.append(chunk.choices[0].text)
+        if len(got) == 3:
+            break
+    stream.close()  # the client goes away mid-stream
+    server.wait_until(lambda s: s["cancelled"] == before + 1 and s["running"] == 0, "the cancellation")
+    assert "".join(got) == " pong ping pong"
+    r = client.completions.create(model="tiny", prompt="hello ping", temperature=0, max_tokens=2)
+    assert r.choices[0].text == " pong ping"
+
+
+def test_full_queue_gets_429_and_a_burst_leaves_the_server_up(tok):
+    with LiveServer(scripted_model(tok), tok, max_batch=1, max_queue=2) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        holders = [client.completions.create(model="tiny", prompt="hello ping", temperature=0, max_tokens=450,
+                                             stream=True) for _ in range(3)]
+        s.wait_until(lambda st: st["running"] == 1 and st["waiting"] == 2, "the batch and queue to fill")
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model="tiny", prompt="hello ping", max_tokens=2)
+        assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded"
+        with pytest.raises(openai.RateLimitError):  # n counts: three more sequences never fit
+            client.completions.create(model="tiny", prompt="a", max_tokens=2, n=3)
+
+        async def burst(n=300):
+            aclient = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+
+            async def one():
+                try:
+                    r = await aclient.completions.create(model="tiny", prompt="hello ping", temperature=0,
+                                                         max_tokens=2)
+                    return r.choices[0].text
+                except openai.RateLimitError:
+                    return 429
+
+            out = await asyncio.gather(*(one() for _ in range(n)))
+            await aclient.close()
+            return out
+
+        outcomes = asyncio.run(burst())
+        assert 429 in outcomes and all(o in (429, " pong ping") for o in outcomes)
+        for h in holders:  # the admitted requests are served to completion
+            text = "".join(c.choices[0].text for c in h)
+            assert text == (" pong ping" * 225)
+        assert get(s.url + "/health")["status"] == "ok"
+        assert client.completions.create(model="tiny", prompt="hello ping", temperature=0,
+                                         max_tokens=2).choices[0].text == " pong ping"
+        s.wait_until(lambda st: st["running"] == st["waiting"] == 0, "the server to drain")
+        assert s.engine.outstanding == 0
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_serve_command_stops_cleanly_on_ctrl_c(tmp_path, tok):
+    from nanoseek.checkpoint import save_model
+
+    tok.save(tmp_path / "tokenizer.json")
+    save_model(scripted_model(tok), tmp_path / "ckpt", tokenizer_file=tmp_path / "tokenizer.json")
+    from .live_server import free_socket
+
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--ckpt", str(tmp_path / "ckpt"), "--port",
+                             str(port), "--threads", "1", "--precision", "fp32"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 120  # guards against a hang only
+        while True:
+            try:
+                health = get(f"http://127.0.0.1:{port}/health")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.2)
+        assert health["model"] == "ckpt"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="ckpt", messages=HELLO, temperature=0, max_tokens=50)
+        assert r.choices[0].message.content == CONTENT
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err and "nanoseek serve: stopped" in err, err
+    assert "127.0.0.1" in err
+
+
+# ----------------------------------------------------------------------------- streaming reasoning split
+
+
+PIECES = ["<think>", "</think>", "<answer>", "</answer>", " ", "  ", "\n", "a", "bc", "<", "</", "</th", "<ans", "x y"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=14))
+def test_partial_split_only_ever_grows_into_the_final_split(pieces):
+    text = "".join(pieces)
+    final = split_reasoning(text)
+    for i in range(len(text) + 1):
+        r, c = split_reasoning(text[:i], partial=True)
+        assert final[0].startswith(r) and final[1].startswith(c), (text[:i], r, c, final)
+    assert split_reasoning(text, partial=False) == final
+
+
+# ----------------------------------------------------------------------------- the terminal chat, same template
+
+
+def test_terminal_chat_uses_the_shared_template_and_drops_old_turns(tok, capsys):
+    from nanoseek.chat import chat
+    from nanoseek.engine import SamplingParams
+
+    model = scripted_model(tok, max_seq_len=140)  # prompts of 84, 105, 128 tokens + 22: the third must drop
+    lines = iter(["hello there", "and again", "once more", "/reset", "hello there", "/exit"])
+    chat(model, tok, SamplingParams(max_new_tokens=20, temperature=0), read=lambda prompt: next(lines))
+    out = capsys.readouterr()
+    replies = [line for line in out.out.split("assistant> ") if line]
+    assert len(replies) == 4 and all(r.strip() == "<think>" + ANSWER for r in replies)
+    assert out.err.count("older conversation dropped") == 1 and "conversation cleared" in out.err
