@@ -65,7 +65,7 @@ def _base(t: Path) -> dict[str, list[str]]:
         "sft": ["--init", str(t / "ckpt"), "--data", str(t / "traces.jsonl"), "--out", new],
         "eval": ["--ckpt", str(t / "ckpt"), "--task", "chain_sum", "--n", "1"],
         "generate": ["--ckpt", str(t / "ckpt"), "--prompt", "hi", "--max-new-tokens", "1"],
-        "chat": ["--ckpt", str(t / "ckpt")],
+        "chat": ["--ckpt", str(t / "ckpt")], "serve": ["--ckpt", str(t / "ckpt"), "--port", "0"],
         "import": [str(t / "ckpt"), new], "export": [new, "--ckpt", str(t / "ckpt")],
         "speedrun": ["--out", new],
     }
