@@ -126,11 +126,11 @@ def cmd_export(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from .stages.pretrain import NonFiniteError, PretrainConfig, run
+    from .stages.pretrain import CollectiveError, NonFiniteError, PretrainConfig, run
 
     try:
         path = run(config_from_args(PretrainConfig, args))
-    except NonFiniteError as e:
+    except (NonFiniteError, CollectiveError) as e:  # exit 1: torchrun then stops the other ranks
         print(f"nanoseek pretrain: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"final checkpoint: {path}", file=sys.stderr)

@@ -291,10 +291,16 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts, stacked: w1, w3 (E, F, D) and w2 (E, D, F), so all of them run as grouped matmuls."""
+    """The routed experts, stacked: w1, w3 (E, F, D) and w2 (E, D, F), so all of them run as grouped matmuls.
+
+    `dispatch`, when set (expert parallelism, installed by nanoseek.dist), carries the expert-sorted token slots
+    to the ranks that own their experts and back; w1..w3 then hold this rank's slice of the n_experts."""
+
+    dispatch = None  # callable (slots, counts, ffn) -> outputs; None: every expert is local
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
+        self.n_experts = n_experts
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
@@ -305,11 +311,17 @@ class Experts(nn.Module):
         order = indices.flatten().argsort(stable=True)  # (N·K,) token slots grouped by expert id
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        ends = torch.bincount(indices.flatten(), minlength=self.w1.shape[0]).cumsum(0).to(torch.int32)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_experts)  # (E,) slots per expert
         xs = _GatherRows.apply(x, order, inverse, K)  # (N·K, D): row j is token order[j] // K
-        h = F.silu(self.matmul(xs, self.w1.transpose(1, 2), ends)) * self.matmul(xs, self.w3.transpose(1, 2), ends)
-        ys = _GatherRows.apply(self.matmul(h, self.w2.transpose(1, 2), ends), inverse, order, 1)  # back to (n, k)
+        ys = self.ffn(xs, counts) if self.dispatch is None else self.dispatch(xs, counts, self.ffn)
+        ys = _GatherRows.apply(ys, inverse, order, 1)  # back to (n, k) order
         return torch.bmm(weights.unsqueeze(1), ys.view(N, K, -1)).squeeze(1)  # (N, 1, K) @ (N, K, D)
+
+    def ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of local expert e over its counts[e] consecutive rows of xs (M, D) -> (M, D)."""
+        ends = counts.cumsum(0).to(torch.int32)
+        h = F.silu(self.matmul(xs, self.w1.transpose(1, 2), ends)) * self.matmul(xs, self.w3.transpose(1, 2), ends)
+        return self.matmul(h, self.w2.transpose(1, 2), ends)
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """The grouped GEMM of every projection (a subclass may change its numerics, e.g. to FP8)."""

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from ..config import get_preset
 from .. import dist as ddp
+from ..dist import CollectiveError  # noqa: F401  (re-exported for the command line)
 from ..data import PackedLoader, fixed_batches
 from ..fp8 import RECIPES, convert_to_fp8
 from ..losses import balance_loss, lm_loss
@@ -77,7 +78,8 @@ class PretrainConfig:
     easy_problems: int = field(default=0, metadata={"help": "extra one-digit chain_sum problems in the embedded corpus"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its latest checkpoint"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    ep: int = field(default=1, metadata={"help": "expert parallelism over this many ranks (1 or the torchrun world size)"})
+    ep: int = field(default=1, metadata={"help": "expert parallelism over this many ranks (a divisor of the torchrun world size; the rest is data parallel)"})
+    dist_timeout: float = field(default=600.0, metadata={"help": "seconds a collective may wait for the other ranks before the run stops with an error"})
     fp8: bool = field(default=False, metadata={"help": "train the projections and experts in FP8 (V3's fine-grained recipe)"})
     fp8_recipe: str = field(default="blockwise", metadata={"help": "blockwise (1×128 / 128×128 scales) or tensorwise"})
     optim_moments: str = field(default="fp32", metadata={"help": "AdamW moments in fp32 or bf16 (V3)"})
@@ -88,7 +90,8 @@ class PretrainConfig:
 
 
 # Fields that may differ between a run and its resumption without changing the computation.
-RESUME_FREE = {"resume", "threads", "device", "compile", "eval_every", "eval_batches", "save_every", "keep", "ep"}
+RESUME_FREE = {"resume", "threads", "device", "compile", "eval_every", "eval_batches", "save_every", "keep", "ep",
+               "dist_timeout"}
 
 
 class NonFiniteError(RuntimeError):
@@ -97,9 +100,13 @@ class NonFiniteError(RuntimeError):
 
 def run(cfg: PretrainConfig) -> Path:
     """Train (or resume) and return the final checkpoint directory."""
-    out = Path(cfg.out)
-    device = pick_device(cfg.device)
-    info = ddp.setup(device, cfg.ep)
+    info = ddp.setup(pick_device(cfg.device), cfg.ep, cfg.dist_timeout)
+    with ddp.guard(info) as where:  # a failed or timed-out collective ends the run with one line
+        return _run(cfg, info, where)
+
+
+def _run(cfg: PretrainConfig, info: "ddp.DistInfo", where: "ddp.Where") -> Path:
+    out, device = Path(cfg.out), info.device
     cfg = _reconcile_resume(cfg, out, info)
     _validate(cfg)
     set_threads(cfg.threads)
@@ -138,6 +145,7 @@ def run(cfg: PretrainConfig) -> Path:
     last = None
     while state["step"] < cfg.steps:
         step = state["step"]
+        where.phase = f"at step {step + 1}"
         n_seq = batch_size_at(step, cfg.steps, cfg.batch_size, cfg.batch_start, cfg.batch_ramp)
         batch = loader.next(n_seq)  # the global batch, identical on every rank; each trains on its slice
         rows = n_seq // info.world
@@ -156,6 +164,7 @@ def run(cfg: PretrainConfig) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            where.phase = f"saving the checkpoint of step {step + 1}"
             last = _save(out, model, optimizer, loader, state, tok_file, cfg, info)
     bar.close()
     return last or ckpt.resolve(out)
@@ -211,14 +220,12 @@ class _Trainer:
             sums["balance_loss"] += bal.item() * w if bal is not None else math.nan
             for i, (_, idx) in enumerate(router_log):
                 loads[i] += expert_loads(idx, loads[i].numel())
-        if self.info.enabled:  # global loss, norm and expert loads: every rank takes the same decisions
+        if self.info.enabled:  # global loss, expert loads and gradients: every rank takes the same decisions
             ddp.finish_grads(model, self.info)
-            grad_norm = ddp.grad_norm_and_clip(model, cfg.grad_clip, self.info)
             totals = torch.tensor([sums[k] for k in ("loss", "mtp_loss", "balance_loss")], dtype=torch.float64)
             ddp.all_reduce_(list(loads) + [totals], self.info)
             sums.update(zip(("loss", "mtp_loss", "balance_loss"), (totals / self.info.world).tolist()))
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        grad_norm = ddp.grad_norm_and_clip(model, cfg.grad_clip, self.info)  # one process too: the same clipping
         finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
         if finite:
             self.opt.step()
