@@ -74,6 +74,17 @@ class DistInfo:
     def dp_rank(self) -> int:
         return self.rank // self.ep
 
+    @property
+    def chunk(self) -> int:
+        """Which slice of the global batch this rank trains on: ep_rank·dp + dp_rank.
+
+        Gradients are summed chunk by chunk in this order (FSDP shards over ranks, experts source by source across
+        the DP replicas), the order in which one process adds the same chunks as micro-batches."""
+        return self.ep_rank * self.dp + self.dp_rank
+
+    def rank_of_chunk(self, c: int) -> int:
+        return (c % self.dp) * self.ep + c // self.dp
+
 
 def setup(device: torch.device, ep: int = 1, timeout_s: float = 600.0) -> DistInfo:
     """Join the torchrun process group (gloo on CPU, NCCL on CUDA); a plain process gets world size 1.
@@ -210,17 +221,50 @@ class _AllToAll(torch.autograd.Function):
         return ctx.dispatcher.exchange(grad, in_splits, out_splits, f"{ctx.what}, backward"), None, None, None, None
 
 
+class _Tap(torch.autograd.Function):
+    """Identity on the expert weights used for one source rank's rows; the backward hands that source's weight
+    gradients to the dispatcher's running sum instead of to autograd's accumulation."""
+
+    @staticmethod
+    def forward(ctx, dispatcher: "ExpertDispatch", w1, w2, w3):
+        ctx.dispatcher = dispatcher
+        return w1.view_as(w1), w2.view_as(w2), w3.view_as(w3)
+
+    @staticmethod
+    def backward(ctx, g1, g2, g3):
+        ctx.dispatcher.add_grads((g1, g2, g3))
+        return None, None, None, None
+
+
 class ExpertDispatch:
     """Expert parallelism for one MoE layer: this rank owns experts [ep_rank·El, (ep_rank+1)·El) of E.
 
     Called by Experts.forward with the token slots sorted by global expert (hence by owner rank): the slot counts
-    are exchanged, the slots travel to their owners (dispatch), the owner runs `ffn` on them grouped by local
-    expert, and the outputs travel back (combine). `sent_bytes` counts what left this rank, both directions of
-    forward and backward."""
+    are exchanged, the slots travel to their owners (dispatch), the owner runs the experts' `ffn` on each source
+    rank's rows, and the outputs travel back (combine). `sent_bytes` counts what left this rank, both directions
+    of forward and backward. The weight gradients are summed by `add_grads`, source by source, and handed to the
+    parameters by `finish_grads`."""
 
-    def __init__(self, name: str, n_experts: int, ep_rank: int, ep: int, group):
-        self.name, self.n_experts, self.ep_rank, self.ep, self.group = name, n_experts, ep_rank, ep, group
+    def __init__(self, name: str, n_experts: int, info: DistInfo):
+        self.name, self.n_experts, self.ep_rank, self.ep, self.group = name, n_experts, info.ep_rank, info.ep, \
+            info.ep_group
+        self.dp, self.dp_group = info.dp, info.dp_group
         self.sent_bytes = 0
+        self.grad_sum: torch.Tensor | None = None  # flat (w1, w2, w3) gradient sum of this step
+
+    def add_grads(self, grads) -> None:
+        """One source's weight gradients: with DP replicas, gather the same source index from each (batch chunks
+        i·dp + d, d = 0..dp-1, consecutive) and add them in chunk order."""
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.dp > 1:
+            gathered = flat.new_empty(self.dp * flat.numel())
+            with labelled(f"expert gradient all-gather over the DP replicas, {self.name}"):
+                dist.all_gather_single(gathered, flat, group=self.dp_group)
+            gathered = gathered.view(self.dp, -1)
+        else:
+            gathered = flat[None]
+        for g in gathered:
+            self.grad_sum = g.clone() if self.grad_sum is None else self.grad_sum.add_(g)
 
     def exchange(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], what: str) -> torch.Tensor:
         x = x.contiguous()
@@ -230,7 +274,7 @@ class ExpertDispatch:
         self.sent_bytes += (x.shape[0] - in_splits[self.ep_rank]) * x[:1].numel() * x.element_size()
         return out
 
-    def __call__(self, xs: torch.Tensor, counts: torch.Tensor, ffn) -> torch.Tensor:
+    def __call__(self, xs: torch.Tensor, counts: torch.Tensor, experts: Experts) -> torch.Tensor:
         W, El = self.ep, self.n_experts // self.ep
         recv_counts = torch.empty_like(counts)  # recv_counts[s·El + j]: slots from rank s for my expert j
         with labelled(f"expert slot counts, {self.name}"):
@@ -240,18 +284,21 @@ class ExpertDispatch:
         recv = recv_counts.sum(1).tolist()
         got = _AllToAll.apply(xs, recv, send, self, "dispatch")  # (sum(recv), D): by source rank, then expert
         # One ffn per source rank, built last-to-first: autograd runs the most recently built branch first, so the
-        # weight gradients of the sources add up in rank order, as one process adds its micro-batches.
-        parts = got.split(recv)
-        ys = [ffn(parts[s], recv_counts[s]) for s in reversed(range(W))][::-1]
+        # sources' weight gradients reach add_grads in rank order (= batch-chunk order within the EP group).
+        parts, weights = got.split(recv), (experts.w1, experts.w2, experts.w3)
+        ys = [experts.ffn(parts[s], recv_counts[s], _Tap.apply(self, *weights)) for s in reversed(range(W))][::-1]
         return _AllToAll.apply(torch.cat(ys), send, recv, self, "combine")  # (N·K, D) in the caller's slot order
 
 
-class RankOrderedReduceScatter:
-    """FSDP2's gradient reduce-scatter as an all-to-all plus a sum in rank order (same bytes on the wire).
+class ChunkOrderedReduceScatter:
+    """FSDP2's gradient reduce-scatter as an all-to-all plus a sum in batch-chunk order (same bytes on the wire).
 
-    Rank r's gradient is the gradient of its slice of the batch; summing the slices in rank order is what one
-    process does with the same slices as micro-batches, so data parallelism stays bit-identical to it on CPU
-    (a ring reduce-scatter adds in an order that depends on the rank; for more than two ranks that differs)."""
+    Each rank's gradient is the gradient of its chunk of the batch; adding the chunks in order is what one process
+    does with the same chunks as micro-batches, so training stays bit-identical to it on CPU (a ring
+    reduce-scatter adds in an order that depends on the rank, which differs for more than two ranks)."""
+
+    def __init__(self, order: list[int]):
+        self.order = order  # order[c]: the rank holding batch chunk c
 
     def allocate(self, size, *, dtype, device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
@@ -263,8 +310,8 @@ class RankOrderedReduceScatter:
         with labelled("FSDP gradient reduce-scatter (rank-ordered all-to-all)"):
             dist.all_to_all_single(pieces, input_tensor, group=group)
         pieces = pieces.view(W, -1)  # row r: rank r's gradient for this rank's shard
-        total = pieces[0].clone()
-        for r in range(1, W):
+        total = pieces[self.order[0]].clone()
+        for r in self.order[1:]:
             total += pieces[r]
         if op == dist.ReduceOp.AVG:
             total /= W
@@ -295,33 +342,25 @@ def parallelize(model: Transformer, info: DistInfo) -> Transformer:
                 lo = info.ep_rank * El
                 for p in ("w1", "w2", "w3"):
                     setattr(m, p, torch.nn.Parameter(getattr(m, p).detach()[lo:lo + El].clone()))
-                m.dispatch = ExpertDispatch(name, m.n_experts, info.ep_rank, info.ep, info.ep_group)
+                m.dispatch = ExpertDispatch(name, m.n_experts, info)
     ignored = set(expert_params(model))
     for module in list(model.layers) + list(model.mtp) + [model]:
         fully_shard(module, mesh=info.mesh, ignored_params=ignored or None)
-        module.set_custom_reduce_scatter(RankOrderedReduceScatter())
+        module.set_custom_reduce_scatter(ChunkOrderedReduceScatter([info.rank_of_chunk(c) for c in range(info.world)]))
     return model
 
 
 def finish_grads(model: Transformer, info: DistInfo) -> None:
-    """Expert gradients after backward: summed over the DP replicas (one bucket), divided by the world size.
-
-    The backward all-to-all already summed them over the EP group's tokens; with the DP sum they hold the sum over
-    every rank's mean loss, so / W gives the gradient of the global mean, as FSDP's average does for the rest."""
-    params = expert_params(model)
-    if not params:
-        return
-    for p in params:
-        if p.grad is None:  # every rank reduces the same bucket
-            p.grad = torch.zeros_like(p)
-    if info.dp > 1:
-        flat = torch.cat([p.grad.flatten() for p in params])
-        with labelled("expert gradient all-reduce over the DP replicas"):
-            dist.all_reduce(flat, group=info.dp_group)
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
-    for p in params:
-        p.grad.div_(info.world)
+    """Expert gradients after backward: the dispatchers' sums over every rank's chunk, divided by the world size
+    (each chunk's gradient is that of its own mean loss), as FSDP's average does for the other parameters."""
+    for m in model.modules():
+        if isinstance(m, Experts) and m.dispatch is not None:
+            params = (m.w1, m.w2, m.w3)
+            total, m.dispatch.grad_sum = m.dispatch.grad_sum, None
+            if total is None:  # no backward this step
+                total = torch.zeros(sum(p.numel() for p in params), device=m.w1.device, dtype=m.w1.dtype)
+            for p, g in zip(params, total.split([p.numel() for p in params])):
+                p.grad = g.view_as(p).div_(info.world)
 
 
 def grad_norm_and_clip(model: Transformer, max_norm: float, info: DistInfo) -> float:

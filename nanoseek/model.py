@@ -296,7 +296,7 @@ class Experts(nn.Module):
     `dispatch`, when set (expert parallelism, installed by nanoseek.dist), carries the expert-sorted token slots
     to the ranks that own their experts and back; w1..w3 then hold this rank's slice of the n_experts."""
 
-    dispatch = None  # callable (slots, counts, ffn) -> outputs; None: every expert is local
+    dispatch = None  # callable (slots, counts, experts) -> outputs; None: every expert is local
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
@@ -313,15 +313,18 @@ class Experts(nn.Module):
         inverse[order] = torch.arange(order.numel(), device=order.device)
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts)  # (E,) slots per expert
         xs = _GatherRows.apply(x, order, inverse, K)  # (N·K, D): row j is token order[j] // K
-        ys = self.ffn(xs, counts) if self.dispatch is None else self.dispatch(xs, counts, self.ffn)
+        ys = self.ffn(xs, counts) if self.dispatch is None else self.dispatch(xs, counts, self)
         ys = _GatherRows.apply(ys, inverse, order, 1)  # back to (n, k) order
         return torch.bmm(weights.unsqueeze(1), ys.view(N, K, -1)).squeeze(1)  # (N, 1, K) @ (N, K, D)
 
-    def ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of local expert e over its counts[e] consecutive rows of xs (M, D) -> (M, D)."""
+    def ffn(self, xs: torch.Tensor, counts: torch.Tensor, weights=None) -> torch.Tensor:
+        """SwiGLU of local expert e over its counts[e] consecutive rows of xs (M, D) -> (M, D).
+
+        `weights` (w1, w2, w3) stand in for the parameters (expert parallelism passes views of them)."""
+        w1, w2, w3 = weights if weights is not None else (self.w1, self.w2, self.w3)
         ends = counts.cumsum(0).to(torch.int32)
-        h = F.silu(self.matmul(xs, self.w1.transpose(1, 2), ends)) * self.matmul(xs, self.w3.transpose(1, 2), ends)
-        return self.matmul(h, self.w2.transpose(1, 2), ends)
+        h = F.silu(self.matmul(xs, w1.transpose(1, 2), ends)) * self.matmul(xs, w3.transpose(1, 2), ends)
+        return self.matmul(h, w2.transpose(1, 2), ends)
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """The grouped GEMM of every projection (a subclass may change its numerics, e.g. to FP8)."""

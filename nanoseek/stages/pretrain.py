@@ -149,7 +149,7 @@ def _run(cfg: PretrainConfig, info: "ddp.DistInfo", where: "ddp.Where") -> Path:
         n_seq = batch_size_at(step, cfg.steps, cfg.batch_size, cfg.batch_start, cfg.batch_ramp)
         batch = loader.next(n_seq)  # the global batch, identical on every rank; each trains on its slice
         rows = n_seq // info.world
-        metrics = trainer.step(batch[info.rank * rows:(info.rank + 1) * rows].to(device), step)
+        metrics = trainer.step(batch[info.chunk * rows:(info.chunk + 1) * rows].to(device), step)
         state["bad_steps"] = 0 if metrics["finite"] else state["bad_steps"] + 1
         if state["bad_steps"] >= cfg.max_bad_steps:
             raise NonFiniteError(f"{cfg.max_bad_steps} non-finite steps in a row (last at step {step}); "
@@ -264,7 +264,7 @@ class _Trainer:
         loads = [torch.zeros_like(g.bias) for g in self.gates]
         for batch in batches:
             rows = batch.shape[0] // self.info.world
-            batch = batch[self.info.rank * rows:(self.info.rank + 1) * rows].to(self.device)
+            batch = batch[self.info.chunk * rows:(self.info.chunk + 1) * rows].to(self.device)
             router_log = RouterLog()
             with autocast(self.device):
                 loss, mtp_losses = lm_loss(self.model, batch[:, :-1], batch[:, 1:], router_log)
