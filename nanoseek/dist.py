@@ -144,12 +144,18 @@ class CollectiveError(RuntimeError):
 _NOTE = "nanoseek collective: "
 
 
+def _checkpoint_exception() -> type:
+    from torch.distributed.checkpoint import CheckpointException  # a BaseException: DCP's wrapper of rank failures
+
+    return CheckpointException
+
+
 @contextlib.contextmanager
 def labelled(what: str):
     """Name the collectives issued inside (the name travels with an error raised from them, through autograd)."""
     try:
         yield
-    except RuntimeError as e:
+    except (RuntimeError, _checkpoint_exception()) as e:
         if not any(n.startswith(_NOTE) for n in getattr(e, "__notes__", ())):
             e.add_note(_NOTE + what)
         raise
@@ -163,7 +169,11 @@ _CONTEXTS = {"foreach_reduce": "FSDP gradient reduce-scatter", "foreach_all_gath
 
 def describe_failure(e: BaseException, info: DistInfo, phase: str) -> str | None:
     """One line for an exception raised by a collective (None if it did not come from torch.distributed)."""
-    frames = traceback.extract_tb(e.__traceback__)
+    frames = list(traceback.extract_tb(e.__traceback__))
+    cause = e
+    if isinstance(e, _checkpoint_exception()) and e.failures:  # {rank: (exception, stack)}: report the first
+        cause, stack = next(iter(e.failures.values()))
+        frames += list(stack)
     dist_frames = [f for f in frames if f"torch{os.sep}distributed{os.sep}" in f.filename]
     notes = [n[len(_NOTE):] for n in getattr(e, "__notes__", ()) if n.startswith(_NOTE)]
     if not dist_frames and not notes and not isinstance(e, dist.DistError):
@@ -172,7 +182,8 @@ def describe_failure(e: BaseException, info: DistInfo, phase: str) -> str | None
     name = c10d[-1] if c10d else (dist_frames[-1].name if dist_frames else type(e).__name__)
     context = notes[0] if notes else next((_CONTEXTS[f.name] for f in reversed(dist_frames) if f.name in _CONTEXTS),
                                           "")
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(cause).strip()
+    reason = text.splitlines()[0] if text else type(cause).__name__
     if reason.startswith("[") and "] " in reason:  # drop gloo's "[/path/to/file.cc:78] " prefix
         reason = reason.split("] ", 1)[1]
     what = f"{name} ({context})" if context else name
@@ -193,7 +204,7 @@ def guard(info: DistInfo, phase: str = "during setup"):
     where = Where(phase)
     try:
         yield where
-    except (RuntimeError, dist.DistError) as e:
+    except (RuntimeError, _checkpoint_exception()) as e:
         if isinstance(e, CollectiveError) or not info.enabled:
             raise
         line = describe_failure(e, info, where.phase)
@@ -343,16 +354,49 @@ def parallelize(model: Transformer, info: DistInfo) -> Transformer:
                 for p in ("w1", "w2", "w3"):
                     setattr(m, p, torch.nn.Parameter(getattr(m, p).detach()[lo:lo + El].clone()))
                 m.dispatch = ExpertDispatch(name, m.n_experts, info)
-    ignored = set(expert_params(model))
+    ignored = set(expert_params(model)) | {p for p in model.parameters() if not _shards_aligned(p, info.world)}
     for module in list(model.layers) + list(model.mtp) + [model]:
         fully_shard(module, mesh=info.mesh, ignored_params=ignored or None)
         module.set_custom_reduce_scatter(ChunkOrderedReduceScatter([info.rank_of_chunk(c) for c in range(info.world)]))
     return model
 
 
+ALIGN = 64  # elements: a multiple of every CPU vector width (fp32 AVX-512: 16; bf16: 32)
+
+
+def _shards_aligned(p: torch.nn.Parameter, world: int) -> bool:
+    """Whether FSDP's dim-0 shards of p start at multiples of ALIGN elements.
+
+    torch's fused CPU AdamW rounds the vectorised body of a tensor and its scalar tail differently (FMA), so an
+    update is the same on a shard as on the whole tensor only if the shard keeps the vector alignment. The few
+    parameters that would not (norm weights of 16 or 32 elements on 4 ranks) stay whole on every rank."""
+    rows = -(-p.shape[0] // world) if p.dim() else 0
+    return rows * (p.numel() // max(p.shape[0], 1) if p.dim() else 1) % ALIGN == 0 and rows > 0
+
+
+def replicated_params(model: Transformer) -> list[torch.nn.Parameter]:
+    """Parameters kept whole on every rank (not FSDP-sharded, not expert-parallel), in a fixed order."""
+    experts = set(map(id, expert_params(model)))
+    return [p for p in model.parameters() if not hasattr(p, "to_local") and id(p) not in experts]
+
+
 def finish_grads(model: Transformer, info: DistInfo) -> None:
-    """Expert gradients after backward: the dispatchers' sums over every rank's chunk, divided by the world size
-    (each chunk's gradient is that of its own mean loss), as FSDP's average does for the other parameters."""
+    """Gradients FSDP does not reduce, after backward: summed over every rank's chunk in chunk order, divided by the
+    world size (each chunk's gradient is that of its own mean loss), as FSDP's average does for the rest.
+
+    Expert weights: their dispatchers' sums. Replicated parameters: one all-gather of every rank's gradients."""
+    whole = replicated_params(model)
+    if whole:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in whole])
+        gathered = flat.new_empty(info.world * flat.numel())
+        with labelled("replicated-parameter gradient all-gather"):
+            dist.all_gather_single(gathered, flat)
+        gathered = gathered.view(info.world, -1)
+        total = gathered[info.rank_of_chunk(0)].clone()
+        for c in range(1, info.world):
+            total += gathered[info.rank_of_chunk(c)]
+        for p, g in zip(whole, total.div_(info.world).split([p.numel() for p in whole])):
+            p.grad = g.view_as(p)
     for m in model.modules():
         if isinstance(m, Experts) and m.dispatch is not None:
             params = (m.w1, m.w2, m.w3)
@@ -364,12 +408,13 @@ def finish_grads(model: Transformer, info: DistInfo) -> None:
 
 
 def grad_norm_and_clip(model: Transformer, max_norm: float, info: DistInfo) -> float:
-    """Global gradient norm over FSDP shards (disjoint across ranks) and experts (counted once: DP replica 0),
-    clipped in place. One process uses it too, so that both compute the same coefficient."""
+    """Global gradient norm over FSDP shards (disjoint across ranks), experts (counted once: DP replica 0) and
+    replicated parameters (counted once: rank 0), clipped in place. One process uses it too, so that both compute the same coefficient."""
     experts = set(map(id, expert_params(model)))
+    whole = set(map(id, replicated_params(model))) if info.enabled else set()
     sq = torch.zeros((), dtype=torch.float64, device=info.device)
     for p in model.parameters():
-        if p.grad is None or (id(p) in experts and info.dp_rank != 0):
+        if p.grad is None or (id(p) in experts and info.dp_rank != 0) or (id(p) in whole and info.rank != 0):
             continue
         g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
         sq += g.double().pow(2).sum()

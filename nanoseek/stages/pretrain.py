@@ -213,7 +213,9 @@ class _Trainer:
         loads = [torch.zeros_like(g.bias) for g in self.gates]
         for chunk in chunks:
             total, loss, mtp, bal, lam, router_log = self._losses(chunk, step)
-            (total * chunk.shape[0] / batch.shape[0]).backward()
+            # each micro-batch's mean at weight 1 (a short last one at its share), the sum divided after backward:
+            # FP8's tile scales are clamped, so its gradients are not proportional to a loss scale set before it
+            (total if chunk.shape[0] == micro else total * (chunk.shape[0] / micro)).backward()
             w = chunk.shape[0] / batch.shape[0]
             sums["loss"] += loss.item() * w
             sums["mtp_loss"] += mtp.item() * w if mtp is not None else math.nan
@@ -225,6 +227,10 @@ class _Trainer:
             totals = torch.tensor([sums[k] for k in ("loss", "mtp_loss", "balance_loss")], dtype=torch.float64)
             ddp.all_reduce_(list(loads) + [totals], self.info)
             sums.update(zip(("loss", "mtp_loss", "balance_loss"), (totals / self.info.world).tolist()))
+        if batch.shape[0] != micro:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(batch.shape[0] / micro)
         grad_norm = ddp.grad_norm_and_clip(model, cfg.grad_clip, self.info)  # one process too: the same clipping
         finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
         if finite:
