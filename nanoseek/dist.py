@@ -13,10 +13,13 @@ a DP × EP mesh, collective timeouts that end a run with one line, and DCP check
   them, and every block's gradient depends on the next one's, so the order is fixed by data dependence, not by
   the autograd engine's choice among ready nodes. What it needs is that every rank's backward graph has the
   same collectives whatever the routing: dispatch and combine are one autograd Function each that is recorded
-  (and so runs its backward all-to-all) even when a rank receives no token slot. Expert gradients are kept
-  out of FSDP (ignored parameters) and reduced explicitly after backward over the DP replicas, one bucket per
-  step. Expert traffic has its own process group, so it can never be matched against an FSDP collective;
-  host-side waits (rank 0 alone building data or writing files) use a gloo group with a long timeout.
+  (and so runs its backward all-to-all) even when a rank receives no token slot, and the owner runs one branch
+  per source rank, empty or not. Expert weights are kept out of FSDP (ignored parameters); their gradients are
+  summed source by source (with DP replicas: gathered over them in each source's branch). Expert traffic has
+  its own process groups, so it can never be matched against an FSDP collective; host-side waits (rank 0 alone
+  building data or writing files) use a gloo group with a long timeout.
+- Bit-identical to one process on CPU (same losses, loads and parameters as one process training on the same
+  batch chunks as micro-batches): gradients of the chunks are added in chunk order everywhere.
 - Failures: every collective has a timeout (`--dist-timeout`); a timed-out, mismatched or broken collective
   (a dead peer) raises CollectiveError with one line naming the rank and the collective. On NCCL, blocking
   wait (TORCH_NCCL_BLOCKING_WAIT=1) makes the timeout raise in Python instead of aborting the process.
@@ -192,10 +195,12 @@ def describe_failure(e: BaseException, info: DistInfo, phase: str) -> str | None
 
 
 class Where:
-    """The phase a guarded region is in, for the error line (updated by the caller as it goes)."""
+    """The phase a guarded region is in, for the error line (updated by the caller as it goes), and what to close
+    before the line is printed (a progress bar)."""
 
     def __init__(self, phase: str):
         self.phase = phase
+        self.cleanup: list = []
 
 
 @contextlib.contextmanager
@@ -210,6 +215,8 @@ def guard(info: DistInfo, phase: str = "during setup"):
         line = describe_failure(e, info, where.phase)
         if line is None:
             raise
+        for close in where.cleanup:
+            close()
         raise CollectiveError(line) from e
 
 
@@ -318,7 +325,7 @@ class ChunkOrderedReduceScatter:
         assert op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG) and not async_op, op
         W = group.size()
         pieces = torch.empty_like(input_tensor)
-        with labelled("FSDP gradient reduce-scatter (rank-ordered all-to-all)"):
+        with labelled("FSDP gradient reduce-scatter (chunk-ordered all-to-all)"):
             dist.all_to_all_single(pieces, input_tensor, group=group)
         pieces = pieces.view(W, -1)  # row r: rank r's gradient for this rank's shard
         total = pieces[self.order[0]].clone()

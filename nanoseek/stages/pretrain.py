@@ -142,6 +142,7 @@ def _run(cfg: PretrainConfig, info: "ddp.DistInfo", where: "ddp.Where") -> Path:
 
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not info.main)
+    where.cleanup.append(bar.close)  # the error line comes after the bar's, not inside it
     last = None
     while state["step"] < cfg.steps:
         step = state["step"]
