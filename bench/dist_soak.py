@@ -3,7 +3,7 @@ shape) under torchrun on CPU/gloo, several seeds, 2 and 4 processes, data parall
 each compared step by step with one process (relative loss difference, bitwise equality, expert loads, final
 parameters). Not a timing: run it under the shared CPU lock with one thread per process.
 
-    python bench/dist_soak.py [--steps 300] [--seeds 0 1 2] [--out docs/results/distributed.md]
+    python bench/dist_soak.py [--steps 300] [--seeds 0 1 2] [--cache soak.json] [--out docs/results/distributed.md]
 
 The reference for a run with W processes is one process training on the same W batch chunks as micro-batches
 (`--micro-batch 16/W`): the same arithmetic, so the losses must agree to every bit. For context each seed also
@@ -65,31 +65,45 @@ def compare(ref: Path, run: Path) -> dict:
             "final_loss": b[-1]["loss"]}
 
 
+def soak_seed(seed: int, steps: int, tmp: Path) -> list[dict]:
+    """Every layout of one seed against its one-process reference; one result per layout."""
+    base = tmp / f"seed{seed}"
+    refs = {w: base / f"one-micro{BATCH // w}" for w in (2, 4)}
+    for w, path in refs.items():
+        pretrain(path, steps, seed, micro=BATCH // w)
+    whole = base / "one-whole"
+    pretrain(whole, steps, seed)
+    out = []
+    for world, ep, name in LAYOUTS:
+        pretrain(base / f"w{world}-ep{ep}", steps, seed, world, ep)
+        r = {"seed": seed, "layout": name, **compare(refs[world], base / f"w{world}-ep{ep}")}
+        r["context"] = compare(whole, base / f"w{world}-ep{ep}")
+        out.append(r)
+        print(json.dumps(r), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--cache", default=None, help="JSON file of finished seeds: a seed found there is not rerun "
+                                                   "(lets the soak run one seed at a time)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    rows, results = [], []
-    with tempfile.TemporaryDirectory() as d:
-        for seed in args.seeds:
-            base = Path(d) / f"seed{seed}"
-            refs = {w: base / f"one-micro{BATCH // w}" for w in (2, 4)}
-            for w, path in refs.items():
-                pretrain(path, args.steps, seed, micro=BATCH // w)
-            whole = base / "one-whole"
-            pretrain(whole, args.steps, seed)
-            for world, ep, name in LAYOUTS:
-                pretrain(base / f"w{world}-ep{ep}", args.steps, seed, world, ep)
-                r = compare(refs[world], base / f"w{world}-ep{ep}")
-                results.append(r)
-                ctx = compare(whole, base / f"w{world}-ep{ep}")
-                rows.append(f"| {seed} | {name} | {r['steps']} | {r['bitwise_steps']} | {r['worst_rel']:.1e} | "
-                            f"{r['worst_heldout_rel']:.1e} | {r['loads_equal']} | {r['param_max_abs']:.1e} | "
-                            f"{r['final_loss']:.4f} | {ctx['worst_rel']:.1e} (first > 1e-5: step "
-                            f"{ctx['first_over']}) |")
-                print(rows[-1], flush=True)
+    cache = Path(args.cache) if args.cache else None
+    done = json.loads(cache.read_text()) if cache and cache.exists() else {}
+    for seed in args.seeds:
+        key = f"{seed}/{args.steps}"
+        if key not in done:
+            with tempfile.TemporaryDirectory() as d:
+                done[key] = soak_seed(seed, args.steps, Path(d))
+            if cache:
+                cache.write_text(json.dumps(done, indent=1))
+    results = [r for seed in args.seeds for r in done[f"{seed}/{args.steps}"]]
+    rows = [f"| {r['seed']} | {r['layout']} | {r['steps']} | {r['bitwise_steps']} | {r['worst_rel']:.1e} | "
+            f"{r['worst_heldout_rel']:.1e} | {r['loads_equal']} | {r['param_max_abs']:.1e} | {r['final_loss']:.4f} | "
+            f"{r['context']['worst_rel']:.1e} (first > 1e-5: step {r['context']['first_over']}) |" for r in results]
     worst = max(r["worst_rel"] for r in results)
     bitwise = sum(r["bitwise_steps"] == r["steps"] and r["param_max_abs"] == 0 for r in results)
     lines = [f"`nanoseek pretrain --preset tiny --vocab-size 300 --steps {args.steps}` (batch {BATCH} × 64 tokens, "
