@@ -201,7 +201,7 @@ def _fp8_grouped(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, recipe: s
         if end > start:
             outs.append(fp8_linear(x[start:end], w[e].T, recipe, ue8m0))
         start = end
-    return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
+    return torch.cat(outs) if outs else x @ w[0]  # no rows: still an autograd path (same graph on every EP rank)
 
 
 class FP8Experts(Experts):

@@ -441,10 +441,16 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts, stacked: w1, w3 (E, F, D) and w2 (E, D, F), so all of them run as grouped matmuls."""
+    """The routed experts, stacked: w1, w3 (E, F, D) and w2 (E, D, F), so all of them run as grouped matmuls.
+
+    `dispatch`, when set (expert parallelism, installed by nanoseek.dist), carries the expert-sorted token slots
+    to the ranks that own their experts and back; w1..w3 then hold this rank's slice of the n_experts."""
+
+    dispatch = None  # callable (slots, counts, experts) -> outputs; None: every expert is local
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
+        self.n_experts = n_experts
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
@@ -452,13 +458,30 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Σ_k weights[n,k]·expert_{indices[n,k]}(x[n]) with tokens sorted by expert. x: (N, D) -> (N, D)."""
         N, K = indices.shape
-        # bf16 GEMMs go to oneDNN, which builds a kernel per new shape: rounding each expert's group up to a
-        # multiple of 32 rows keeps the shapes few and cached (fp32 GEMMs go to MKL and need no padding)
-        src, slot_pos, ends = _dispatch(indices, self.w1.shape[0], 1 if x.dtype == torch.float32 else 32)
-        xs = _GatherRows.apply(x, src.clamp(max=N * K - 1), slot_pos, K)  # (M, D): row j is token src[j] // K
-        h = F.silu(self.matmul(xs, self.w1.transpose(1, 2), ends)) * self.matmul(xs, self.w3.transpose(1, 2), ends)
-        ys = _GatherRows.apply(self.matmul(h, self.w2.transpose(1, 2), ends), slot_pos, src, 1)  # back to (n, k)
+        if self.dispatch is not None:  # expert parallelism: the sorted rows travel to the ranks owning the experts
+            src, slot_pos, ends = _dispatch(indices, self.n_experts, 1)
+            xs = _GatherRows.apply(x, src, slot_pos, K)  # (N·K, D): row j is token src[j] // K
+            ys = self.dispatch(xs, torch.diff(ends, prepend=ends.new_zeros(1)), self)
+        else:
+            # bf16 GEMMs go to oneDNN, which builds a kernel per new shape: rounding each expert's group up to a
+            # multiple of 32 rows keeps the shapes few and cached (fp32 GEMMs go to MKL and need no padding)
+            src, slot_pos, ends = _dispatch(indices, self.n_experts, 1 if x.dtype == torch.float32 else 32)
+            xs = _GatherRows.apply(x, src.clamp(max=N * K - 1), slot_pos, K)  # padding rows read any real row
+            ys = self.ffn_groups(xs, ends)
+        ys = _GatherRows.apply(ys, slot_pos, src, 1)  # back to (n, k) order; padding rows are never read
         return torch.bmm(weights.unsqueeze(1), ys.view(N, K, -1)).squeeze(1)  # (N, 1, K) @ (N, K, D)
+
+    def ffn(self, xs: torch.Tensor, counts: torch.Tensor, weights=None) -> torch.Tensor:
+        """SwiGLU of local expert e over its counts[e] consecutive rows of xs (M, D) -> (M, D).
+
+        `weights` (w1, w2, w3) stand in for the parameters (expert parallelism passes views of them)."""
+        return self.ffn_groups(xs, counts.cumsum(0).to(torch.int32), weights)
+
+    def ffn_groups(self, xs: torch.Tensor, ends: torch.Tensor, weights=None) -> torch.Tensor:
+        """ffn with each expert's group given by its end row (ends (E,) int32; groups may hold padding rows)."""
+        w1, w2, w3 = weights if weights is not None else (self.w1, self.w2, self.w3)
+        h = F.silu(self.matmul(xs, w1.transpose(1, 2), ends)) * self.matmul(xs, w3.transpose(1, 2), ends)
+        return self.matmul(h, w2.transpose(1, 2), ends)
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """The grouped GEMM of every projection (a subclass may change its numerics, e.g. to FP8)."""

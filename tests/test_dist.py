@@ -1,20 +1,28 @@
-"""torch.distributed on CPU (gloo, 2 processes via torchrun): data and expert parallelism equal one process, and a
-checkpoint written by 2 processes resumes in 1."""
+"""torch.distributed on CPU (gloo): every layout (data parallel, expert parallel, DP × EP) trains bit for bit like one
+process, a collective that never completes ends the run with one line and a non-zero exit, and a run that loses a
+rank to SIGKILL stops with one line and resumes from its last DCP checkpoint in one process, exactly."""
 
 import json
 import os
 import random
-import shutil
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from nanoseek import checkpoint as ckpt
 from nanoseek.cli import main
-from nanoseek.dist import DistInfo, check_layout
 from nanoseek.config import get_preset
+from nanoseek.dist import DistInfo, check_layout
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -26,56 +34,70 @@ def corpus(tmp_path_factory):
     return path
 
 
-def args(corpus, out, steps=4):
+def args(corpus, out, steps):
+    """The default batch shape (16 sequences of the tiny preset's 64 tokens), 8 sequences per forward pass."""
     return ["pretrain", "--preset", "tiny", "--data", str(corpus), "--vocab-size", "300", "--steps", str(steps),
-            "--batch-size", "8", "--seq-len", "32", "--save-every", "2", "--keep", "5", "--eval-every", "2",
-            "--eval-batches", "1", "--lr", "5e-4", "--threads", "1", "--out", str(out)]
+            "--micro-batch", "8", "--save-every", "2", "--keep", "2", "--eval-every", "4", "--eval-batches", "1",
+            "--threads", "1", "--dist-timeout", "60", "--out", str(out)]
 
 
-def torchrun(argv):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanoseek", *argv]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def compare(a, b, loss_rtol=1e-6, param_atol=1e-6):
-    """Same loss sequence (relative 1e-6) and same final parameters (absolute 1e-6 after 4 AdamW steps at lr 5e-4)."""
-    ra = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
-    rb = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in ra] == [r["step"] for r in rb]
-    for x, y in zip(ra, rb):
-        for key in ("loss", "mtp_loss", "heldout_loss"):
-            if key in x:
-                assert abs(x[key] - y[key]) <= loss_rtol * abs(x[key]), (x["step"], key, x[key], y[key])
-        assert x["maxvio"] == y["maxvio"]  # global expert loads are integers: exactly equal
-    sa = load_file(str(ckpt.step_dirs(a)[-1] / "model.safetensors"))
-    sb = load_file(str(ckpt.step_dirs(b)[-1] / "model.safetensors"))
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert (sa[k] - sb[k]).abs().max().item() <= param_atol, k
+def test_layouts_train_like_one_process_and_a_lone_collective_times_out_with_one_line(tmp_path):
+    """4 processes: DP, EP 4, DP × EP 2×2 (also with every token routed to rank 0's experts, and FP8 experts) give
+    one process's losses, expert loads and parameters bit for bit; then rank 0's lone collective times out."""
+    script = Path(__file__).with_name("dist_checks.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "--log-dir",
+           str(tmp_path / "logs"), "--redirects", "3", str(script), "--steps", "3"]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    rank0 = next((tmp_path / "logs").glob("*/attempt_0/0"))
+    out, err = (rank0 / "stdout.log").read_text(), (rank0 / "stderr.log").read_text()
+    assert done.returncode != 0, "the hang check must end the run with a non-zero exit"
+    passed = [line for line in out.splitlines() if line.startswith("ok ")]
+    assert len(passed) == 7, out + err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"dist_checks: rank 0 of 4: collective all_to_all_single \(expert slot counts, "
+                        r"layers\.1\.ffn\.experts\) failed in the hang check: Timed out waiting 3000ms .*"
+                        r"--dist-timeout 3 s\)", last), last
 
 
-@pytest.fixture(scope="module")
-def single(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "run"
-    os.environ["OMP_NUM_THREADS"] = "1"
-    assert main(args(corpus, out)) == 0
-    return out
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def test_data_parallel_equals_one_process(corpus, single, tmp_path):
-    torchrun(args(corpus, tmp_path / "dp"))
-    compare(single, tmp_path / "dp")
+def test_killed_rank_stops_the_run_with_one_line_and_it_resumes_exactly_in_one_process(corpus, tmp_path):
+    ref, run = tmp_path / "one", tmp_path / "ep"
+    assert main(args(corpus, ref, 12)) == 0  # one process, the batch in two micro-batches
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    logs = [open(tmp_path / f"rank{r}.err", "w+") for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "nanoseek", *args(corpus, run, 12), "--ep", "2"],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,
+                              stderr=logs[r]) for r in range(2)]
+    deadline = time.monotonic() + 300
+    while not ckpt.step_dirs(run) and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)  # mid-run: a checkpoint exists, most steps are still to come
+    procs[0].wait(timeout=120)  # the survivor's next collective meets the closed connection
+    procs[1].wait(timeout=30)
+    err = (tmp_path / "rank0.err").read_text()
+    assert procs[0].returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"nanoseek pretrain: rank 0 of 2: collective \w+ \(.+\) failed (at|saving the checkpoint of) "
+                        r"step \d+: .+ — a peer died, hung or issued its collectives in another order "
+                        r"\(--dist-timeout 60 s\)", last), last
+    assert len(records(run)) < 12 and (ckpt.step_dirs(run)[-1] / "train_state" / "dcp").is_dir()
 
-
-def test_expert_parallel_equals_one_process_and_resumes_in_one(corpus, single, tmp_path):
-    torchrun(args(corpus, tmp_path / "ep") + ["--ep", "2"])
-    compare(single, tmp_path / "ep")
-    shutil.rmtree(tmp_path / "ep" / "checkpoints" / "step_000004")  # as if killed after step 2
-    assert (tmp_path / "ep" / "checkpoints" / "step_000002" / "train_state" / "dcp").is_dir()
-    assert main(["pretrain", "--out", str(tmp_path / "ep"), "--resume"]) == 0  # one process, DCP reshards
-    compare(single, tmp_path / "ep")
+    assert main(["pretrain", "--out", str(run), "--resume"]) == 0  # one process: DCP reshards the experts
+    assert [(r["step"], r["loss"], r["maxvio"], r.get("heldout_loss")) for r in records(run)] == [
+        (r["step"], r["loss"], r["maxvio"], r.get("heldout_loss")) for r in records(ref)]
+    sa, sb = (load_file(str(ckpt.step_dirs(x)[-1] / "model.safetensors")) for x in (ref, run))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_impossible_layouts_are_rejected():
@@ -85,3 +107,4 @@ def test_impossible_layouts_are_rejected():
     with pytest.raises(ValueError, match="multiple of the world size"):
         check_layout(cfg, DistInfo(rank=0, world=3, ep=1), 8, 0)
     assert main(["pretrain", "--preset", "tiny", "--out", "/tmp/nope", "--ep", "2"]) == 2  # no torchrun
+    assert main(["pretrain", "--preset", "tiny", "--out", "/tmp/nope", "--dist-timeout", "0"]) == 2

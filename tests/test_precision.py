@@ -23,7 +23,7 @@ import torch
 from nanoseek import Transformer, get_preset
 from nanoseek import checkpoint as ckpt
 from nanoseek.cli import main
-from nanoseek.engine import Engine, KVCache, SamplingParams
+from nanoseek.engine import Engine, SamplingParams
 from nanoseek.fp8 import FP8Experts, FP8Linear, convert_to_fp8
 from nanoseek.losses import cross_entropy_reference, linear_cross_entropy, lm_loss
 from nanoseek.model import Experts, RouterLog, _dispatch
@@ -296,7 +296,7 @@ def test_bf16_cached_decode_equals_bf16_full_forward():
     model = prepare_inference(random_model(std=0.02, max_seq_len=128, attn_impl="absorb").eval(), bf16_runtime())
     B, L, steps = 3, 9, 30
     tokens = torch.randint(0, 256, (B, L + steps), generator=torch.Generator().manual_seed(1))
-    cache = KVCache(model, B, L + steps)
+    cache = model.new_cache(B, L + steps)
     assert cache.kv.dtype == torch.bfloat16
     with torch.no_grad():
         full = model(tokens).float()

@@ -88,7 +88,10 @@ class PretrainConfig(ComputeOptions):
                           "extends it)")
     force: bool = option(False, help="replace an earlier run in --out instead of refusing")
     compile: bool = option(False, help="torch.compile the model")
-    ep: int = option(1, help="expert parallelism over this many ranks (1 or the torchrun world size)", min=1)
+    ep: int = option(1, help="expert parallelism over this many ranks (a divisor of the torchrun world size; the "
+                     "rest is data parallel)", min=1)
+    dist_timeout: float = option(600.0, help="seconds a collective may wait for the other ranks before the run "
+                                 "stops with an error", above=0)
     fp8: bool = option(False, help="train the projections and experts in FP8 (V3's fine-grained recipe)")
     fp8_recipe: str = option("blockwise", help="blockwise (1×128 / 128×128 scales) or tensorwise", choices=RECIPES)
     optim_moments: str = option("fp32", help="AdamW moments in fp32 or bf16 (V3)", choices=("fp32", "bf16"))
@@ -116,9 +119,11 @@ class PretrainConfig(ComputeOptions):
 
 
 # Fields that may differ between a run and its resumption without changing the computation. Those of INVOCATION
-# describe this process (where and how it runs) and are never inherited from the stored run.
-INVOCATION = {"resume", "force", "threads", "device", "compile", "ep"}
-RESUME_FREE = INVOCATION | {"eval_every", "eval_batches", "save_every", "keep"}
+# describe this launch (flags and process layout) and are never inherited from the stored run; the rest are
+# inherited unless given again (the thread count too: fp32 sums over 1 or 2 threads differ in the last bit, so an
+# exact continuation needs the same count).
+INVOCATION = {"resume", "force", "ep", "dist_timeout"}
+RESUME_FREE = INVOCATION | {"threads", "device", "compile", "eval_every", "eval_batches", "save_every", "keep"}
 
 
 class NonFiniteError(StageError):
@@ -128,8 +133,13 @@ class NonFiniteError(StageError):
 def run(cfg: PretrainConfig) -> Path:
     """Train (or resume) and return the final checkpoint directory."""
     out = Path(cfg.out)
-    device = pick_device(cfg.device)
-    info = ddp.setup(device, cfg.ep)
+    info = ddp.setup(pick_device(cfg.device), cfg.ep, cfg.dist_timeout)
+    with ddp.guard(info) as where:  # a failed or timed-out collective ends the run with one line
+        return _run(cfg, out, info, where)
+
+
+def _run(cfg: PretrainConfig, out: Path, info: "ddp.DistInfo", where: "ddp.Where") -> Path:
+    device = info.device
     _check_run(cfg, out, info.main)
     ddp.barrier(info)  # every rank checks OUT before rank 0 writes into it
     set_threads(cfg.threads)
@@ -169,6 +179,7 @@ def run(cfg: PretrainConfig) -> Path:
 
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="pretrain", unit="step", dynamic_ncols=True,
                disable=not info.main)
+    where.cleanup.append(bar.close)  # the error line comes after the bar's, not inside it
     last = None
     with StopRequest(enabled=not info.enabled) as stop:  # Ctrl-C stops at the next step boundary
         while state["step"] < cfg.steps:
@@ -177,10 +188,11 @@ def run(cfg: PretrainConfig) -> Path:
                 bar.close()
                 raise Interrupted(f"interrupted after step {state['step']}; saved {path} (continue with --resume)")
             step = state["step"]
+            where.phase = f"at step {step + 1}"
             n_seq = batch_size_at(step, cfg.steps, cfg.batch_size, cfg.batch_start, cfg.batch_ramp)
             batch = loader.next(n_seq)  # the global batch, identical on every rank; each trains on its slice
             rows = n_seq // info.world
-            metrics = trainer.step(batch[info.rank * rows:(info.rank + 1) * rows].to(device), step)
+            metrics = trainer.step(batch[info.chunk * rows:(info.chunk + 1) * rows].to(device), step)
             state["bad_steps"] = 0 if metrics["finite"] else state["bad_steps"] + 1
             if state["bad_steps"] >= cfg.max_bad_steps:
                 raise NonFiniteError(f"{cfg.max_bad_steps} non-finite steps in a row (last at step {step}); "
@@ -195,6 +207,7 @@ def run(cfg: PretrainConfig) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                where.phase = f"saving the checkpoint of step {step + 1}"
                 last = _save(out, model, optimizer, loader, state, tok_file, cfg, info)
     bar.close()
     return last or ckpt.resolve(out)
@@ -253,21 +266,25 @@ class _Trainer:
         loads = [torch.zeros_like(g.bias) for g in self.gates]
         for chunk in chunks:
             total, loss, mtp, bal, lam, router_log = self._losses(chunk, step)
-            (total * chunk.shape[0] / batch.shape[0]).backward()
+            # each micro-batch's mean at weight 1 (a short last one at its share), the sum divided after backward:
+            # FP8's tile scales are clamped, so its gradients are not proportional to a loss scale set before it
+            (total if chunk.shape[0] == micro else total * (chunk.shape[0] / micro)).backward()
             w = chunk.shape[0] / batch.shape[0]
             sums["loss"] += loss.item() * w
             sums["mtp_loss"] += mtp.item() * w if mtp is not None else math.nan
             sums["balance_loss"] += bal.item() * w if bal is not None else math.nan
             for i, (_, idx) in enumerate(router_log):
                 loads[i] += expert_loads(idx, loads[i].numel())
-        if self.info.enabled:  # global loss, norm and expert loads: every rank takes the same decisions
+        if self.info.enabled:  # global loss, expert loads and gradients: every rank takes the same decisions
             ddp.finish_grads(model, self.info)
-            grad_norm = ddp.grad_norm_and_clip(model, cfg.grad_clip, self.info)
             totals = torch.tensor([sums[k] for k in ("loss", "mtp_loss", "balance_loss")], dtype=torch.float64)
             ddp.all_reduce_(list(loads) + [totals], self.info)
             sums.update(zip(("loss", "mtp_loss", "balance_loss"), (totals / self.info.world).tolist()))
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+        if batch.shape[0] != micro:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(batch.shape[0] / micro)
+        grad_norm = ddp.grad_norm_and_clip(model, cfg.grad_clip, self.info)  # one process too: the same clipping
         finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
         if finite:
             self.opt.step()
@@ -306,7 +323,7 @@ class _Trainer:
         loads = [torch.zeros_like(g.bias) for g in self.gates]
         for batch in batches:
             rows = batch.shape[0] // self.info.world
-            batch = batch[self.info.rank * rows:(self.info.rank + 1) * rows].to(self.device)
+            batch = batch[self.info.chunk * rows:(self.info.chunk + 1) * rows].to(self.device)
             router_log = RouterLog()
             loss, mtp_losses = lm_loss(self.forward, batch[:, :-1], batch[:, 1:], router_log)
             ce += loss.item() / len(batches)
