@@ -307,9 +307,13 @@ class Experts(nn.Module):
         inverse[order] = torch.arange(order.numel(), device=order.device)
         ends = torch.bincount(indices.flatten(), minlength=self.w1.shape[0]).cumsum(0).to(torch.int32)
         xs = _GatherRows.apply(x, order, inverse, K)  # (N·K, D): row j is token order[j] // K
-        h = F.silu(self.matmul(xs, self.w1.transpose(1, 2), ends)) * self.matmul(xs, self.w3.transpose(1, 2), ends)
+        h = self.act(self.matmul(xs, self.w1.transpose(1, 2), ends), self.matmul(xs, self.w3.transpose(1, 2), ends))
         ys = _GatherRows.apply(self.matmul(h, self.w2.transpose(1, 2), ends), inverse, order, 1)  # back to (n, k)
         return torch.bmm(weights.unsqueeze(1), ys.view(N, K, -1)).squeeze(1)  # (N, 1, K) @ (N, K, D)
+
+    def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of the two input projections (V4's experts clamp them first)."""
+        return F.silu(gate) * up
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """The grouped GEMM of every projection (a subclass may change its numerics, e.g. to FP8)."""
@@ -323,7 +327,7 @@ class Experts(nn.Module):
             if token.numel() == 0:
                 continue
             xe = x[token]
-            he = F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)
+            he = self.act(xe @ self.w1[e].T, xe @ self.w3[e].T)
             y.index_add_(0, token, (he @ self.w2[e].T) * weights[token, slot, None])
         return y
 
@@ -409,12 +413,12 @@ class MTP(nn.Module):
     module's own final norm (`shared_head.norm` in the checkpoint).
     """
 
-    def __init__(self, cfg: ModelConfig, moe: bool):
+    def __init__(self, cfg: ModelConfig, moe: bool, block_cls: type | None = None):
         super().__init__()
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
-        self.block = Block(cfg, moe)
+        self.block = (block_cls or Block)(cfg, moe)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor, router_log: list | None = None,
@@ -430,15 +434,27 @@ class Transformer(nn.Module):
     returns one logits tensor per MTP depth k, shaped (B, T-k, vocab): position i there predicts token i+k+1.
     """
 
+    block_cls = Block  # the decoder block; sparse.TransformerV32 swaps in its sparse-attention block
+
+    def __new__(cls, cfg: ModelConfig | None = None, *args, **kwargs):
+        """`Transformer(cfg)` builds cfg's generation: V3.2 (sparse.py) and V4 (model_v4.py) subclass this one."""
+        if cls is Transformer and cfg is not None and cfg.family != "v3":
+            if cfg.family == "v32":
+                from .sparse import TransformerV32 as cls
+            else:
+                from .model_v4 import TransformerV4 as cls
+        return super().__new__(cls)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         has_moe = cfg.n_moe_layers > 0
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, moe=has_moe and i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(self.block_cls(cfg, moe=has_moe and i >= cfg.n_dense_layers)
+                                    for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTP(cfg, moe=has_moe) for _ in range(cfg.n_mtp_layers))
+        self.mtp = nn.ModuleList(MTP(cfg, moe=has_moe, block_cls=self.block_cls) for _ in range(cfg.n_mtp_layers))
         self.register_buffer("freqs_cis", rope_table(cfg, cfg.max_seq_len), persistent=False)
         self.init_weights()
 
