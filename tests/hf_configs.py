@@ -87,7 +87,7 @@ def random_v4_config(rng: random.Random) -> dict:
         sliding_window=rng.choice([4, 8, 12]), o_groups=rng.choice([1, 2]), o_lora_rank=rng.choice([8, 12]),
         index_n_heads=8, index_head_dim=16, index_topk=rng.choice([2, 3, 5]),
         mlp_layer_types=["hash_moe"] * (h := rng.randint(0, n_layers)) + ["moe"] * (n_layers - h),
-        scoring_func=rng.choice(["sqrtsoftplus", "sigmoid", "softmax"]), routed_scaling_factor=rng.choice([1.0, 1.5]),
+        scoring_func=rng.choice(["sqrtsoftplus", "sigmoid"]), routed_scaling_factor=rng.choice([1.0, 1.5]),
         hc_mult=rng.choice([1, 2, 4]), hc_sinkhorn_iters=rng.choice([1, 3, 20]), swiglu_limit=rng.choice([0.5, 10.0]),
         max_position_embeddings=64, initializer_range=0.2, rms_norm_eps=rng.choice([1e-6, 1e-5]),
         rope_theta=rng.choice([10000.0, 500.0]), compress_rope_theta=rng.choice([160000.0, 1000.0]),
