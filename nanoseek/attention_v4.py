@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .model import RMSNorm, apply_rotary_emb
-from .sparse import topk_indices
+from .sparse import index_scores, topk_indices
 
 
 def rotate_tail(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -144,10 +144,8 @@ class IndexerV4(nn.Module):
         return q, self.weights_proj(x).float() * self.n_heads**-0.5
 
     def scores(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Σ_j w_{t,j} · ReLU(q_{t,j} · K_s) / √I in fp32, in transformers' contraction order (so that tied
-        scores rank alike). q (B, T, J, I), w (B, T, J), keys (B, N, I) -> (B, T, N)."""
-        s = torch.matmul(q.float(), keys.float().transpose(1, 2).unsqueeze(1))  # (B, T, J, N)
-        return (F.relu(s) * self.head_dim**-0.5 * w.unsqueeze(-1)).sum(dim=2)
+        """Σ_j w_{t,j} · ReLU(q_{t,j} · K_s) / √I in fp32. q (B, T, J, I), w (B, T, J), keys (B, N, I) -> (B, T, N)."""
+        return index_scores(q, w, keys, self.head_dim**-0.5)
 
 
 class AttentionV4(nn.Module):

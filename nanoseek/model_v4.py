@@ -267,8 +267,8 @@ class TransformerV4(Transformer):
             for m in self.modules():
                 if isinstance(m, Gate):
                     m.bias.zero_()
-                elif isinstance(m, HashGate):
-                    m.reset_table()
+            for i, m in enumerate(m for m in self.modules() if isinstance(m, HashGate)):
+                m.reset_table(seed=i)  # each hash layer its own table
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None) -> None:

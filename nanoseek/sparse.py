@@ -39,21 +39,18 @@ def apply_rotary_half(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 
 def index_scores(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """I_{t,s} = Σ_j w_{t,j} · ReLU(scale · q_{t,j} · k_s) in fp32. q (B, T, J, I), w (B, T, J), k (B, S, I) -> (B, T, S).
-
-    Contracted in the order transformers' indexer uses, so that keys whose scores tie (ReLU makes exact zeros
-    common) are ranked alike by top-k."""
-    s = torch.matmul(q.float(), k.float().transpose(1, 2).unsqueeze(1))  # (B, T, J, I) @ (B, 1, I, S)
-    s = F.relu(s * scale)  # (B, T, J, S)
-    return torch.matmul(w.unsqueeze(-2), s).squeeze(-2)  # (B, T, 1, J) @ (B, T, J, S) -> (B, T, S)
+    """I_{t,s} = Σ_j w_{t,j} · ReLU(scale · q_{t,j} · k_s) in fp32. q (B, T, J, I), w (B, T, J), k (B, S, I) -> (B, T, S)."""
+    B, T, J, _ = q.shape
+    s = torch.bmm(q.float().flatten(1, 2), k.float().transpose(1, 2)).view(B, T, J, -1)  # (B, T, J, S)
+    return (F.relu(s * scale) * w.unsqueeze(-1)).sum(dim=2)
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (..., k) of the k largest scores; among equal scores the earlier key wins.
 
     ReLU makes exactly tied scores common, and torch.topk leaves their order unspecified (it can differ between
-    a full forward and a cached decode step, whose score tensors have different shapes); a stable sort makes
-    the selection a function of the scores alone."""
+    a full forward and a cached decode step, whose score tensors have different shapes; transformers' choice
+    among ties is as arbitrary); a stable sort makes the selection a function of the scores alone."""
     return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
@@ -207,20 +204,21 @@ class SparseMLA(MLA):
 
     def attend_latent(self, q_nope, q_pe, kv, k_pe, selected: torch.Tensor, q_pos: torch.Tensor,
                       block: int = 128) -> torch.Tensor:
-        """Latent-space attention under `selected` (B, T, S); query blocks read only the keys up to their last
-        position. -> (B, T, H, V)"""
+        """Latent-space attention under `selected` (B, T, S), the H heads of a query as rows of one matrix;
+        query blocks read only the keys up to their last position. -> (B, T, H, V)"""
         B, T, H, _ = q_nope.shape
         q, w_uv = self._absorb(q_nope, q_pe)
+        q = q.flatten(1, 2)  # (B, T·H, C+R), rows (t, h)
         k = torch.cat([kv, k_pe[:, :, 0]], dim=-1)  # (B, S, C+R)
         outs = []
         for t0 in range(0, T, block):
             t1 = min(T, t0 + block)
             seen = int(q_pos[:, t0:t1].max()) + 1
-            scores = torch.einsum("bthc,bsc->bths", q[:, t0:t1], k[:, :seen])  # (B, t, H, seen)
+            scores = (q[:, t0 * H:t1 * H] @ k[:, :seen].transpose(1, 2)).view(B, t1 - t0, H, seen)
             scores = scores.masked_fill(~selected[:, t0:t1, None, :seen], float("-inf"))
-            probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
-            outs.append(torch.einsum("bths,bsc->bthc", probs, kv[:, :seen]))  # (B, t, H, C)
-        return torch.einsum("bthc,hvc->bthv", torch.cat(outs, dim=1), w_uv)
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype).flatten(1, 2)
+            outs.append(probs @ kv[:, :seen])  # (B, t·H, C)
+        return torch.einsum("bthc,hvc->bthv", torch.cat(outs, dim=1).view(B, T, H, -1), w_uv)
 
     def attend_gathered(self, q_nope, q_pe, kv, k_pe, top: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Sparse path: gather each query's K selected latents (top (B, T, K), valid (B, T, K)). -> (B, T, H, V)"""
@@ -240,7 +238,8 @@ class SparseMLA(MLA):
         gradient reaches the indexer only, through `scores` (B, T, S)."""
         with torch.no_grad():
             q, _ = self._absorb(q_nope, q_pe)
-            logits = torch.einsum("bthc,bsc->bths", q, torch.cat([kv, k_pe[:, :, 0]], dim=-1))
+            B, T, H, _ = q.shape
+            logits = (q.flatten(1, 2) @ torch.cat([kv, k_pe[:, :, 0]], dim=-1).transpose(1, 2)).view(B, T, H, -1)
             p = logits.masked_fill(~selected[:, :, None], float("-inf")).softmax(dim=-1, dtype=torch.float32)
             p = p.mean(dim=2)  # (B, T, S): summed over heads, rows sum to 1
         zero = torch.zeros_like(p)

@@ -188,3 +188,25 @@ def test_fp8_export_keeps_indexer_weights_in_bf16(tmp_path):
     assert torch.equal(theirs.weights_proj.weight, ours.weights_proj.weight)
     assert torch.equal(theirs.k_norm.bias, ours.k_norm.bias)
     assert 0 < rel_err(theirs.wq_b.weight, ours.wq_b.weight) < 0.07  # e4m3 keeps 3 mantissa bits
+
+
+def test_small_v32_pretrains_with_warmup_then_sparse(tmp_path):
+    """Dense warm-up then sparse training with the indexer KL in the loss (recorded as indexer_kl)."""
+    from tests.test_v4 import pretrain_tiny
+
+    corpus = tmp_path / "docs.txt"
+    r = random.Random(0)
+    words = "one two three four five six seven eight nine ten".split()
+    corpus.write_text("\n\n".join(" ".join(r.choice(words) for _ in range(60)) + "." for _ in range(200)))
+    rows = pretrain_tiny("tiny-v32", corpus, tmp_path / "run", extra=["--index-warmup", "0.5"])
+    assert all(row["indexer_kl"] >= 0 for row in rows) and rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    import nanoseek
+
+    model, _ = nanoseek.load(tmp_path / "run")
+    assert isinstance(model, TransformerV32)
+
+
+def test_mtp_cached_equals_full_mtp():
+    from tests.test_v4 import check_mtp_cached
+
+    check_mtp_cached(tiny_v32())

@@ -362,3 +362,67 @@ def test_fp4_experts_dequantise_on_load(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     back = load_hf(tmp_path)
     torch.testing.assert_close(back.layers[2].ffn.experts.w3[1], values[c % 8] * torch.where(c >= 8, -0.5, 0.5))
+
+
+# ----------------------------------------------------------------------------- training and the CLI
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    r = random.Random(0)
+    words = "the cat sat on a mat and a dog ran to the big red house under the blue sky near the river".split()
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    path.write_text("\n\n".join(" ".join(r.choice(words) for _ in range(60)) + "." for _ in range(200)))
+    return path
+
+
+def pretrain_tiny(preset: str, corpus, out, steps: int = 8, extra=()):
+    from nanoseek.cli import main
+    from nanoseek.stages.common import read_metrics
+
+    args = ["pretrain", "--preset", preset, "--data", str(corpus), "--vocab-size", "300", "--steps", str(steps),
+            "--batch-size", "4", "--seq-len", "32", "--save-every", str(steps), "--eval-every", str(steps // 2),
+            "--eval-batches", "1", "--lr", "1e-2", "--out", str(out), *extra]
+    assert main(args) == 0
+    return read_metrics(out / "metrics.jsonl")
+
+
+def test_small_v4_pretrains_and_round_trips_through_the_cli(corpus, tmp_path):
+    """The existing trainer trains V4 end to end (compressors, indexer, mHC, hash layers); its checkpoint
+    exports to transformers' format and imports back to the same logits."""
+    import nanoseek
+    from nanoseek.cli import main
+
+    rows = pretrain_tiny("tiny-v4", corpus, tmp_path / "run")
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3 and "maxvio_layer1" in rows[-1] and "maxvio_layer0" not in rows[-1]
+    model, _ = nanoseek.load(tmp_path / "run")
+    assert isinstance(model, TransformerV4)
+    assert model.layers[1].attn.compressor.wgate.weight.abs().max() > 0.05  # moved from its N(0, 0.006) init
+    assert main(["export", "--ckpt", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "hf")]) == 0
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back, _ = nanoseek.load(tmp_path / "back")
+    tokens = tokens_for(model.cfg.vocab_size, 0, length=30)
+    with torch.no_grad():
+        assert torch.equal(back(tokens), model(tokens))
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+        assert rel_err(model(tokens), theirs(tokens).logits) <= TOL
+
+
+def check_mtp_cached(model) -> None:
+    """MTP depth 1 through the MTP layers' caches equals the full forward's MTP logits (V3.2 and V4)."""
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(6))
+    cache = model.new_cache(2, 20, with_mtp=True)
+    pos = torch.arange(20).expand(2, 20)
+    with torch.no_grad():
+        _, (ref,) = model(tokens, return_mtp=True)
+        if isinstance(model, TransformerV4):  # V4's MTP reads and returns the residual streams
+            x = model.streams_cached(tokens, pos, cache.main)
+            _, hk = model.mtp_cached(1, x[:, :-1], tokens[:, 1:], pos[:, :-1], cache.mtp[0])
+        else:
+            h = model.hidden_cached(tokens, pos, cache.main)
+            hk = model.mtp_cached(1, h[:, :-1], tokens[:, 1:], pos[:, :-1], cache.mtp[0])
+    assert rel_err(model.head(hk), ref) < 1e-5
+
+
+def test_mtp_cached_equals_full_mtp():
+    check_mtp_cached(tiny_v4())

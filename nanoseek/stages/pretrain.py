@@ -30,6 +30,7 @@ from ..data import PackedLoader, fixed_batches
 from ..fp8 import RECIPES, convert_to_fp8
 from ..losses import balance_loss, lm_loss
 from ..model import Gate, RouterLog, Transformer
+from ..sparse import IndexerLog
 from ..optim import (batch_size_at, build_optimizer, expert_loads, lr_at, max_violation, mtp_lambda_at,
                      update_routing_bias)
 from ..runtime import autocast, matmul_peak, pick_device, set_threads
@@ -82,6 +83,8 @@ class PretrainConfig:
     fp8_recipe: str = field(default="blockwise", metadata={"help": "blockwise (1×128 / 128×128 scales) or tensorwise"})
     optim_moments: str = field(default="fp32", metadata={"help": "AdamW moments in fp32 or bf16 (V3)"})
     max_bad_steps: int = field(default=5, metadata={"help": "stop after this many non-finite steps in a row"})
+    index_warmup: float = field(default=0.1, metadata={"help": "V3.2: fraction of the run with dense attention while the indexer warms up"})
+    index_kl: float = field(default=1.0, metadata={"help": "V3.2: weight of the indexer's KL loss (it trains only the indexer)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0: all)"})
     model_overrides: dict = field(default_factory=dict, metadata={"help": "ModelConfig fields to override (JSON)"})
@@ -150,7 +153,7 @@ def run(cfg: PretrainConfig) -> Path:
         record = {"step": step + 1, "tokens": state["tokens"], "batch_size": n_seq,
                   **{k: v for k, v in metrics.items() if k != "finite"}}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            record.update(trainer.evaluate(heldout))
+            record.update(trainer.evaluate(heldout, step))
         if log is not None:
             log.write(record)
         bar.update(1)
@@ -172,14 +175,23 @@ class _Trainer:
         self.cfg, self.model, self.forward, self.opt, self.device = cfg, model, forward, optimizer, device
         self.info = info
         self.gates = [m for m in model.modules() if isinstance(m, Gate)]
-        self.n_main_moe = model.cfg.n_moe_layers
+        # main layers with a learned router, in router-log order (V4's hash-routed layers have none)
+        self.gate_layers = [i for i, layer in enumerate(model.layers) if any(isinstance(m, Gate) for m in layer.modules())]
+        self.n_main_moe = len(self.gate_layers)
+        self.sparse = model.cfg.family == "v32"
         self.flops_per_token = train_flops_per_token(model.cfg, seq_len, include_mtp=True)
         self.peak = matmul_peak(device)
+
+    def _router_log(self, step: int) -> RouterLog:
+        """V3.2 also collects the indexer's KL, with dense attention during the warm-up (V3.2 report §2.1.1)."""
+        if not self.sparse:
+            return RouterLog()
+        return IndexerLog(dense=step < self.cfg.index_warmup * self.cfg.steps)
 
     def _losses(self, batch: torch.Tensor, step: int):
         cfg = self.cfg
         x, y = batch[:, :-1], batch[:, 1:]
-        router_log = RouterLog()
+        router_log = self._router_log(step)
         with autocast(self.device):
             loss, mtp_losses = lm_loss(self.forward, x, y, router_log)
         lam = mtp_lambda_at(step, cfg.steps, cfg.mtp_lambda, cfg.mtp_lambda_final, cfg.mtp_switch)
@@ -190,6 +202,8 @@ class _Trainer:
             bal = sum(balance_loss(s, i, n_seq=x.shape[0], per_sequence=cfg.balance == "aux-free")
                       for s, i in router_log)
         total = loss + (lam * mtp if mtp is not None else 0) + (alpha * bal if bal is not None else 0)
+        if isinstance(router_log, IndexerLog) and router_log.indexer_losses:
+            total = total + cfg.index_kl * torch.stack(router_log.indexer_losses).mean()
         return total, loss, mtp, bal, lam, router_log
 
     def step(self, batch: torch.Tensor, step: int) -> dict:
@@ -200,7 +214,7 @@ class _Trainer:
             group["lr"] = lr
         micro = cfg.micro_batch or batch.shape[0]
         chunks = batch.split(micro)
-        sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0, "indexer_kl": 0.0 if self.sparse else math.nan}
         loads = [torch.zeros_like(g.bias) for g in self.gates]
         for chunk in chunks:
             total, loss, mtp, bal, lam, router_log = self._losses(chunk, step)
@@ -209,6 +223,8 @@ class _Trainer:
             sums["loss"] += loss.item() * w
             sums["mtp_loss"] += mtp.item() * w if mtp is not None else math.nan
             sums["balance_loss"] += bal.item() * w if bal is not None else math.nan
+            if isinstance(router_log, IndexerLog):
+                sums["indexer_kl"] += torch.stack(router_log.indexer_losses).mean().item() * w
             for i, (_, idx) in enumerate(router_log):
                 loads[i] += expert_loads(idx, loads[i].numel())
         if self.info.enabled:  # global loss, norm and expert loads: every rank takes the same decisions
@@ -242,14 +258,14 @@ class _Trainer:
         vio = [max_violation(load) for load in loads]
         main = vio[: self.n_main_moe]
         record = {"maxvio": sum(main) / len(main)} if main else {}
-        first = self.model.cfg.n_dense_layers
-        record.update({f"maxvio_layer{first + i}": v for i, v in enumerate(main)})
+        record.update({f"maxvio_layer{layer}": v for layer, v in zip(self.gate_layers, main)})
         record.update({f"maxvio_mtp{k}": v for k, v in enumerate(vio[self.n_main_moe:])})
         return record
 
     @torch.no_grad()
-    def evaluate(self, batches: list[torch.Tensor]) -> dict:
-        """Held-out next-token and MTP loss, and the global MaxVio over every held-out token."""
+    def evaluate(self, batches: list[torch.Tensor], step: int = 0) -> dict:
+        """Held-out next-token and MTP loss, and the global MaxVio over every held-out token (at `step`'s
+        attention mode: V3.2 evaluates dense during its warm-up)."""
         if not batches:
             return {}
         self.model.eval()
@@ -258,7 +274,7 @@ class _Trainer:
         for batch in batches:
             rows = batch.shape[0] // self.info.world
             batch = batch[self.info.rank * rows:(self.info.rank + 1) * rows].to(self.device)
-            router_log = RouterLog()
+            router_log = self._router_log(step)
             with autocast(self.device):
                 loss, mtp_losses = lm_loss(self.model, batch[:, :-1], batch[:, 1:], router_log)
             ce += loss.item() / len(batches)
@@ -371,5 +387,7 @@ def _validate(cfg: PretrainConfig) -> None:
         raise ValueError("--save-every must be positive")
     if cfg.fp8_recipe not in RECIPES:
         raise ValueError(f"--fp8-recipe must be one of {', '.join(RECIPES)}, got {cfg.fp8_recipe!r}")
+    if not 0 <= cfg.index_warmup <= 1 or cfg.index_kl < 0:
+        raise ValueError("--index-warmup must be a fraction in [0, 1] and --index-kl >= 0")
     if cfg.optim_moments not in ("fp32", "bf16"):
         raise ValueError(f"--optim-moments must be fp32 or bf16, got {cfg.optim_moments!r}")
