@@ -426,3 +426,21 @@ def check_mtp_cached(model) -> None:
 
 def test_mtp_cached_equals_full_mtp():
     check_mtp_cached(tiny_v4())
+
+
+@pytest.mark.parametrize("preset", ["tiny-v4", "tiny-v32"])
+def test_changing_a_token_never_changes_earlier_logits(preset):
+    """Causality of the full forward (training path), MTP included: windows, compressed blocks and the indexer
+    never look ahead."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset(preset, max_seq_len=96, attn_impl="absorb")).eval()
+    model.init_weights(std=0.1)
+    tokens = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref, (ref_mtp,) = model(tokens, return_mtp=True)
+        for j in (5, 17, 40, 63):
+            other = tokens.clone()
+            other[0, j] = (other[0, j] + 1) % 256
+            out, (mtp,) = model(other, return_mtp=True)
+            assert torch.equal(out[:, :j], ref[:, :j]) and not torch.equal(out[:, j:], ref[:, j:])
+            assert torch.equal(mtp[:, : j - 1], ref_mtp[:, : j - 1])  # MTP position i reads token i + 1
