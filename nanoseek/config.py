@@ -1,9 +1,11 @@
-"""ModelConfig: one flat dataclass for every DeepSeek-V2/V3-style model, plus named presets.
+"""ModelConfig: one flat dataclass for every DeepSeek generation (V2, V3, V3.2, V4), plus named presets.
 
-Field names are those of DeepSeek's own inference `ModelArgs` (DeepSeek-V3 `inference/model.py`), so the
-official JSON configs map one to one; the fields after `mscale` are nanoseek's own. The official presets
-(`deepseek-v2-lite`, `deepseek-v2`, `deepseek-v3`) reproduce `configs/config_{16B,236B,671B}.json` and the
-Hugging Face config.json of each model (reference/deepseek-v3.md §2).
+Field names are those of DeepSeek's own inference `ModelArgs` (DeepSeek-V3 `inference/model.py`; the V3.2 and
+V4 releases add the indexer, compression and hyper-connection fields under the names they use), so the
+official JSON configs map one to one; the fields after `mscale` in the first block are nanoseek's own. The
+generation follows from the fields (`family`): `compress_ratios` set = V4 (hybrid CSA/HCA/sliding-window
+attention, mHC), else `index_n_heads` > 0 = V3.2 (MLA + DeepSeek Sparse Attention), else V2/V3 (dense MLA).
+The official presets and the sources of their numbers are listed in docs/v4.md.
 """
 
 from __future__ import annotations
@@ -53,11 +55,39 @@ class ModelConfig:
     rope_attn_factor: float = 1.0  # extra factor on cos/sin (HF yarn `attention_factor`); 1 for DeepSeek
     rope_truncate: bool = True  # YaRN: floor/ceil the correction range (HF `truncate`)
     attn_bias: bool = False  # biases on wq_a/wq, wkv_a, wo (HF `attention_bias`; no DeepSeek model has them)
+    # --- V3.2 DeepSeek Sparse Attention (arXiv 2512.02556 §2.1); V4 CSA layers use the same indexer ---
+    index_n_heads: int = 0  # lightning-indexer heads H^I; 0 = dense MLA (V2/V3)
+    index_head_dim: int = 128  # indexer head dim d^I (its first/last qk_rope_head_dim dims carry RoPE)
+    index_topk: int = 2048  # keys (V3.2) or compressed entries (V4 CSA) each query keeps
+    # --- V4 hybrid attention, mHC and hash routing (DeepSeek-V4 report, arXiv 2606.19348 §2) ---
+    compress_ratios: tuple[int, ...] = ()  # per layer: 0 sliding window only, csa_ratio = CSA, other = HCA
+    csa_ratio: int = 4  # m: the compression of CSA layers (the ones with an indexer); V4: 4 (HCA: 128)
+    head_dim: int = 512  # V4 shared-KV MQA head dim; its last qk_rope_head_dim dims carry RoPE
+    window_size: int = 128  # n_win: raw keys every V4 query sees (itself and the window_size - 1 before it)
+    o_groups: int = 8  # g: head groups of the grouped low-rank output projection
+    o_lora_rank: int = 1024  # d_g: per-group intermediate width of that projection
+    compress_rope_theta: float = 160000.0  # RoPE base of compressed layers (YaRN applies to them only)
+    hc_mult: int = 4  # n_hc: residual streams of manifold-constrained hyper-connections (mHC)
+    hc_sinkhorn_iters: int = 20  # Sinkhorn-Knopp iterations projecting the stream mixer to doubly stochastic
+    hc_eps: float = 1e-6
+    n_hash_layers: int = 0  # the first n_hash_layers MoE layers route by a fixed token-id -> experts table
+    swiglu_limit: float = 0.0  # clamp of the SwiGLU gate/up pre-activations (V4: 10); 0 = no clamp
 
     def __post_init__(self):
+        self.compress_ratios = tuple(int(r) for r in self.compress_ratios)  # JSON gives a list
         self.validate()
 
     # ------------------------------------------------------------------ derived quantities
+    @property
+    def family(self) -> str:
+        """'v4' (hybrid compressed attention + mHC), 'v32' (MLA + sparse attention) or 'v3' (V2/V3 dense MLA)."""
+        return "v4" if self.compress_ratios else "v32" if self.index_n_heads > 0 else "v3"
+
+    def layer_kind(self, layer: int) -> str:
+        """A V4 layer's attention: 'sliding' (window only), 'csa' (compressed + indexer top-k) or 'hca'."""
+        r = self.compress_ratios[layer]
+        return "sliding" if r == 0 else "csa" if r == self.csa_ratio else "hca"
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -68,7 +98,8 @@ class ModelConfig:
 
     @property
     def normalize_topk(self) -> bool:
-        return self.score_func == "sigmoid" if self.route_norm is None else bool(self.route_norm)
+        """Renormalise the top-k weights: route_norm, or by default for sigmoid and sqrtsoftplus scores."""
+        return self.score_func != "softmax" if self.route_norm is None else bool(self.route_norm)
 
     @property
     def uses_yarn(self) -> bool:
@@ -76,7 +107,11 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """192^-1/2 for V3, times mscale² under YaRN (both q and k carry √t = 0.1·ln s + 1; V3 report §4.3)."""
+        """192^-1/2 for V3, times mscale² under YaRN (both q and k carry √t = 0.1·ln s + 1; V3 report §4.3).
+
+        V4: head_dim^-1/2, without a YaRN temperature (as in transformers' DeepseekV4Attention)."""
+        if self.family == "v4":
+            return self.head_dim**-0.5
         scale = self.qk_head_dim**-0.5
         if self.uses_yarn and self.rope_factor > 1.0:  # like HF, no attention temperature when shrinking
             m = 0.1 * self.mscale * math.log(self.rope_factor) + 1.0
@@ -90,20 +125,59 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"invalid ModelConfig: {msg}")
 
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "kv_lora_rank", "max_seq_len"):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
              f"qk_rope_head_dim must be a positive even number, got {self.qk_rope_head_dim}")
-        need(self.qk_nope_head_dim >= 0 and self.v_head_dim > 0, "qk_nope_head_dim >= 0 and v_head_dim > 0")
         need(self.q_lora_rank >= 0, "q_lora_rank must be >= 0 (0 = no query compression)")
-        need(self.score_func in ("softmax", "sigmoid"), f"score_func must be softmax or sigmoid, got {self.score_func!r}")
+        need(self.score_func in ("softmax", "sigmoid", "sqrtsoftplus"),
+             f"score_func must be softmax, sigmoid or sqrtsoftplus, got {self.score_func!r}")
         need(self.attn_impl in ("naive", "absorb"), f"attn_impl must be naive or absorb, got {self.attn_impl!r}")
         need(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers must be between 0 and n_layers")
         need(self.n_mtp_layers >= 0, "n_mtp_layers must be >= 0")
+        need(self.index_n_heads >= 0, "index_n_heads must be >= 0 (0 = no indexer)")
+        if self.family == "v4":
+            self._validate_v4(need)
+        else:
+            need(self.kv_lora_rank > 0, f"kv_lora_rank must be positive, got {self.kv_lora_rank}")
+            need(self.qk_nope_head_dim >= 0 and self.v_head_dim > 0, "qk_nope_head_dim >= 0 and v_head_dim > 0")
+            need(self.score_func != "sqrtsoftplus", "score_func sqrtsoftplus is V4's: set compress_ratios too")
+            need(self.n_hash_layers == 0 and self.swiglu_limit == 0,
+                 "n_hash_layers and swiglu_limit are V4 features: set compress_ratios too")
+        if self.index_n_heads > 0:
+            need(self.q_lora_rank > 0, "the lightning indexer reads the query latent: q_lora_rank must be > 0")
+            need(self.index_head_dim >= self.qk_rope_head_dim and self.index_head_dim % 2 == 0,
+                 f"index_head_dim must be even and >= qk_rope_head_dim ({self.qk_rope_head_dim})")
+            need(self.index_topk > 0, "index_topk must be positive")
         if self.n_dense_layers > 0 or self.n_routed_experts == 0:
             need(self.inter_dim > 0, "inter_dim must be positive for dense layers")
         if self.n_moe_layers > 0:
             self._validate_moe(need)
+
+    def _validate_v4(self, need) -> None:
+        L, ratios = self.n_layers, self.compress_ratios
+        need(len(ratios) == L, f"compress_ratios needs one entry per layer ({L}), got {len(ratios)}")
+        need(all(r >= 0 for r in ratios), "compress_ratios entries must be >= 0 (0 = sliding window only)")
+        need(len({r for r in ratios if r}) <= 2, "compress_ratios may hold at most two rates (CSA and HCA)")
+        need(self.csa_ratio > 0, "csa_ratio must be positive")
+        need(self.head_dim >= self.qk_rope_head_dim and self.head_dim % 2 == 0,
+             f"head_dim must be even and >= qk_rope_head_dim ({self.qk_rope_head_dim})")
+        need(self.q_lora_rank > 0, "V4 attention needs query compression: q_lora_rank must be > 0")
+        need(self.window_size > 0, "window_size must be positive")
+        need(self.o_groups > 0 and self.n_heads % self.o_groups == 0,
+             f"n_heads ({self.n_heads}) must be divisible by o_groups ({self.o_groups})")
+        need(self.o_lora_rank > 0, "o_lora_rank must be positive")
+        need(self.hc_mult >= 1 and self.hc_sinkhorn_iters >= 1, "hc_mult and hc_sinkhorn_iters must be >= 1")
+        need(self.n_routed_experts > 0 and self.n_dense_layers == 0,
+             "V4 blocks are all MoE: n_routed_experts > 0 and n_dense_layers = 0")
+        need(self.n_shared_experts == 1, "V4 MoE has exactly one shared expert (n_shared_experts = 1)")
+        need(self.n_expert_groups == 1, "V4 routing has no expert groups (n_expert_groups = 1)")
+        need(0 <= self.n_hash_layers <= L, "n_hash_layers must be between 0 and n_layers")
+        need(self.swiglu_limit > 0, "V4 clamps its SwiGLU pre-activations: swiglu_limit must be > 0 (V4: 10)")
+        need(self.rope_attn_factor == 1.0, "V4 RoPE has no attention factor (rope_attn_factor = 1)")
+        need(self.normalize_topk, "V4 always renormalises its top-k routing weights (route_norm must not be False)")
+        if any(self.layer_kind(i) == "csa" for i in range(L)):
+            need(self.index_n_heads > 0, "CSA layers need the lightning indexer: index_n_heads must be > 0")
 
     def _validate_moe(self, need) -> None:
         E, G = self.n_routed_experts, self.n_expert_groups
@@ -200,6 +274,52 @@ PRESETS: dict[str, dict] = {
         n_mtp_layers=1,
     ),
 }
+
+
+def _v4_ratios(n_layers: int, first: tuple[int, ...]) -> tuple[int, ...]:
+    """V4's attention schedule: `first` layers, then CSA (4) and HCA (128) alternating, CSA first."""
+    return first + tuple(4 if i % 2 == 0 else 128 for i in range(n_layers - len(first)))
+
+
+# DeepSeek-V3.2 is V3 plus the lightning indexer (64 heads × 128, top-2048; arXiv 2512.02556 §2.1); the
+# numbers are transformers' DeepseekV32Config defaults (checkpoint deepseek-ai/DeepSeek-V3.2-Exp).
+PRESETS["deepseek-v3.2"] = dict(PRESETS["deepseek-v3"], max_seq_len=163840, index_n_heads=64, index_head_dim=128,
+                                index_topk=2048)
+# DeepSeek-V4: the config.json files of deepseek-ai/DeepSeek-V4-Flash and -Pro on the Hugging Face hub
+# (transformers' DeepseekV4Config defaults are Flash's, its docstrings quote Pro's head and group sizes).
+# Every block is MoE (hash-routed first 3), one shared expert, sqrtsoftplus scores, 1M context with YaRN ×16 on
+# the compressed layers only. The MTP module's attention is sliding-window only (the trailing 0 in the JSON).
+_V4 = dict(
+    vocab_size=129280, n_heads=64, head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024, o_groups=8,
+    o_lora_rank=1024, window_size=128, csa_ratio=4, index_n_heads=64, index_head_dim=128, index_topk=512,
+    rope_theta=10000.0, compress_rope_theta=160000.0, rope_factor=16.0, original_seq_len=65536, beta_fast=32,
+    beta_slow=1, mscale=0.0, max_seq_len=1048576, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6,
+    n_dense_layers=0, inter_dim=0, n_shared_experts=1, n_activated_experts=6, n_expert_groups=1,
+    n_limited_groups=1, score_func="sqrtsoftplus", n_hash_layers=3, swiglu_limit=10.0, n_mtp_layers=1,
+    kv_lora_rank=0, qk_nope_head_dim=0, v_head_dim=0,
+)
+PRESETS["deepseek-v4-flash"] = dict(_V4, dim=4096, n_layers=43, n_routed_experts=256, moe_inter_dim=2048,
+                                    route_scale=1.5, compress_ratios=_v4_ratios(43, (0, 0)))
+PRESETS["deepseek-v4-pro"] = dict(_V4, dim=7168, n_layers=61, n_heads=128, q_lora_rank=1536, o_groups=16,
+                                  index_topk=1024, n_routed_experts=384, moe_inter_dim=3072, route_scale=2.5,
+                                  compress_ratios=_v4_ratios(61, (128, 128)))
+# Small trainable generations, sized like `small` (same width, depth, experts and vocabulary).
+PRESETS["small-v32"] = dict(PRESETS["small"], index_n_heads=4, index_head_dim=64, index_topk=128)
+PRESETS["small-v4"] = dict(
+    PRESETS["small"], n_dense_layers=0, inter_dim=0, n_expert_groups=1, n_limited_groups=1, score_func="sqrtsoftplus",
+    route_scale=1.5, n_hash_layers=1, swiglu_limit=10.0, head_dim=64, qk_rope_head_dim=16, o_groups=2,
+    o_lora_rank=64, window_size=64, compress_ratios=(0, 4, 32, 4), index_n_heads=4, index_head_dim=32,
+    index_topk=32, kv_lora_rank=0, qk_nope_head_dim=0, v_head_dim=0, attn_impl="absorb",
+)
+# For unit tests: every V3.2 / V4 mechanism at tiny sizes, with short windows so that short sequences exercise
+# top-k selection, the sliding window and several compression blocks.
+PRESETS["tiny-v32"] = dict(PRESETS["tiny"], index_n_heads=4, index_head_dim=16, index_topk=6)
+PRESETS["tiny-v4"] = dict(
+    PRESETS["tiny"], n_dense_layers=0, inter_dim=0, n_expert_groups=1, n_limited_groups=1, score_func="sqrtsoftplus",
+    route_scale=1.5, n_hash_layers=1, swiglu_limit=10.0, head_dim=32, qk_rope_head_dim=8, o_groups=2,
+    o_lora_rank=16, window_size=8, compress_ratios=(0, 4, 8), index_n_heads=4, index_head_dim=16, index_topk=3,
+    kv_lora_rank=0, qk_nope_head_dim=0, v_head_dim=0, hc_sinkhorn_iters=5,
+)
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:

@@ -1,9 +1,10 @@
-"""Hugging Face DeepSeek-V2/V3 checkpoints, both ways.
+"""Hugging Face DeepSeek checkpoints (V2, V3, V3.2, V4), both ways.
 
-`load_hf(dir)` reads a `deepseek_v3` or `deepseek_v2` directory (config.json plus single or sharded
+`load_hf(dir)` reads a `deepseek_v3`, `deepseek_v32` or `deepseek_v2` directory (config.json plus single or sharded
 safetensors, per-expert keys, FP8 weights with 128×128 `weight_scale_inv` blocks, the MTP layer
 `model.layers.{n_layers}.*`) into a nanoseek Transformer, one shard at a time. `save_hf(model, dir)` writes
 a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads, in DeepSeek's hub layout.
+V3.2 is V3's layout plus `self_attn.indexer.*`; V4's own layout and config live in hf_v4.py.
 
 Only the config translation and a key map live here; the model itself never mentions Hugging Face.
 """
@@ -22,9 +23,11 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .errors import CheckpointError
 from .fp8 import dequantize_weight, fp8_state
+from .hf_v4 import (config_from_hf_v4, config_to_hf_v4, dequantize_fp4, fp8_v4_state, is_extra_v4_mtp,
+                    normalize_v4_key, v4_key, v4_mtp_layers, v4_scale_key)
 from .model import Transformer
 
-FAMILIES = ("deepseek_v3", "deepseek_v2")
+FAMILIES = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "deepseek_v4")
 
 
 # ----------------------------------------------------------------------------- config translation
@@ -61,10 +64,12 @@ def _rope_from_hf(d: dict) -> dict:
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    """A Hugging Face config.json dict (deepseek_v3 or deepseek_v2) -> ModelConfig."""
+    """A Hugging Face config.json dict (deepseek_v2, deepseek_v3, deepseek_v32 or deepseek_v4) -> ModelConfig."""
     family = d.get("model_type")
     if family not in FAMILIES:
         raise ValueError(f"unsupported model_type {family!r}; nanoseek reads {', '.join(FAMILIES)}")
+    if family == "deepseek_v4":
+        return config_from_hf_v4(d, _rope_from_hf(dict(d, rope_parameters=_v4_compress_rope(d))))
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (DeepSeek models use silu)")
     if d.get("mlp_bias"):
@@ -83,11 +88,14 @@ def config_from_hf(d: dict) -> ModelConfig:
         max_seq_len=d.get("max_position_embeddings", 4096), norm_eps=d.get("rms_norm_eps", 1e-6),
         attn_bias=bool(d.get("attention_bias", False)), **_rope_from_hf(d),
     )
-    if family == "deepseek_v3":
+    if family in ("deepseek_v3", "deepseek_v32"):
         # transformers hard-codes V3 routing: sigmoid scores, groups scored by their top-2, always grouped
         fields.update(score_func="sigmoid", n_expert_groups=d.get("n_group") or 1,
                       n_limited_groups=d.get("topk_group") or 1, route_norm=bool(d.get("norm_topk_prob", True)),
                       n_mtp_layers=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0)
+        if family == "deepseek_v32":
+            fields.update(n_dense_layers=_leading_dense(d), index_n_heads=d.get("index_n_heads", 64),
+                          index_head_dim=d.get("index_head_dim", 128), index_topk=d.get("index_topk", 2048))
     else:
         method = d.get("topk_method", "greedy")
         if method not in ("greedy", "group_limited_greedy"):
@@ -103,8 +111,39 @@ def config_from_hf(d: dict) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def _leading_dense(d: dict) -> int:
+    """deepseek_v32: the dense prefix, from `mlp_layer_types` (dense layers first, as the model requires) or
+    first_k_dense_replace."""
+    types = d.get("mlp_layer_types")
+    if types is None:
+        return min(d.get("first_k_dense_replace", 3) or 0, d["num_hidden_layers"])
+    n = sum(t == "dense" for t in types)
+    if list(types) != ["dense"] * n + ["sparse"] * (len(types) - n):
+        raise ValueError(f"unsupported mlp_layer_types {types}: nanoseek needs the dense layers first")
+    return n
+
+
+def _v4_compress_rope(d: dict) -> dict:
+    """deepseek_v4 keeps two RoPEs; the compressed layers' one (compress_rope_theta, YaRN) carries the scaling.
+
+    transformers gives it no cos/sin attention factor unless one is set, and takes its base from
+    compress_rope_theta unless the config already nests {main, compress}."""
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    nested = isinstance(rope.get("compress"), dict)
+    rope = dict(rope["compress"] if nested else rope)
+    rope.pop("partial_rotary_factor", None)  # the rotated slice is qk_rope_head_dim
+    if not nested or "rope_theta" not in rope:
+        rope["rope_theta"] = d.get("compress_rope_theta", 160000.0)
+    if rope.get("rope_type", rope.get("type", "default")) == "yarn":
+        rope.setdefault("attention_factor", 1.0)
+    return rope
+
+
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """ModelConfig -> Hugging Face config.json dict: deepseek_v3 for sigmoid routing, deepseek_v2 for softmax."""
+    """ModelConfig -> Hugging Face config.json dict: deepseek_v4 / deepseek_v32 for those generations, else
+    deepseek_v3 for sigmoid routing and deepseek_v2 for softmax."""
+    if cfg.family == "v4":
+        return config_to_hf_v4(cfg, dtype, _rope_to_hf(cfg))
     v3 = cfg.score_func == "sigmoid"
     if not v3 and cfg.normalize_topk:
         raise ValueError("deepseek_v2 cannot express renormalised softmax routing (route_norm=True)")
@@ -129,6 +168,12 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     if v3:
         d.update(rope_interleave=True, num_nextn_predict_layers=cfg.n_mtp_layers,
                  scoring_func="sigmoid", topk_method="noaux_tc")  # the last two for tools that read them
+    if cfg.family == "v32":
+        if not v3:
+            raise ValueError("deepseek_v32 routes with sigmoid scores: set score_func='sigmoid'")
+        del d["rope_interleave"]  # V3.2's MLA RoPE is always interleaved (its indexer's never is)
+        d.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_n_heads=cfg.index_n_heads,
+                 index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk)
     else:
         d.update(scoring_func="softmax", topk_method="group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy")
     return d
@@ -152,7 +197,8 @@ def _rope_to_hf(cfg: ModelConfig) -> dict | None:
 # ----------------------------------------------------------------------------- key map
 
 _ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
-         "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
+         "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj",
+         "indexer": "indexer"}  # V3.2's indexer keeps DeepSeek's names (wq_b, wk, k_norm, weights_proj)
 _MLP = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 _MTP = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "norm": "shared_head.norm"}
@@ -199,16 +245,25 @@ def hf_key(name: str, n_layers: int) -> str:
     return f"model.layers.{layer}.{_MTP[part]}.{tail}"
 
 
-def export_state(model: Transformer, fp8: bool = False) -> dict[str, torch.Tensor]:
-    """Our parameters under HF names: experts split per expert, MTP layers with their shared embedding/head.
+def checkpoint_key(name: str, cfg: ModelConfig) -> str:
+    """Our state-dict key -> the checkpoint's (HF names for V2/V3/V3.2, DeepSeek's for V4); '{e}' = expert index."""
+    return v4_key(name) if cfg.family == "v4" else hf_key(name, cfg.n_layers)
 
-    With fp8, every weight DeepSeek ships in FP8 is written as float8_e4m3fn plus `<name>_scale_inv`.
-    """
+
+def _scale_name(key: str, cfg: ModelConfig) -> str:
+    """Where a quantized weight's scale lives: V4's `.scale` (UE8M0) or V3's `_scale_inv`."""
+    return v4_scale_key(key) if cfg.family == "v4" else key.removesuffix(".weight") + ".weight_scale_inv"
+
+
+def export_state(model: Transformer, fp8: bool = False) -> dict[str, torch.Tensor]:
+    """Our parameters under checkpoint names: experts split per expert, V3's MTP layers with their shared
+    embedding/head. With fp8, every weight DeepSeek ships in FP8 is written as float8_e4m3fn plus its scale."""
     cfg, out = model.cfg, {}
     v3 = cfg.score_func == "sigmoid"
-    quantized = fp8_state(model) if fp8 else {}
+    quantized = (fp8_v4_state(model) if cfg.family == "v4" else fp8_state(model)) if fp8 else {}
+    quantized = {k: v for k, v in quantized.items() if not k.endswith("indexer.weights_proj.weight")}  # bf16 in V3.2
     for name, t in model.state_dict().items():
-        key = hf_key(name, cfg.n_layers)
+        key = checkpoint_key(name, cfg)
         if key.endswith("e_score_correction_bias"):
             if not v3:
                 if t.abs().max() > 0:
@@ -218,11 +273,11 @@ def export_state(model: Transformer, fp8: bool = False) -> dict[str, torch.Tenso
         for e, k in enumerate([key.format(e=e) for e in range(t.shape[0])] if per_expert else [key]):
             if name in quantized:
                 q, scale = quantized[name][e] if per_expert else quantized[name]
-                out[k], out[k.removesuffix("weight") + "weight_scale_inv"] = q, scale
+                out[k], out[_scale_name(k, cfg)] = q, scale
             else:
                 out[k] = (t[e] if per_expert else t).contiguous()
-    for k in range(cfg.n_mtp_layers):  # DeepSeek's layout repeats the shared tensors in the MTP layer
-        out[f"model.layers.{cfg.n_layers + k}.embed_tokens.weight"] = model.embed.weight.detach().clone()
+    for k in range(cfg.n_mtp_layers if cfg.family != "v4" else 0):  # DeepSeek's V3 layout repeats the shared
+        out[f"model.layers.{cfg.n_layers + k}.embed_tokens.weight"] = model.embed.weight.detach().clone()  # tensors
         out[f"model.layers.{cfg.n_layers + k}.shared_head.head.weight"] = model.head.weight.detach().clone()
     return out
 
@@ -242,6 +297,8 @@ def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30
     if fp8:
         hf_cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [128, 128]}
+        if model.cfg.family == "v4":
+            hf_cfg["quantization_config"]["scale_fmt"] = "ue8m0"
     (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     state = export_state(model, fp8=fp8)
     shards, current, size = [], {}, 0
@@ -304,7 +361,7 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$|model\.layers\.\d+\.(embed_token
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
-    """Read a Hugging Face deepseek_v3 / deepseek_v2 checkpoint directory into a Transformer (in `dtype`)."""
+    """Read a Hugging Face deepseek_v2 / v3 / v32 / v4 checkpoint directory into a Transformer (in `dtype`)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -316,7 +373,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
     files = _weight_map(path)
-    cfg = cfg.replace(n_mtp_layers=min(cfg.n_mtp_layers, _count_mtp_layers(files, cfg.n_layers)))
+    found = v4_mtp_layers(files) if cfg.family == "v4" else _count_mtp_layers(files, cfg.n_layers)
+    cfg = cfg.replace(n_mtp_layers=min(cfg.n_mtp_layers, found))
     block = tuple((hf_cfg.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     if block[0] != block[1]:
         raise CheckpointError(f"{path / 'config.json'}: unsupported FP8 weight_block_size {list(block)}")
@@ -356,7 +414,7 @@ def _fill(model: Transformer, files: dict[str, Path], block: int, root: Path, ti
     cfg = model.cfg
     targets: dict[str, tuple[torch.Tensor, int | None]] = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        key = hf_key(name, cfg.n_layers)
+        key = checkpoint_key(name, cfg)
         if key.endswith("e_score_correction_bias") and cfg.score_func != "sigmoid":
             continue  # deepseek_v2 has no correction bias: ours stays zero
         if "{e}" in key:
@@ -369,16 +427,19 @@ def _fill(model: Transformer, files: dict[str, Path], block: int, root: Path, ti
         by_file.setdefault(f, []).append(key)
     for f in sorted(by_file):
         with safe_open(str(f), framework="pt") as sf:
-            for key in by_file[f]:
-                if key.endswith("_scale_inv") or _IGNORED.fullmatch(key) or _is_extra_mtp(key, cfg):
+            for raw in by_file[f]:
+                key = normalize_v4_key(raw) if cfg.family == "v4" else raw
+                if _skipped(key, cfg):
                     continue
                 if key not in targets:
-                    if sf.get_slice(key).get_shape().count(0):
+                    if sf.get_slice(raw).get_shape().count(0):
                         continue  # transformers' zero-width shared expert when n_shared_experts = 0
-                    raise CheckpointError(f"{f.name}: unexpected tensor {key}")
-                tensor = sf.get_tensor(key)
+                    raise CheckpointError(f"{f.name}: unexpected tensor {raw}")
+                tensor = sf.get_tensor(raw)
                 if tensor.element_size() == 1 and tensor.is_floating_point():
-                    tensor = dequantize_weight(tensor, _scale_inv(key, files), block=block)
+                    tensor = dequantize_weight(tensor, _scale_inv(raw, files, cfg), block=block)
+                elif tensor.dtype == torch.int8:  # V4's FP4 experts, two per byte
+                    tensor = dequantize_fp4(tensor, _scale_inv(raw, files, cfg))
                 dest, e = targets[key]
                 want = dest.shape if e is None else dest.shape[1:]
                 if tuple(tensor.shape) != tuple(want):
@@ -396,14 +457,19 @@ def _fill(model: Transformer, files: dict[str, Path], block: int, root: Path, ti
                               if len(missing) > 1 else f"{root}: missing tensor {next(iter(missing))}")
 
 
-def _is_extra_mtp(key: str, cfg: ModelConfig) -> bool:
-    """MTP layers beyond the ones we load (none today) are skipped rather than rejected."""
+def _skipped(key: str, cfg: ModelConfig) -> bool:
+    """Scales (read with their weights), RoPE caches, V3's repeated MTP tensors and MTP layers beyond the ones
+    we load are skipped rather than rejected."""
+    if key.endswith("_scale_inv") or _IGNORED.fullmatch(key):
+        return True
+    if cfg.family == "v4":
+        return key.endswith(".scale") or is_extra_v4_mtp(key, cfg.n_mtp_layers)
     m = re.match(r"model\.layers\.(\d+)\.", key)
     return bool(m) and int(m.group(1)) >= cfg.n_layers + cfg.n_mtp_layers
 
 
-def _scale_inv(key: str, files: dict[str, Path]) -> torch.Tensor:
-    skey = key.removesuffix(".weight") + ".weight_scale_inv"
+def _scale_inv(key: str, files: dict[str, Path], cfg: ModelConfig) -> torch.Tensor:
+    skey = _scale_name(key, cfg)
     if skey not in files:
         raise CheckpointError(f"FP8 tensor {key} has no {skey}")
     with safe_open(str(files[skey]), framework="pt") as sf:

@@ -480,8 +480,12 @@ class Experts(nn.Module):
     def ffn_groups(self, xs: torch.Tensor, ends: torch.Tensor, weights=None) -> torch.Tensor:
         """ffn with each expert's group given by its end row (ends (E,) int32; groups may hold padding rows)."""
         w1, w2, w3 = weights if weights is not None else (self.w1, self.w2, self.w3)
-        h = F.silu(self.matmul(xs, w1.transpose(1, 2), ends)) * self.matmul(xs, w3.transpose(1, 2), ends)
+        h = self.act(self.matmul(xs, w1.transpose(1, 2), ends), self.matmul(xs, w3.transpose(1, 2), ends))
         return self.matmul(h, w2.transpose(1, 2), ends)
+
+    def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of the two input projections (V4's experts clamp them first)."""
+        return F.silu(gate) * up
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """The grouped GEMM of every projection (a subclass may change its numerics, e.g. to FP8)."""
@@ -495,7 +499,7 @@ class Experts(nn.Module):
             if token.numel() == 0:
                 continue
             xe = x[token]
-            he = F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)
+            he = self.act(xe @ self.w1[e].T, xe @ self.w3[e].T)
             y.index_add_(0, token, (he @ self.w2[e].T) * weights[token, slot, None])
         return y
 
@@ -604,12 +608,12 @@ class MTP(nn.Module):
     module's own final norm (`shared_head.norm` in the checkpoint).
     """
 
-    def __init__(self, cfg: ModelConfig, moe: bool):
+    def __init__(self, cfg: ModelConfig, moe: bool, block_cls: type | None = None):
         super().__init__()
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
-        self.block = Block(cfg, moe)
+        self.block = (block_cls or Block)(cfg, moe)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, freqs_cis: torch.Tensor, router_log: list | None = None,
@@ -626,15 +630,27 @@ class Transformer(nn.Module):
     returns one logits tensor per MTP depth k, shaped (B, T-k, vocab): position i there predicts token i+k+1.
     """
 
+    block_cls = Block  # the decoder block; sparse.TransformerV32 swaps in its sparse-attention block
+
+    def __new__(cls, cfg: ModelConfig | None = None, *args, **kwargs):
+        """`Transformer(cfg)` builds cfg's generation: V3.2 (sparse.py) and V4 (model_v4.py) subclass this one."""
+        if cls is Transformer and cfg is not None and cfg.family != "v3":
+            if cfg.family == "v32":
+                from .sparse import TransformerV32 as cls
+            else:
+                from .model_v4 import TransformerV4 as cls
+        return super().__new__(cls)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         has_moe = cfg.n_moe_layers > 0
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, moe=has_moe and i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(self.block_cls(cfg, moe=has_moe and i >= cfg.n_dense_layers)
+                                    for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTP(cfg, moe=has_moe) for _ in range(cfg.n_mtp_layers))
+        self.mtp = nn.ModuleList(MTP(cfg, moe=has_moe, block_cls=self.block_cls) for _ in range(cfg.n_mtp_layers))
         self.register_buffer("freqs_cis", rope_table(cfg, cfg.max_seq_len), persistent=False)
         self.init_weights()
 

@@ -8,7 +8,13 @@ Conventions (stated wherever numbers are printed):
 - `train_flops_per_token` = 6 × active_params + causal attention: per layer 6 × (S/2) × H × (d_qk + d_v), i.e.
   forward + backward (×3) of QKᵀ and PV over the lower triangle only. V3 at 4K: 250.5 GFLOP (ISCA'25: 250).
 - KV cache bytes are bf16 (2 bytes per element): the absorbed MLA cache stores (kv_lora_rank +
-  qk_rope_head_dim) values per token per layer; the naive one per-head K and V.
+  qk_rope_head_dim) values per token per layer (+ index_head_dim for V3.2's indexer keys); the naive one
+  per-head K and V. V4's cache depends on the context S: per layer min(S, window) raw entries plus S/m
+  compressed ones (+ their indexer keys in CSA layers), reported per token of an S-token context; its
+  "naive" figure keeps every token's raw entry instead.
+- V3.2 and V4 attention FLOPs count what the sparse/compressed attention reads: V3.2's indexer scores all S
+  keys and MLA reads min(S, index_topk); V4 reads its window plus the compressed entries (top-k in CSA).
+  `inference_flops_per_token` is the cost of decoding one token after S: 2 × active + attention.
 """
 
 from __future__ import annotations
@@ -23,8 +29,14 @@ BYTES_BF16 = 2
 # ----------------------------------------------------------------------------- MoE / MLA models
 
 
+def indexer_params(cfg: ModelConfig) -> int:
+    """V3.2's lightning indexer: wq_b, wk, k_norm (LayerNorm: weight and bias), weights_proj."""
+    J, I = cfg.index_n_heads, cfg.index_head_dim
+    return cfg.q_lora_rank * J * I + cfg.dim * I + 2 * I + cfg.dim * J if J else 0
+
+
 def attention_params(cfg: ModelConfig) -> int:
-    """One MLA layer including its pre-norm: wq (or wq_a, q_norm, wq_b), wkv_a, kv_norm, wkv_b, wo."""
+    """One MLA layer including its pre-norm: wq (or wq_a, q_norm, wq_b), wkv_a, kv_norm, wkv_b, wo (+ indexer)."""
     H, D = cfg.n_heads, cfg.dim
     if cfg.q_lora_rank:
         q = D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim
@@ -34,7 +46,7 @@ def attention_params(cfg: ModelConfig) -> int:
     kv += cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
     out = H * cfg.v_head_dim * D
     bias = cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim + D if cfg.attn_bias else 0  # wq_a, wkv_a, wo
-    return q + kv + out + bias + D  # + attn_norm
+    return q + kv + out + bias + D + indexer_params(cfg)  # + attn_norm
 
 
 def _ffn_params(cfg: ModelConfig, moe: bool) -> tuple[int, int]:
@@ -55,6 +67,8 @@ def _block_params(cfg: ModelConfig, moe: bool) -> tuple[int, int]:
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    if cfg.family == "v4":
+        return v4_param_counts(cfg)
     embed = head = cfg.vocab_size * cfg.dim
     dense_total, _ = _block_params(cfg, moe=False)
     moe_total, moe_active = _block_params(cfg, moe=True)
@@ -67,9 +81,14 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     return {"total_params": total, "active_params": active, "mtp_params": mtp, "embedding_params": embed}
 
 
-def kv_cache_bytes(cfg: ModelConfig) -> dict[str, int]:
-    absorbed = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.n_layers * BYTES_BF16
+def kv_cache_bytes(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, int]:
+    """Cache bytes per token; for V4 averaged over a context of seq_len tokens (default: min(max_seq_len, 4096))."""
+    if cfg.family == "v4":
+        return v4_kv_cache_bytes(cfg, seq_len or min(cfg.max_seq_len, 4096))
+    absorbed = (cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.index_n_heads else 0))
+    absorbed *= cfg.n_layers * BYTES_BF16
     naive = cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.n_layers * BYTES_BF16
+    naive += (cfg.index_head_dim if cfg.index_n_heads else 0) * cfg.n_layers * BYTES_BF16
     return {"kv_cache_bytes_per_token": absorbed, "kv_cache_bytes_per_token_naive": naive}
 
 
@@ -82,10 +101,10 @@ def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     """The `nanoseek stats --json` record of one config (keys are a contract)."""
     seq_len = seq_len or min(cfg.max_seq_len, 4096)
     counts = param_counts(cfg)
-    attn = causal_attention_flops(cfg.n_layers, cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim, seq_len)
+    attn = 3 * attention_flops(cfg, seq_len, causal=True)  # forward + backward
     return {
         "total_params": counts["total_params"], "active_params": counts["active_params"],
-        "mtp_params": counts["mtp_params"], **kv_cache_bytes(cfg),
+        "mtp_params": counts["mtp_params"], **kv_cache_bytes(cfg, seq_len),
         "train_flops_per_token": 6 * counts["active_params"] + attn, "seq_len": seq_len,
     }
 
@@ -94,11 +113,123 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, include_mtp: bool = Tr
     """Training FLOPs per token, optionally with what the MTP modules add (their block, eh_proj, head pass)."""
     flops = model_stats(cfg, seq_len)["train_flops_per_token"]
     if include_mtp and cfg.n_mtp_layers:
-        _, block_active = _block_params(cfg, moe=cfg.n_moe_layers > 0)
-        per_depth = block_active + 2 * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
-        attn = causal_attention_flops(1, cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim, seq_len)
+        if cfg.family == "v4":
+            per_depth = v4_param_counts(cfg)["mtp_active"] // cfg.n_mtp_layers + cfg.vocab_size * cfg.dim
+            attn = 3 * _v4_layer_attention_flops(cfg, "sliding", seq_len, causal=True)
+        else:
+            _, block_active = _block_params(cfg, moe=cfg.n_moe_layers > 0)
+            per_depth = block_active + 2 * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
+            attn = 3 * attention_flops(cfg, seq_len, causal=True) / cfg.n_layers  # every layer alike
         flops += cfg.n_mtp_layers * (6 * per_depth + attn)
     return flops
+
+
+# ----------------------------------------------------------------------------- attention FLOPs
+
+
+def _mean_seen(S: int, cap: int, causal: bool) -> float:
+    """Keys a query reads when it may read at most `cap`: averaged over the positions of an S-token sequence
+    (causal: the lower triangle, S/2 when cap >= S, cap - cap²/2S below), or for one query after S keys."""
+    if not causal:
+        return float(min(S, cap))
+    return S / 2 if cap >= S else cap - cap * cap / (2 * S)
+
+
+def attention_flops(cfg: ModelConfig, S: int, causal: bool) -> float:
+    """Forward attention FLOPs per token (QKᵀ and PV, plus the indexers' scores) at context S: averaged over the
+    causal positions of an S-token sequence (training), or for one query after S keys (decoding). Multiply by
+    3 for forward + backward. V2/V3 MLA: H·(d_qk + d_v)·2 per key in both cases (absorbed decoding reads
+    C + R and C per head per key instead; reported by `inference_flops_per_token`)."""
+    if cfg.family == "v4":
+        return sum(_v4_layer_attention_flops(cfg, cfg.layer_kind(i), S, causal) for i in range(cfg.n_layers))
+    keys = _mean_seen(S, S, causal)
+    if cfg.family == "v3":
+        return 2 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * keys
+    index = 2 * cfg.index_n_heads * (cfg.index_head_dim + 1) * keys  # J·I MACs per key, then the J weights
+    sparse = _mean_seen(S, cfg.index_topk, causal)
+    return cfg.n_layers * (2 * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * sparse + index)
+
+
+def _v4_layer_attention_flops(cfg: ModelConfig, kind: str, S: int, causal: bool) -> float:
+    """One V4 layer: 2·2·H·head_dim per key read (QKᵀ and PV, K = V), keys = window + compressed entries
+    (all ended ones in HCA, top-k in CSA), plus CSA's indexer over the compressed keys."""
+    window = _mean_seen(S, cfg.window_size, causal)
+    if kind == "sliding":
+        return 4 * cfg.n_heads * cfg.head_dim * window
+    m = cfg.csa_ratio if kind == "csa" else next(r for r in cfg.compress_ratios if r and r != cfg.csa_ratio)
+    n = S // m
+    ended = (n / 2 if causal else n)  # entries ended by a position, on average
+    seen = ended if kind == "hca" else (_mean_seen(n, cfg.index_topk, causal) if n else 0.0)
+    index = 2 * cfg.index_n_heads * (cfg.index_head_dim + 1) * ended if kind == "csa" else 0.0
+    return 4 * cfg.n_heads * cfg.head_dim * (window + seen) + index
+
+
+def inference_flops_per_token(cfg: ModelConfig, context: int) -> float:
+    """FLOPs to decode one token after `context` tokens: 2 × active params + attention (absorbed MLA reads
+    2·H·(2C + R) per key; V3.2 and V4 as in attention_flops)."""
+    active = param_counts(cfg)["active_params"]
+    if cfg.family == "v3":
+        attn = 2 * cfg.n_layers * cfg.n_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * context
+    elif cfg.family == "v32":
+        keys = min(context, cfg.index_topk)
+        attn = cfg.n_layers * (2 * cfg.n_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * keys
+                               + 2 * cfg.index_n_heads * (cfg.index_head_dim + 1) * context)
+    else:
+        attn = attention_flops(cfg, context, causal=False)
+    return 2 * active + attn
+
+
+# ----------------------------------------------------------------------------- V4
+
+
+def _v4_attention_params(cfg: ModelConfig, kind: str) -> int:
+    """One V4 attention layer with its pre-norm: q latent, shared K=V, grouped output, sinks, compressors, indexer."""
+    D, H, hd, Q, G = cfg.dim, cfg.n_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups
+    n = D * Q + Q + Q * H * hd + D * hd + hd + G * cfg.o_lora_rank * (H * hd // G + D) + H + D
+    if kind == "sliding":
+        return n
+    m = cfg.csa_ratio if kind == "csa" else next(r for r in cfg.compress_ratios if r and r != cfg.csa_ratio)
+    width = (2 if kind == "csa" else 1) * hd
+    n += 2 * D * width + m * width + hd  # wkv, wgate, ape, norm
+    if kind == "csa":
+        J, I = cfg.index_n_heads, cfg.index_head_dim
+        n += Q * J * I + D * J + 2 * D * 2 * I + m * 2 * I + I  # wq_b, weights_proj, its compressor
+    return n
+
+
+def _v4_block_params(cfg: ModelConfig, kind: str) -> tuple[int, int]:
+    """(total, active) of one V4 block: attention, MoE (router, experts, one shared) and two mHC sites."""
+    N, D = cfg.hc_mult, cfg.dim
+    expert = 3 * D * cfg.moe_inter_dim
+    hc = 2 * ((N + 2) * N * N * D + (N + 2) * N + 3)
+    common = _v4_attention_params(cfg, kind) + D * cfg.n_routed_experts + expert + D + hc
+    return common + cfg.n_routed_experts * expert, common + cfg.n_activated_experts * expert
+
+
+def v4_param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """V4 parameters (same conventions as param_counts); `mtp_active` for the FLOPs of the MTP modules."""
+    embed = cfg.vocab_size * cfg.dim
+    N, D = cfg.hc_mult, cfg.dim
+    head = embed + D + N * N * D + N + 1  # output head, final norm, hc_head
+    blocks = [_v4_block_params(cfg, cfg.layer_kind(i)) for i in range(cfg.n_layers)]
+    mtp_total, mtp_active = _v4_block_params(cfg, "sliding")
+    extra = 3 * D + 2 * D * D + N * N * D + N + 1  # enorm, hnorm, norm, e_proj, h_proj, hc_head
+    return {"total_params": embed + head + sum(t for t, _ in blocks), "active_params": head + sum(a for _, a in blocks),
+            "mtp_params": cfg.n_mtp_layers * (mtp_total + extra), "embedding_params": embed,
+            "mtp_active": cfg.n_mtp_layers * (mtp_active + extra)}
+
+
+def v4_kv_cache_bytes(cfg: ModelConfig, S: int) -> dict[str, int]:
+    """Bytes per token of an S-token context: per layer min(S, window) raw entries and S/m compressed ones."""
+    total = 0
+    for i in range(cfg.n_layers):
+        kind = cfg.layer_kind(i)
+        total += min(S, cfg.window_size) * cfg.head_dim
+        if kind != "sliding":
+            m = cfg.compress_ratios[i]
+            total += (S // m) * (cfg.head_dim + (cfg.index_head_dim if kind == "csa" else 0))
+    return {"kv_cache_bytes_per_token": round(total * BYTES_BF16 / S),
+            "kv_cache_bytes_per_token_naive": cfg.n_layers * cfg.head_dim * BYTES_BF16}
 
 
 # ----------------------------------------------------------------------------- dense GQA models

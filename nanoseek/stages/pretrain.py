@@ -32,6 +32,7 @@ from ..data import PackedLoader, fixed_batches
 from ..fp8 import RECIPES, convert_to_fp8
 from ..losses import balance_loss, lm_loss
 from ..model import Gate, RouterLog, Transformer
+from ..sparse import IndexerLog
 from ..optim import (batch_size_at, build_optimizer, expert_loads, lr_at, max_violation, mtp_lambda_at,
                      update_routing_bias)
 from ..runtime import matmul_peak, pick_device, prepare_for_training, resolve, set_threads
@@ -96,6 +97,9 @@ class PretrainConfig(ComputeOptions):
     fp8_recipe: str = option("blockwise", help="blockwise (1×128 / 128×128 scales) or tensorwise", choices=RECIPES)
     optim_moments: str = option("fp32", help="AdamW moments in fp32 or bf16 (V3)", choices=("fp32", "bf16"))
     max_bad_steps: int = option(5, help="stop after this many non-finite steps in a row", min=1)
+    index_warmup: float = option(0.1, help="V3.2: fraction of the run with dense attention while the indexer warms "
+                                 "up", min=0, max=1)
+    index_kl: float = option(1.0, help="V3.2: weight of the indexer's KL loss (it trains only the indexer)", min=0)
     model_overrides: dict = option(default_factory=dict, help="ModelConfig fields to override (JSON)")
 
     def __post_init__(self):
@@ -201,7 +205,7 @@ def _run(cfg: PretrainConfig, out: Path, info: "ddp.DistInfo", where: "ddp.Where
             record = {"step": step + 1, "tokens": state["tokens"], "batch_size": n_seq,
                       **{k: v for k, v in metrics.items() if k != "finite"}}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                record.update(trainer.evaluate(heldout))
+                record.update(trainer.evaluate(heldout, step))
             if log is not None:
                 log.write(record)
             bar.update(1)
@@ -235,14 +239,23 @@ class _Trainer:
         self.cfg, self.model, self.forward, self.opt, self.device = cfg, model, forward, optimizer, device
         self.info = info
         self.gates = [m for m in model.modules() if isinstance(m, Gate)]
-        self.n_main_moe = model.cfg.n_moe_layers
+        # main layers with a learned router, in router-log order (V4's hash-routed layers have none)
+        self.gate_layers = [i for i, layer in enumerate(model.layers) if any(isinstance(m, Gate) for m in layer.modules())]
+        self.n_main_moe = len(self.gate_layers)
+        self.sparse = model.cfg.family == "v32"
         self.flops_per_token = train_flops_per_token(model.cfg, seq_len, include_mtp=True)
         self.peak = matmul_peak(device, dtype=peak_dtype)  # MFU against the peak of the compute precision
+
+    def _router_log(self, step: int) -> RouterLog:
+        """V3.2 also collects the indexer's KL, with dense attention during the warm-up (V3.2 report §2.1.1)."""
+        if not self.sparse:
+            return RouterLog()
+        return IndexerLog(dense=step < self.cfg.index_warmup * self.cfg.steps)
 
     def _losses(self, batch: torch.Tensor, step: int):
         cfg = self.cfg
         x, y = batch[:, :-1], batch[:, 1:]
-        router_log = RouterLog()
+        router_log = self._router_log(step)
         loss, mtp_losses = lm_loss(self.forward, x, y, router_log)
         lam = mtp_lambda_at(step, cfg.steps, cfg.mtp_lambda, cfg.mtp_lambda_final, cfg.mtp_switch)
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else None
@@ -252,6 +265,8 @@ class _Trainer:
             bal = sum(balance_loss(s, i, n_seq=x.shape[0], per_sequence=cfg.balance == "aux-free")
                       for s, i in router_log)
         total = loss + (lam * mtp if mtp is not None else 0) + (alpha * bal if bal is not None else 0)
+        if isinstance(router_log, IndexerLog) and router_log.indexer_losses:
+            total = total + cfg.index_kl * torch.stack(router_log.indexer_losses).mean()
         return total, loss, mtp, bal, lam, router_log
 
     def step(self, batch: torch.Tensor, step: int) -> dict:
@@ -262,7 +277,7 @@ class _Trainer:
             group["lr"] = lr
         micro = cfg.micro_batch or batch.shape[0]
         chunks = batch.split(micro)
-        sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0, "indexer_kl": 0.0 if self.sparse else math.nan}
         loads = [torch.zeros_like(g.bias) for g in self.gates]
         for chunk in chunks:
             total, loss, mtp, bal, lam, router_log = self._losses(chunk, step)
@@ -273,6 +288,8 @@ class _Trainer:
             sums["loss"] += loss.item() * w
             sums["mtp_loss"] += mtp.item() * w if mtp is not None else math.nan
             sums["balance_loss"] += bal.item() * w if bal is not None else math.nan
+            if isinstance(router_log, IndexerLog):
+                sums["indexer_kl"] += torch.stack(router_log.indexer_losses).mean().item() * w
             for i, (_, idx) in enumerate(router_log):
                 loads[i] += expert_loads(idx, loads[i].numel())
         if self.info.enabled:  # global loss, expert loads and gradients: every rank takes the same decisions
@@ -308,14 +325,14 @@ class _Trainer:
         vio = [max_violation(load) for load in loads]
         main = vio[: self.n_main_moe]
         record = {"maxvio": sum(main) / len(main)} if main else {}
-        first = self.model.cfg.n_dense_layers
-        record.update({f"maxvio_layer{first + i}": v for i, v in enumerate(main)})
+        record.update({f"maxvio_layer{layer}": v for layer, v in zip(self.gate_layers, main)})
         record.update({f"maxvio_mtp{k}": v for k, v in enumerate(vio[self.n_main_moe:])})
         return record
 
     @torch.no_grad()
-    def evaluate(self, batches: list[torch.Tensor]) -> dict:
-        """Held-out next-token and MTP loss, and the global MaxVio over every held-out token."""
+    def evaluate(self, batches: list[torch.Tensor], step: int = 0) -> dict:
+        """Held-out next-token and MTP loss, and the global MaxVio over every held-out token (at `step`'s
+        attention mode: V3.2 evaluates dense during its warm-up)."""
         if not batches:
             return {}
         self.model.eval()
@@ -324,7 +341,7 @@ class _Trainer:
         for batch in batches:
             rows = batch.shape[0] // self.info.world
             batch = batch[self.info.chunk * rows:(self.info.chunk + 1) * rows].to(self.device)
-            router_log = RouterLog()
+            router_log = self._router_log(step)
             loss, mtp_losses = lm_loss(self.forward, batch[:, :-1], batch[:, 1:], router_log)
             ce += loss.item() / len(batches)
             mtp += torch.stack(mtp_losses).mean().item() / len(batches) if mtp_losses else 0.0

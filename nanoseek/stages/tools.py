@@ -107,15 +107,23 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.0f}{unit}"
 
 
-def _print_stats(name: str, s: dict) -> None:
+_KV_LABELS = {  # what the cache holds, per generation (stats.py)
+    "v3": ("absorbed MLA latent + rope key, bf16", "per-head K and V, bf16"),
+    "v32": ("MLA latent + rope key + indexer key, bf16", "per-head K and V + indexer key, bf16"),
+    "v4": ("window + compressed entries, averaged over the context, bf16", "every token's raw K=V, bf16"),
+}
+
+
+def _print_stats(name: str, s: dict, family: str = "v3") -> None:
     print(f"{name}  (training sequence length {s['seq_len']})")
     print(f"  total parameters        {human(s['total_params']):>10}   (without MTP modules)")
     print(f"  active parameters/token {human(s['active_params']):>10}   (without the embedding lookup; "
           "output head included)")
     print(f"  MTP parameters          {human(s['mtp_params']):>10}   (unique to the MTP modules; embedding and "
           "head are shared)")
-    print(f"  KV cache / token        {s['kv_cache_bytes_per_token']:>10,} B (absorbed MLA latent + rope key, bf16)")
-    print(f"  KV cache / token, naive {s['kv_cache_bytes_per_token_naive']:>10,} B (per-head K and V, bf16)")
+    kv, naive = _KV_LABELS[family]
+    print(f"  KV cache / token        {s['kv_cache_bytes_per_token']:>10,} B ({kv})")
+    print(f"  KV cache / token, naive {s['kv_cache_bytes_per_token_naive']:>10,} B ({naive})")
     print(f"  training FLOPs / token  {human(s['train_flops_per_token'], 'FLOP'):>10}   (6 × active + causal "
           "attention, forward + backward)")
 
@@ -145,7 +153,7 @@ def stats(cfg: StatsConfig) -> None:
     if cfg.json:
         print(json.dumps({"name": name, **s}, indent=2))
     else:
-        _print_stats(name, s)
+        _print_stats(name, s, mcfg.family)
 
 
 def cost(cfg: CostConfig) -> None:
