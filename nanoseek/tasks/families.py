@@ -47,6 +47,18 @@ class NumericTask(ReasoningGymTask):
         return float(numbers_equal(answer, problem.answer))
 
 
+class ChainSumTask(NumericTask):
+    """`a ± b ± …`: the space can be counted exactly (terms and digit counts give disjoint question sets)."""
+
+    def space_size(self) -> int | None:
+        o = self.options
+        if o.get("allow_negation"):
+            return None  # negative operands overlap across digit counts: not a simple product
+        values = lambda d: 10 if d == 1 else 9 * 10 ** (d - 1)  # noqa: E731 -- 1 digit includes 0
+        return sum(values(d) ** t * 2 ** (t - 1) for t in range(o["min_terms"], o["max_terms"] + 1)
+                   for d in range(o["min_digits"], o["max_digits"] + 1))
+
+
 class CountdownTask(ReasoningGymTask):
     """Any expression that uses each given number once and reaches the target is right (not just the gold one)."""
 
@@ -62,7 +74,7 @@ class YesNoTask(ReasoningGymTask):
         return float(norm in ("yes", "no") and norm == problem.answer.strip().lower())
 
 
-TASKS = {"chain_sum": NumericTask, "basic_arithmetic": NumericTask, "gsm_symbolic": NumericTask,
+TASKS = {"chain_sum": ChainSumTask, "basic_arithmetic": NumericTask, "gsm_symbolic": NumericTask,
          "countdown": CountdownTask, "syllogism": YesNoTask}
 
 
