@@ -2,7 +2,8 @@
 
 k samples per problem from a checkpoint through the engine; each line carries the R1 prompt, the completion
 and its provenance (checkpoint, task, problem, seed, reward components). --keep correct keeps only verified-
-correct, well-formed completions, deduplicated per problem: the traces that SFT/distillation train on.
+correct, well-formed completions, deduplicated per problem: the traces that SFT/distillation train on. Only
+training-split problems can be rejection-sampled (`--split heldout` needs `--keep all`, for inspection).
 
     nanoseek sample --ckpt runs/rl --task chain_sum --n 256 --k 4 --keep correct --out runs/traces.jsonl
 """
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from ..engine import Engine, SamplingParams, sequence_seed
-from ..tasks import get_task
+from ..tasks import get_task, split_of
 from ..tasks.base import combine
 from ..template import STOP
 from .common import load_checkpoint
@@ -47,10 +48,14 @@ def run(cfg: SampleConfig) -> dict:
         raise ValueError(f"--keep must be correct or all, got {cfg.keep!r}")
     if cfg.n <= 0 or cfg.k <= 0:
         raise ValueError("--n and --k must be positive")
+    if cfg.split == "heldout" and cfg.keep == "correct":  # rejection sampling makes training data
+        raise ValueError("--split heldout with --keep correct would turn held-out problems into training traces; "
+                         "rejection-sample --split train, or use --keep all to inspect held-out rollouts")
     task = get_task(cfg.task, **cfg.task_args)
     model, tokenizer = load_checkpoint(cfg.ckpt)
     engine = Engine(model, tokenizer)
     problems = task.problems(cfg.seed, cfg.n, split=cfg.split)
+    assert all(split_of(p.question) == cfg.split for p in problems)  # the split is the question's own property
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             seed=cfg.seed, stop=list(STOP))
     jobs = [(p, j) for p in problems for j in range(cfg.k)]
@@ -69,6 +74,7 @@ def run(cfg: SampleConfig) -> dict:
                 continue
             seen.add((problem.id, g.text))
             rows.append({"prompt": prompt, "completion": g.text, "task": cfg.task, "problem_id": problem.id,
+                         "split": cfg.split,
                          "question": problem.question, "gold": problem.answer, "answer": scores["answer"],
                          "reward": combine(scores), "accuracy": scores["accuracy"], "format": scores["format"],
                          "tokens": len(g.tokens), "checkpoint": source, "seed": cfg.seed, "sample": j})

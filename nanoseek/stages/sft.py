@@ -2,7 +2,8 @@
 
 Each example is prompt + completion (+ eos) with the loss on completion tokens only. Examples are packed into
 rows of the model's context with per-sample attention masking and restarted positions (V3's SFT packed with
-sample masking). Cosine schedule over the epochs (V3: 5e-6 → 1e-6 at scale). With --teacher, the loss mixes
+sample masking). Cosine schedule over the epochs (V3: 5e-6 → 1e-6 at scale). Examples whose question is a
+held-out evaluation problem are dropped (by content) and counted. With --teacher, the loss mixes
 in logit distillation: KL(teacher ‖ student) at temperature τ on the completion tokens (same tokenizer needed).
 
     nanoseek sft --init runs/student-base --data runs/traces.jsonl --out runs/distilled --epochs 2
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from .. import checkpoint as ckpt
 from ..losses import IGNORE_INDEX, linear_cross_entropy
 from ..optim import build_optimizer, lr_at
 from ..runtime import set_threads
+from ..tasks import is_heldout, question_from_prompt
 from .common import MetricsLog, load_checkpoint, save_step
 
 
@@ -42,7 +45,10 @@ class SFTConfig:
     teacher: str = field(default="", metadata={"help": "teacher checkpoint for logit distillation (same tokenizer)"})
     kd_weight: float = field(default=0.5, metadata={"help": "share of the distillation loss when --teacher"})
     kd_temperature: float = field(default=1.0, metadata={"help": "distillation temperature τ"})
-    max_seconds: float = field(default=0.0, metadata={"help": "stop after this wall time (0: no limit)"})
+    max_seconds: float = field(default=0.0, metadata={"help": "stop after this wall time (0: no limit); the cosine "
+                                                      "then follows whichever of steps or time runs out first"})
+    keep_heldout: bool = field(default=False, metadata={"help": "keep examples whose question is a held-out "
+                                                        "evaluation problem (dropped by default, by content)"})
     seed: int = field(default=0, metadata={"help": "shuffling seed"})
     threads: int = field(default=0, metadata={"help": "CPU threads (0: all)"})
 
@@ -67,6 +73,13 @@ def read_examples(patterns: list[str]) -> list[tuple[str, str]]:
     if not out:
         raise ValueError(f"{' '.join(files)}: no examples")
     return out
+
+
+def drop_heldout(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], int]:
+    """(the examples whose prompt's question is not held out, how many were dropped): a trace of a held-out
+    problem must never reach training, whoever wrote the file."""
+    kept = [(p, c) for p, c in pairs if not ((q := question_from_prompt(p)) is not None and is_heldout(q))]
+    return kept, len(pairs) - len(kept)
 
 
 def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad: int) -> list[dict]:
@@ -94,6 +107,14 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad: int) ->
     return packed
 
 
+def _progress_step(step: int, total: int, elapsed: float, max_seconds: float) -> int:
+    """The step the schedule is at: with a time limit, the further along of steps and wall time, so a run cut
+    short by --max-seconds still completes its cosine (at the cost of bit-reproducible learning rates)."""
+    if not max_seconds:
+        return step
+    return min(total - 1, max(step, int(elapsed / max_seconds * total)))
+
+
 def _batch(rows: list[dict]) -> dict:
     return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
 
@@ -116,11 +137,18 @@ def run(cfg: SFTConfig) -> Path:
     teacher = ckpt.load(cfg.teacher)[0].eval().requires_grad_(False) if cfg.teacher else None
     if teacher is not None and teacher.cfg.vocab_size != model.cfg.vocab_size:
         raise ValueError("logit distillation needs teacher and student to share the tokenizer (vocab sizes differ)")
-    pairs = read_examples(cfg.data)
+    pairs, dropped = read_examples(cfg.data), 0
+    if not cfg.keep_heldout:
+        pairs, dropped = drop_heldout(pairs)
+        print(f"sft: dropped {dropped} of {len(pairs) + dropped} examples whose question is held out",
+              file=sys.stderr)
+        if not pairs:
+            raise ValueError(f"{' '.join(cfg.data)}: every example's question is held out; nothing to train on")
     encoded = [(tokenizer.encode(p), tokenizer.encode(c) + [tokenizer.eos_id]) for p, c in pairs]
     rows = pack(encoded, model.cfg.max_seq_len, tokenizer.pad_id)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    (out / "run.json").write_text(json.dumps({**dataclasses.asdict(cfg), "examples": len(pairs),
+                                              "dropped_heldout": dropped}, indent=2) + "\n")
     model.mtp.requires_grad_(False)  # packed samples would leak through the MTP's look-ahead; it is not trained
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
@@ -134,7 +162,8 @@ def run(cfg: SFTConfig) -> Path:
         order = torch.randperm(len(rows), generator=gen).tolist()
         for i in range(0, len(rows), cfg.batch_size):
             b = _batch([rows[j] for j in order[i:i + cfg.batch_size]])
-            lr = lr_at(step, total, cfg.lr, warmup=0.0, decay_start=0.0, decay_end=1.0, min_ratio=cfg.min_lr_ratio)
+            lr = lr_at(_progress_step(step, total, time.perf_counter() - t_start, cfg.max_seconds), total, cfg.lr,
+                       warmup=0.0, decay_start=0.0, decay_end=1.0, min_ratio=cfg.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
             h = model.hidden(b["inputs"], positions=b["positions"], segments=b["segments"])
@@ -159,4 +188,5 @@ def run(cfg: SFTConfig) -> Path:
             break
     bar.close()
     return save_step(out, step, model.eval(), tokenizer, {"stage": "sft", "init": str(cfg.init),
-                                                           "examples": len(pairs), "rows": len(rows)})
+                                                           "examples": len(pairs), "rows": len(rows),
+                                                           "dropped_heldout": dropped})
