@@ -82,3 +82,29 @@ def get_task(name: str, **options) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
     return TASKS[name](name, **options)
+
+
+class StartsWithTask(Task):
+    """The sanity ladder's first rung: reward 1 when the completion starts with one of `chars`.
+
+    Nothing to reason about: an RL loop that works drives a behaviour the model shows at some base rate (the
+    ladder picks `chars` so that it is ~20%) to ~100% within tens of steps. Not a registered family."""
+
+    name = "starts_with"
+
+    def __init__(self, chars: str):
+        super().__init__(chars=chars)
+        self.chars = chars
+
+    def generate(self, seed: int, n: int) -> list[Problem]:
+        return [Problem(question=f"Say anything ({seed + i}).", answer="") for i in range(n)]
+
+    def prompt(self, problem: Problem) -> str:
+        return problem.question
+
+    def check(self, problem: Problem, answer: str) -> float:
+        return 0.0
+
+    def score(self, problem: Problem, completion: str) -> dict:
+        hit = float(completion[:1] != "" and completion[:1] in self.chars)
+        return {"format": 1.0, "accuracy": hit, "partial": 0.0, "answer": completion[:1]}
