@@ -338,33 +338,14 @@ def test_bf16_rollouts_show_a_gap_and_replay_removes_the_routing_part(tiny_check
 # ----------------------------------------------------------------------------- the sanity ladder, first rung
 
 
-def _chars_at_rate(model, tok, prompt: str, rate: float) -> tuple[str, float]:
-    """First characters whose tokens hold about `rate` of the model's first-token probability."""
-    with torch.no_grad():
-        probs = model(torch.tensor([tok.encode(prompt)]))[0, -1].softmax(-1)
-    mass: dict[str, float] = {}
-    for t, p in enumerate(probs.tolist()):
-        text = tok.decode([t])
-        if text and t not in (tok.eos_id, tok.pad_id):
-            mass[text[0]] = mass.get(text[0], 0.0) + p
-    chosen, total = "", 0.0
-    for ch, p in sorted(mass.items(), key=lambda kv: -kv[1]):  # largest first, skipping any that overshoot
-        if total + p <= 1.2 * rate:
-            chosen, total = chosen + ch, total + p
-        if total >= 0.9 * rate:
-            break
-    return chosen, total
-
-
 @pytest.mark.parametrize("algo", list(ALGOS))
 def test_sanity_ladder_grpo_drives_a_rare_behaviour_to_almost_always(tiny_checkpoint, tmp_path, algo):
     """A behaviour the model shows ~20% of the time, rewarded, reaches ≥ 95% within 50 steps (fixed seeds)."""
     from nanoseek import load
 
     model, tok = load(tiny_checkpoint)
-    chars, base_rate = _chars_at_rate(model, tok, "Say anything (0).", 0.2)
-    assert 0.15 < base_rate < 0.25
-    task = StartsWithTask(chars)
+    task = StartsWithTask.at_rate(model, tok, 0.2)
+    assert 0.15 < task.base_rate < 0.25
     cfg = GRPOConfig(init="-", task="starts_with", out=str(tmp_path), steps=50, prompts_per_step=8, group_size=8,
                      max_new_tokens=1, lr=3e-3, eval_every=0, save_every=1000, algo=algo)
     train(model, tok, task, cfg, resolve_algo(cfg), tmp_path)

@@ -280,7 +280,7 @@ def rollout_metrics(batch: dict, cfg: GRPOConfig) -> dict:
     wrong = [ln for ln, s in zip(lengths, scores) if s["accuracy"] != 1.0]
     accuracy = torch.tensor([s["accuracy"] for s in scores]).view_as(rewards)
     differ = rewards.std(dim=1) > 0
-    return {
+    record = {
         "reward": rewards.mean().item(), "accuracy": mean("accuracy"), "format": mean("format"),
         "reward_accuracy": cfg.w_accuracy * mean("accuracy"), "reward_format": cfg.w_format * mean("format"),
         "reward_partial": cfg.partial_credit * sum(s["partial"] * (s["accuracy"] == 0) for s in scores) / n,
@@ -293,6 +293,7 @@ def rollout_metrics(batch: dict, cfg: GRPOConfig) -> dict:
         "truncated": sum(batch["truncated"]) / n, "rollout_s": batch["rollout_s"],
         "rollout_tokens_per_s": sum(lengths) / max(batch["rollout_s"], 1e-9), "problems": batch["problem_ids"],
     }
+    return {k: v for k, v in record.items() if v is not None}  # a length with no sequence to average is left out
 
 
 # ----------------------------------------------------------------------------- MoE routing: capture and replay

@@ -96,8 +96,33 @@ class StartsWithTask(Task):
         super().__init__(chars=chars)
         self.chars = chars
 
+    @classmethod
+    def at_rate(cls, model, tokenizer, rate: float = 0.2) -> "StartsWithTask":
+        """The task whose characters hold about `rate` of the model's first-token probability (on a sample
+        prompt); the measured rate is in `.base_rate`."""
+        import torch
+
+        with torch.no_grad():
+            probs = model(torch.tensor([tokenizer.encode(cls.PROMPT.format(0))]))[0, -1].float().softmax(-1)
+        mass: dict[str, float] = {}
+        for t, p in enumerate(probs.tolist()):
+            text = tokenizer.decode([t])
+            if text and t not in (tokenizer.eos_id, tokenizer.pad_id):
+                mass[text[0]] = mass.get(text[0], 0.0) + p
+        chars, total = "", 0.0
+        for ch, p in sorted(mass.items(), key=lambda kv: -kv[1]):  # largest first, skipping any that overshoot
+            if total + p <= 1.2 * rate:
+                chars, total = chars + ch, total + p
+            if total >= 0.9 * rate:
+                break
+        task = cls(chars)
+        task.base_rate = total
+        return task
+
+    PROMPT = "Say anything ({})."
+
     def generate(self, seed: int, n: int) -> list[Problem]:
-        return [Problem(question=f"Say anything ({seed + i}).", answer="") for i in range(n)]
+        return [Problem(question=self.PROMPT.format(seed + i), answer="") for i in range(n)]
 
     def prompt(self, problem: Problem) -> str:
         return problem.question
