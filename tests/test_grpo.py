@@ -232,6 +232,7 @@ def test_stage_logs_fresh_problems_lr_and_heldout_set(tiny_checkpoint, tmp_path)
     run(cfg)
     records = [r for r in read_metrics(tmp_path / "rl" / "metrics.jsonl") if r["step"] > 0]
     assert [r["lr"] for r in records] == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4])
+    assert all("kl" in r and r["reference_s"] > 0 for r in records)  # β = 0.04 (grpo): every step
     ids = [i for r in records for i in r["problems"]]
     assert len(ids) == len(set(ids)) == 12 and all(r["problems_repeated"] == 0 for r in records)
     held = [json.loads(line) for line in (tmp_path / "rl" / "heldout.jsonl").read_text().splitlines()]
@@ -239,6 +240,14 @@ def test_stage_logs_fresh_problems_lr_and_heldout_set(tiny_checkpoint, tmp_path)
     for key in ("kl", "kl_rollout", "logp_gap_abs_mean", "routing_mismatch", "frac_zero_std", "frac_format_only",
                 "entropy", "clip_frac", "is_ratio_max", "reward_accuracy", "temperature", "heldout_cons"):
         assert key in records[-1], key
+
+
+def test_kl_every_spaces_out_the_reference_forward_when_beta_is_zero(tiny_checkpoint, tmp_path):
+    cfg = GRPOConfig(init=str(tiny_checkpoint), task="chain_sum", out=str(tmp_path / "rl"), steps=4, algo="dr-grpo",
+                     prompts_per_step=2, group_size=2, max_new_tokens=3, eval_every=0, kl_every=2,
+                     task_args={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2})
+    run(cfg)
+    assert ["kl" in r for r in read_metrics(tmp_path / "rl" / "metrics.jsonl")] == [True, False, True, False]
 
 
 class _ScriptedEngine:

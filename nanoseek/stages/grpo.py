@@ -16,8 +16,9 @@ What keeps the loop on-policy and honest:
 - The update scores tokens under softmax(logits / T) at the rollout temperature T, the distribution the
   engine sampled from (top-p < 1 is not corrected: its renormalisation shows in `logp_gap_abs_mean`).
 - KL(π || π_init) to the frozen initial policy is logged for every algorithm (β = 0 only leaves it out of the
-  loss): one no-grad forward of the reference per step. `kl_rollout` is the KL between the rollout engine's
-  and the update's distributions on the sampled tokens (their numerical mismatch; bf16 rollouts raise it).
+  loss): one no-grad forward of the reference, measured at ~15% of a `small` step (`reference_s`), every step
+  by default (--kl-every). `kl_rollout` is the KL between the rollout engine's and the update's distributions
+  on the sampled tokens (their numerical mismatch; bf16 rollouts raise it).
 - Diagnostics per step: reward components, the share of groups with equal rewards (no gradient) and of groups
   that differ only by format, clip fractions, entropy, ratio ranges, the rollout-vs-update log-prob gap and
   importance ratios, and the MoE routing mismatch between rollout and update. --routing-replay reuses the
@@ -84,6 +85,8 @@ class GRPOConfig:
                                                         "sampling more prompts to fill the step (empty: the algo's)"})
     max_sampling_rounds: int = field(default=3, metadata={"help": "rollout rounds per step with dynamic sampling"})
     ref_refresh: int = field(default=0, metadata={"help": "copy the policy into the reference every N steps (0: never)"})
+    kl_every: int = field(default=1, metadata={"help": "with β = 0, log the KL to the initial policy every N steps "
+                                               "(one no-grad forward, ~15% of a `small` step; 0: never)"})
     tis_cap: float = field(default=0.0, metadata={"help": "truncated importance sampling cap C (0: off; e.g. 2)"})
     routing_replay: bool = field(default=False, metadata={"help": "reuse the rollout's MoE experts in the update"})
     rollout_dtype: str = field(default="fp32", metadata={"help": "fp32 or bf16: the engine's copy of the weights"})
@@ -171,7 +174,8 @@ def train(model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path) ->
         batch, record = collect(engine, task, stream, cfg, settings, n_seq)
         n_seq += record.pop("sequences")
         if batch is not None:
-            record.update(update(model, reference, optimizer, batch, cfg, settings))
+            kl_now = settings["beta"] > 0 or (cfg.kl_every and step % cfg.kl_every == 0)
+            record.update(update(model, reference if kl_now else None, optimizer, batch, cfg, settings))
         if rollout_model is not model:  # the engine samples from the weights just trained
             rollout_model.load_state_dict(model.state_dict())
         record.update(step=step + 1, lr=lr, temperature=cfg.temperature, problems_seen=len(stream.seen),
@@ -444,9 +448,11 @@ def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: 
     chunks = [slice(i, i + micro) for i in range(0, len(rows), micro)]
     route = lambda sl: routes[sl] if routes is not None else None  # noqa: E731
     model.train()
+    t0 = time.perf_counter()
     with torch.no_grad():
         ref_logp = torch.cat([completion_logprobs(reference, inputs[sl], targets[sl], mask[sl], T)[0]
                               for sl in chunks]) if reference is not None else None
+        reference_s = time.perf_counter() - t0
         old = [_forward(model, inputs[sl], targets[sl], mask[sl], T, route(sl), cfg.routing_replay)
                for sl in chunks] if cfg.mu > 1 else None
     stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low": 0.0, "clip_high": 0.0, "grad_norm": 0.0,
@@ -480,6 +486,7 @@ def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: 
         stats["grad_norm"] += grad_norm / cfg.mu
     model.eval()
     stats.update(_diagnostics(first, mask, rollout_lp, ref_logp, cfg.tis_cap))
+    stats.update(update_s=time.perf_counter() - t0, reference_s=reference_s)  # what logging KL costs
     return stats
 
 
