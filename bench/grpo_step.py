@@ -35,7 +35,8 @@ TASK_ARGS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 
 
 def make_model(root: Path, task):
-    texts = [task.prompt(p) + f" {p.answer} </think> <answer> {p.answer} </answer>" for p in task.problems(0, 400)]
+    problems = task.stream(0).take(400)  # repeats allowed: this setting has only 175 training questions
+    texts = [task.prompt(p) + f" {p.answer} </think> <answer> {p.answer} </answer>" for p in problems]
     tok = Tokenizer.train(texts, 512)
     tok.save(root / "tokenizer.json")
     torch.manual_seed(0)

@@ -6,7 +6,8 @@ Sources (all ship inside pip packages, so nothing is downloaded):
 - "In the Year 2889" by Jules and Michel Verne (Project Gutenberg copy bundled with `reasoning-gym`); public domain.
 - Problems from `reasoning-gym` generators (Apache-2.0): gsm_symbolic with its own step-by-step solutions, and
   chain_sum, basic_arithmetic and countdown with worked solutions written here and checked against the gold answer.
-  Each problem becomes one document in the R1 template (`tokenizer.r1_prompt` + `tokenizer.r1_completion`).
+  Each problem becomes one document in the R1 template (`template.r1_prompt` + `template.r1_completion`).
+  Training documents hold only questions of the tasks' training split (`nanoseek.tasks.split_of`, by content).
 
 `build_default_corpus(seed)` returns {"train", "heldout"}; the same seed always gives the same lists.
 `read_user_data(patterns)` reads a user's own .txt/.md/.jsonl/.parquet files instead.
@@ -25,6 +26,7 @@ from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
+from .tasks.base import HELDOUT_FRACTION, split_of
 from .template import r1_completion, r1_prompt
 
 # Share of each reasoning family. countdown's generator takes ~10 ms an item (it searches with sympy; the others
@@ -253,43 +255,48 @@ _SOLVERS = {"gsm_symbolic": _solve_gsm, "chain_sum": _solve_arithmetic,
             "basic_arithmetic": _solve_arithmetic, "countdown": _solve_countdown}
 
 
-def _family_docs(name: str, gen_seed: int, count: int, exclude: set[str], bar, **options) -> list[str]:
-    """`count` documents from one generator, skipping items without an exact worked solution or in `exclude`."""
+def _family_docs(name: str, gen_seed: int, count: int, split: str, bar, **options) -> list[str]:
+    """`count` documents from one generator whose questions belong to `split` ("train" or "heldout", decided by
+    the question's content as everywhere else), skipping items without an exact worked solution."""
     if count == 0:
         return []
     import reasoning_gym  # imported here: it takes ~1 s and only this part of the module needs it
 
-    size = 2 * count + 32  # items are built lazily, so a generous size costs nothing; ~1% get skipped
+    share = HELDOUT_FRACTION if split == "heldout" else 1 - HELDOUT_FRACTION
+    size = round((2 * count + 32) / share)  # items are built lazily, so a generous size costs nothing
+    if size > _STRIDE:  # the next window's generator seeds would be reused
+        raise ValueError(f"{count} {split} problems of {name} need {size} generator seeds, over {_STRIDE}")
     dataset = reasoning_gym.create_dataset(name, size=size, seed=gen_seed, **options)
     docs = []
     for idx in range(size):
         if len(docs) == count:
             break
         item = dataset[idx]
+        if split_of(item["question"]) != split:
+            continue
         try:
             think, answer = _SOLVERS[name](item)
         except _Skip:
             continue
-        doc = r1_prompt(item["question"]) + r1_completion(think, answer)
-        if doc not in exclude:
-            docs.append(doc)
-            bar.update(1)
+        docs.append(r1_prompt(item["question"]) + r1_completion(think, answer))
+        bar.update(1)
     if len(docs) < count:
-        raise RuntimeError(f"{name}: only {len(docs)} of {count} items have a worked solution (seed {gen_seed})")
+        raise RuntimeError(f"{name}: only {len(docs)} of {count} {split} items have a worked solution "
+                           f"(seed {gen_seed})")
     return docs
 
 
-def _reasoning(seed: int, n: int, split: int, exclude: set[str], bar) -> list[str]:
-    if seed < 0 or not 0 <= n <= _STRIDE // 4:  # _family_docs may read up to 2n + 32 items of a window
-        raise ValueError(f"need seed >= 0 and 0 <= n <= {_STRIDE // 4} (got seed={seed}, n={n})")
+def _reasoning(seed: int, n: int, split: str, bar) -> list[str]:
+    if seed < 0 or n < 0:
+        raise ValueError(f"need seed >= 0 and n >= 0 (got seed={seed}, n={n})")
     rng = random.Random(f"nanoseek-reasoning-{seed}-{split}")
     slots = rng.choices(list(FAMILIES), weights=list(FAMILIES.values()), k=n)  # which family fills each slot
     by_family = {}
     for f, name in enumerate(FAMILIES):
         # A disjoint window of generator seeds per (seed, split, family); distinct families get distinct windows
         # too, because chain_sum and basic_arithmetic draw their first random numbers the same way.
-        gen_seed = ((seed * 2 + split) * len(FAMILIES) + f) * _STRIDE
-        by_family[name] = iter(_family_docs(name, gen_seed, slots.count(name), exclude, bar))
+        gen_seed = ((seed * 2 + (split == "heldout")) * len(FAMILIES) + f) * _STRIDE
+        by_family[name] = iter(_family_docs(name, gen_seed, slots.count(name), split, bar))
     return [next(by_family[name]) for name in slots]
 
 
@@ -304,7 +311,7 @@ class _NoBar:
 def reasoning_documents(seed: int, n: int) -> list[str]:
     """n worked problems from reasoning-gym generators,
     each one document = r1_prompt(question) + r1_completion(think, answer)."""
-    return _reasoning(seed, n, split=0, exclude=set(), bar=_NoBar())
+    return _reasoning(seed, n, split="train", bar=_NoBar())
 
 
 # ---------------------------------------------------------------------------------------------- the corpus
@@ -323,7 +330,9 @@ def build_default_corpus(seed: int = 0, n_problems: int = 6000, heldout_fraction
     Deterministic: the same seed gives identical lists (same order, same text) on every run.
 
     Held out: `heldout_fraction` of the natural documents (chosen by a seeded hash) and
-    round(n_problems * heldout_fraction) extra problems from generator seeds the training problems never use."""
+    round(n_problems * heldout_fraction) extra worked problems whose questions are in the tasks' held-out split.
+    No training document holds a held-out question (`nanoseek.tasks.is_heldout`), so the problems that
+    evaluation scores never appear in pretraining, whatever generator seeds or settings produced them."""
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     natural = natural_documents()
@@ -333,15 +342,14 @@ def build_default_corpus(seed: int = 0, n_problems: int = 6000, heldout_fraction
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_problems + n_held_problems, desc="reasoning problems", unit="doc")
+        bar = tqdm(total=n_problems + easy_problems + n_held_problems, desc="reasoning problems", unit="doc")
     else:
         bar = _NoBar()
-    train_problems = _reasoning(seed, n_problems, split=0, exclude=set(), bar=bar)
+    train_problems = _reasoning(seed, n_problems, split="train", bar=bar)
     if easy_problems:  # their own window of generator seeds, past both splits' windows
         easy_seed = ((seed * 2 + 2) * len(FAMILIES)) * _STRIDE
-        train_problems += _family_docs(EASY[0], easy_seed, easy_problems, set(), bar, **EASY[1])
-    # Short problems (e.g. "1 + 5") recur under different seeds, so held-out problems must also avoid train's text.
-    held_problems = _reasoning(seed, n_held_problems, split=1, exclude=set(train_problems), bar=bar)
+        train_problems += _family_docs(EASY[0], easy_seed, easy_problems, "train", bar, **EASY[1])
+    held_problems = _reasoning(seed, n_held_problems, split="heldout", bar=bar)
     bar.close()
     train = [d for d in natural if d not in held_natural] + train_problems
     heldout = [d for d in natural if d in held_natural] + held_problems

@@ -251,6 +251,7 @@ class Batcher:
         self.cache = model.new_cache(max_batch, self.max_len)
         self.active: list[Request] = []
         self.waiting: deque[Request] = deque()
+        self.trace: list[list[Request]] | None = None  # when a list: the rows of every decode forward, in order
         self._lock = threading.Lock()  # guards `waiting` against submissions from other threads
 
     def check(self, r: Request) -> None:
@@ -331,6 +332,8 @@ class Batcher:
         device = self.model.embed.weight.device
         tokens = torch.tensor([[r.pending] for r in self.active], device=device)
         positions = torch.tensor([[r.pos] for r in self.active], device=device)
+        if self.trace is not None:
+            self.trace.append(list(self.active))
         h = self.model.hidden_cached(tokens, positions, self.cache.rows(0, len(self.active)).main)[:, 0]
         for r in self.active:
             r.pos += 1
@@ -383,12 +386,14 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | None = None,
-                 speculative: bool = False, on_token=None, seeds: list[int] | None = None) -> Generations:
+                 speculative: bool = False, on_token=None, seeds: list[int] | None = None,
+                 decode_rows: list | None = None) -> Generations:
         """Complete each prompt (token ids or text). on_token(row, token_id) is called as tokens are produced.
 
         Row i samples from its own generator seeded with seeds[i] (default: derived from params.seed and i), so
         a prompt given the same seed gets the same tokens in any batch, and repeated prompts get different ones.
-        Returns the generations (a list) with this call's `.stats`.
+        Returns the generations (a list) with this call's `.stats`. `decode_rows`, when a list, receives for
+        every decode forward the prompt index of each of its rows (rows leave as their sequences finish).
         """
         params = params or SamplingParams()
         ids = [self._encode(p) for p in prompts]
@@ -406,8 +411,12 @@ class Engine:
                               max_len=max(len(p) for p in ids) + params.max_new_tokens + 1)
             for r in reqs:
                 batcher.submit(r)
+            batcher.trace = [] if decode_rows is not None else None
             while batcher.busy:
                 batcher.step()
+            if decode_rows is not None:
+                index = {id(r): i for i, r in enumerate(reqs)}
+                decode_rows.extend([index[id(r)] for r in rows] for rows in batcher.trace)
         gens = [r.generation() for r in reqs]
         stats.seconds = time.perf_counter() - t0
         stats.tokens = sum(len(g.tokens) for g in gens)

@@ -117,45 +117,63 @@ def balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_seq: int, per_se
 # ----------------------------------------------------------------------------- RL (GRPO and variants)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(tokens) and the entropy of each position's distribution, both (B, T), from logits (B, T, V), fp32."""
-    logp_all = logits.float().log_softmax(dim=-1)
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(tokens) and the entropy of each position's distribution, both (B, T), from logits (B, T, V), fp32.
+
+    The distribution is softmax(logits / temperature): the policy that sampled at that temperature."""
+    logp_all = (logits.float() / temperature).log_softmax(dim=-1)
     logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
 
 
-def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps) over each row of rewards (groups, G).
+def group_advantages(rewards: torch.Tensor, scale: str | bool = "group", eps: float = 1e-4) -> torch.Tensor:
+    """A_i = (r_i - mean(r_group)) / (std + eps) over each row of rewards (groups, G).
 
-    std is Bessel-corrected (as TRL and veRL); scale_by_std=False is Dr. GRPO's r - mean(r).
+    scale "group": the group's std (GRPO, DeepSeekMath §4.1); "batch": the std of every reward in the batch
+    (TRL's scale_rewards="batch"; a group that differs only by a small reward component then gets a small
+    advantage instead of a full-size one); "none": r - mean(r) (Dr. GRPO, arXiv 2503.20783). std is
+    Bessel-corrected, as in TRL and veRL. True/False mean "group"/"none".
     """
+    scale = {True: "group", False: "none"}.get(scale, scale)
     adv = rewards - rewards.mean(dim=-1, keepdim=True)
-    if scale_by_std and rewards.shape[-1] > 1:
+    if scale == "group" and rewards.shape[-1] > 1:
         adv = adv / (rewards.std(dim=-1, keepdim=True) + eps)
+    elif scale == "batch" and rewards.numel() > 1:
+        adv = adv / (rewards.std() + eps)
+    elif scale not in ("group", "batch", "none"):
+        raise ValueError(f"reward scaling must be group, batch or none, got {scale!r}")
     return adv
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(π || π_ref) estimator k3 = π_ref/π − log(π_ref/π) − 1 (≥ 0, 0 iff equal; R1/GRPO)."""
+    """Per-token KL(π || π_ref) estimator k3 = π_ref/π − log(π_ref/π) − 1 (≥ 0, 0 iff equal; R1/GRPO), for
+    tokens sampled from π."""
     log_ratio = ref_logp - logp
     return log_ratio.exp() - log_ratio - 1
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               eps_low: float = 0.2, eps_high: float | None = None, beta: float = 0.0,
-              ref_logp: torch.Tensor | None = None, norm: str = "token", max_len: int | None = None):
+              ref_logp: torch.Tensor | None = None, norm: str = "token", max_len: int | None = None,
+              is_weight: torch.Tensor | None = None):
     """The clipped-ratio policy loss with an optional k3 KL penalty; returns (loss, stats).
 
-    logp/old_logp/ref_logp/mask: (B, T) over completion tokens; advantages: (B,). Aggregation (reference
-    r1-grpo §2): "sequence" = mean over each response then over responses (GRPO; length-biased),
-    "token" = sum over all tokens / number of tokens (DAPO), "constant" = sum / (B · max_len) (Dr. GRPO).
+    logp/old_logp/ref_logp/mask: (B, T) over completion tokens; advantages: (B,). Aggregation: "sequence" =
+    mean over each response then over responses (GRPO; length-biased), "token" = sum over all tokens / number
+    of tokens (DAPO), "constant" = sum / (B · max_len) (Dr. GRPO). is_weight (B, T), when given, multiplies each
+    token's policy term: truncated importance sampling min(π_old / π_rollout, C) for rollouts sampled by a
+    numerically different engine (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+    RL training"). stats: KL (0 without ref_logp), the clipped share (and its low/high sides), ratio range.
     """
     eps_high = eps_low if eps_high is None else eps_high
     mask = mask.float()
     ratio = (logp - old_logp).exp()
     adv = advantages.unsqueeze(1)
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    if is_weight is not None:
+        per_token = per_token * is_weight
     kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
     if beta:
         per_token = per_token + beta * kl
@@ -170,7 +188,13 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     else:
         raise ValueError(f"unknown loss normalisation {norm!r} (sequence, token or constant)")
     with torch.no_grad():
-        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        low, high = (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0)
         n = mask.sum().clamp(min=1)
-        stats = {"clip_frac": ((clipped.float() * mask).sum() / n).item(), "kl": ((kl * mask).sum() / n).item()}
+        on = mask.bool()
+        stats = {"clip_frac": (((low | high).float() * mask).sum() / n).item(),
+                 "clip_low": ((low.float() * mask).sum() / n).item(),
+                 "clip_high": ((high.float() * mask).sum() / n).item(),
+                 "kl": ((kl * mask).sum() / n).item(),
+                 "ratio_max": ratio[on].max().item() if on.any() else 1.0,
+                 "ratio_min": ratio[on].min().item() if on.any() else 1.0}
     return loss, stats

@@ -682,7 +682,8 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
         self.reset_buffers()
 
-    def forward(self, tokens: torch.Tensor, return_mtp: bool = False, router_log: list | None = None, head=None):
+    def forward(self, tokens: torch.Tensor, return_mtp: bool = False, router_log: list | None = None, head=None,
+                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None):
         """tokens (B, T) -> logits (B, T, vocab); with return_mtp also [MTP logits (B, T-k, vocab) for k = 1..D].
 
         `head(h, weight, k)`, when given, replaces the output projection: it receives the final-normed hidden
@@ -690,9 +691,9 @@ class Transformer(nn.Module):
         weight (vocab, D), and its results are returned in place of logits. `losses.lm_loss` passes a fused
         head + cross-entropy this way, so the loss never materialises logits yet runs inside this forward
         (where FSDP gathers the head). router_log, when given, receives each MoE layer's (scores, indices),
-        main layers then MTP layers.
+        main layers then MTP layers. positions/segments: packed samples, as in `hidden` (main model only).
         """
-        h = self.hidden(tokens, router_log)  # (B, T, D), after the final norm
+        h = self.hidden(tokens, router_log, positions, segments)  # (B, T, D), after the final norm
         project = (lambda x, k: self.head(x)) if head is None else (lambda x, k: head(x, self.head.weight, k))
         out = project(h, 0)
         if not return_mtp:

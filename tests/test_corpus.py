@@ -8,6 +8,7 @@ from fractions import Fraction
 import pytest
 
 from nanoseek import corpus
+from nanoseek.tasks import get_task, is_heldout, problem_key
 from nanoseek.template import R1_PREAMBLE, r1_completion, r1_prompt
 
 N = 60
@@ -60,22 +61,34 @@ def test_split_sizes_and_no_heldout_document_in_train(built):
     assert len(set(built["heldout"])) == len(built["heldout"])
 
 
-def test_heldout_problems_avoid_train_text_even_when_generators_repeat():
-    train = corpus.reasoning_documents(seed=0, n=40)
-    held = corpus._reasoning(0, 40, split=1, exclude=set(train[:20]), bar=corpus._NoBar())
-    assert len(held) == 40 and not set(held) & set(train[:20])
-    # split 1 draws from generator seeds the training split never uses
-    assert not set(held) & set(train)
+def test_no_training_document_holds_a_heldout_question(built):
+    train_q = [_parts(d)[0] for d in built["train"] if _is_problem(d)]
+    held_q = [_parts(d)[0] for d in built["heldout"] if _is_problem(d)]
+    assert train_q and held_q
+    assert not any(is_heldout(q) for q in train_q) and all(is_heldout(q) for q in held_q)
 
 
-def test_build_keeps_repeated_problems_out_of_heldout(monkeypatch):
-    # Force the held-out problems onto the training generator seeds: every one would repeat a training problem
-    # unless the build excludes train's text.
-    original = corpus._reasoning
-    monkeypatch.setattr(corpus, "_reasoning", lambda seed, n, split, exclude, bar: original(seed, n, 0, exclude, bar))
-    built = corpus.build_default_corpus(seed=0, n_problems=40, heldout_fraction=0.25)
-    held = [d for d in built["heldout"] if _is_problem(d)]
-    assert len(held) == 10 and not set(held) & set(built["train"])
+@pytest.fixture(scope="module")
+def with_easy():
+    """The speedrun's mix in miniature: enough one-digit sums to cover almost all of that small space."""
+    return corpus.build_default_corpus(seed=0, n_problems=200, heldout_fraction=0.02, easy_problems=1500)
+
+
+@pytest.mark.parametrize("name, options", [("chain_sum", corpus.EASY[1]), ("chain_sum", {}),
+                                           ("basic_arithmetic", {}), ("gsm_symbolic", {})])
+def test_evaluation_problems_never_appear_in_the_corpus(with_easy, name, options):
+    """Zero overlap by content between what evaluation scores and every training document, checked both by the
+    canonical key and verbatim (the question as it appears in the R1 template)."""
+    train = [d for d in with_easy["train"] if _is_problem(d)]
+    train_keys = {problem_key(_parts(d)[0]) for d in train}
+    task = get_task(name, **options)
+    held = task.problems(0, 20, split="heldout")
+    assert not {problem_key(p.question) for p in held} & train_keys
+    text = "\n".join(train)
+    assert not any(f"User: {p.question.strip()}\nAssistant:" in text for p in held)
+    if options == corpus.EASY[1]:  # the corpus covers nearly all of this training space: overlap was certain
+        space = {problem_key(p.question) for p in task.problems(1, 150)}
+        assert len(space & train_keys) > 140
 
 
 def test_reasoning_documents_are_in_the_r1_template(problems):

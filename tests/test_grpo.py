@@ -1,6 +1,11 @@
 """GRPO's pure functions against hand-computed values, and one real update of the stage."""
 
+import copy
+import dataclasses
+import inspect
+import json
 import math
+import types
 
 import pytest
 import torch
@@ -9,7 +14,11 @@ from nanoseek import Transformer, get_preset
 from nanoseek.checkpoint import save_model
 from nanoseek.losses import grpo_loss, group_advantages, k3_kl, token_logprobs
 from nanoseek.stages.common import read_metrics
-from nanoseek.stages.grpo import ALGOS, GRPOConfig, resolve_algo, run, update
+from nanoseek.engine import Engine, Generation
+from nanoseek.stages.grpo import (ALGOS, GRPOConfig, RoutingHooks, collect, resolve_algo, rollout, run, train, update,
+                                  warmup_lr)
+from nanoseek.tasks import get_task, is_heldout, problem_key
+from nanoseek.tasks.families import StartsWithTask
 from nanoseek.template import r1_completion, r1_prompt
 from nanoseek.tokenizer import Tokenizer
 
@@ -20,7 +29,7 @@ def test_group_advantages_by_hand():
     a = group_advantages(r)
     torch.testing.assert_close(a[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
     assert torch.equal(a[1], torch.zeros(4))  # all equal: no signal
-    torch.testing.assert_close(group_advantages(r, scale_by_std=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    torch.testing.assert_close(group_advantages(r, scale="none")[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
 
 
 def test_grpo_loss_normalisations_by_hand():
@@ -140,3 +149,214 @@ def test_updates_move_probability_toward_rewarded_completions(tiny_checkpoint):
         update(model, None, opt, batch, cfg, resolve_algo(cfg))
     after = logp(good), logp(bad)
     assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1
+
+
+# ----------------------------------------------------------------------------- correctness of the loop
+
+
+def test_advantage_scaling_by_batch_keeps_small_differences_small():
+    r = torch.tensor([[0.0, 0.1, 0.0, 0.1], [0.0, 1.0, 1.0, 0.0]])  # a format-only group and an accuracy group
+    group, batch = group_advantages(r, "group"), group_advantages(r, "batch")
+    assert group[0].abs().max().item() == pytest.approx(group[1].abs().max().item(), rel=0.01)  # full size (up to eps)
+    assert batch[0].abs().max() < 0.2 * batch[1].abs().max()
+    with pytest.raises(ValueError, match="group, batch or none"):
+        group_advantages(r, "std-ish")
+
+
+def test_truncated_importance_weights_scale_each_token():
+    logp = torch.zeros(1, 2, requires_grad=True)
+    w = torch.tensor([[2.0, 0.5]])
+    loss, _ = grpo_loss(logp, logp.detach(), torch.tensor([1.0]), torch.ones(1, 2), norm="token", is_weight=w)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -w / 2)
+
+
+def test_warmup_does_not_depend_on_the_run_length():
+    assert [warmup_lr(s, 1e-3, 4) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert warmup_lr(0, 1e-3, 0) == 1e-3
+    assert "steps" not in inspect.signature(warmup_lr).parameters
+
+
+def _batch_from_rollout(model, tok, temperature, rollout_model=None, n_prompts=2, G=4, new=6):
+    task = get_task("chain_sum", max_terms=2, max_digits=1)
+    cfg = GRPOConfig(init="x", task="chain_sum", out="y", group_size=G, max_new_tokens=new, temperature=temperature)
+    batch, _ = rollout(Engine(rollout_model or model, tok), task, task.problems(0, n_prompts), cfg, 0)
+    batch["rewards"] = torch.tensor([[1.0, 0.0] * (G // 2)] * n_prompts)  # give every group a signal
+    return batch, cfg
+
+
+def test_the_update_scores_tokens_at_the_rollout_temperature(tiny_checkpoint):
+    from nanoseek import load
+
+    model, tok = load(tiny_checkpoint)
+    batch, cfg = _batch_from_rollout(model, tok, temperature=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    stats = update(model, None, opt, batch, cfg, resolve_algo(cfg))
+    assert stats["logp_gap_abs_max"] < 1e-4 and stats["kl_rollout"] < 1e-6  # same distribution, same tokens
+    off = update(model, None, opt, batch, dataclasses.replace(cfg, temperature=1.0), resolve_algo(cfg))
+    assert off["logp_gap_abs_mean"] > 0.05  # scoring at T = 1 what was sampled at T = 0.5 is off-policy
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_kl_to_the_initial_policy_is_logged_for_every_algorithm(tiny_checkpoint, algo):
+    from nanoseek import load
+
+    model, tok = load(tiny_checkpoint)
+    model.mtp.requires_grad_(False)
+    reference = copy.deepcopy(model).requires_grad_(False)
+    batch, cfg = _batch_from_rollout(model, tok, temperature=1.0)
+    cfg = dataclasses.replace(cfg, algo=algo, lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = update(model, reference, opt, batch, cfg, resolve_algo(cfg))
+    second = update(model, reference, opt, batch, cfg, resolve_algo(cfg))
+    assert first["kl"] == 0.0 and second["kl"] > 1e-4
+
+
+def test_grpo_prompts_are_fresh_training_problems_over_many_steps():
+    """The stream GRPO draws from: 300 steps × 8 prompts, no question twice, none held out, none of what
+    evaluation scores (by id and by canonical key)."""
+    task = get_task("chain_sum", min_terms=2, max_terms=3, min_digits=1, max_digits=2)
+    stream = task.stream(0, "train")
+    steps = [stream.take(8) for _ in range(300)]
+    keys = [problem_key(p.question) for step in steps for p in step]
+    assert len(set(keys)) == len(keys) == 2400 and stream.repeats == 0
+    held = task.problems(0, 200, split="heldout")
+    assert not set(keys) & {problem_key(p.question) for p in held}
+    assert not any(is_heldout(p.question) for step in steps for p in step)
+
+
+def test_stage_logs_fresh_problems_lr_and_heldout_set(tiny_checkpoint, tmp_path):
+    cfg = GRPOConfig(init=str(tiny_checkpoint), task="chain_sum", out=str(tmp_path / "rl"), steps=4,
+                     prompts_per_step=3, group_size=2, max_new_tokens=4, eval_every=2, eval_n=5, warmup_steps=3,
+                     lr=3e-4, task_args={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2})
+    run(cfg)
+    records = [r for r in read_metrics(tmp_path / "rl" / "metrics.jsonl") if r["step"] > 0]
+    assert [r["lr"] for r in records] == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4])
+    assert all("kl" in r and r["reference_s"] > 0 for r in records)  # β = 0.04 (grpo): every step
+    ids = [i for r in records for i in r["problems"]]
+    assert len(ids) == len(set(ids)) == 12 and all(r["problems_repeated"] == 0 for r in records)
+    held = [json.loads(line) for line in (tmp_path / "rl" / "heldout.jsonl").read_text().splitlines()]
+    assert len(held) == 5 and not {h["id"] for h in held} & set(ids)
+    for key in ("kl", "kl_rollout", "logp_gap_abs_mean", "routing_mismatch", "frac_zero_std", "frac_format_only",
+                "entropy", "clip_frac", "is_ratio_max", "reward_accuracy", "temperature", "heldout_cons"):
+        assert key in records[-1], key
+
+
+def test_kl_every_spaces_out_the_reference_forward_when_beta_is_zero(tiny_checkpoint, tmp_path):
+    cfg = GRPOConfig(init=str(tiny_checkpoint), task="chain_sum", out=str(tmp_path / "rl"), steps=4, algo="dr-grpo",
+                     prompts_per_step=2, group_size=2, max_new_tokens=3, eval_every=0, kl_every=2,
+                     task_args={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2})
+    run(cfg)
+    assert ["kl" in r for r in read_metrics(tmp_path / "rl" / "metrics.jsonl")] == [True, False, True, False]
+
+
+class _ScriptedEngine:
+    """Stands in for the engine: odd problems always get the same (wrong) text, even ones a mix."""
+
+    def __init__(self, tok):
+        self.tokenizer, self.model = tok, types.SimpleNamespace(layers=[])
+        self.calls = 0
+
+    def generate(self, prompts, params, seeds, decode_rows=None):
+        self.calls += 1
+        out = []
+        for i, prompt in enumerate(prompts):
+            n = int(prompt.split("(")[-1].rstrip(").")) if "(" in prompt else 0
+            text = "x" if n % 2 else ("a" if i % 2 else "x")
+            out.append(Generation(prompt_tokens=[1, 2], tokens=[3], logprobs=[-1.0], text=text, finish_reason="stop"))
+        return out
+
+
+def test_dynamic_sampling_draws_more_prompts_until_the_step_is_full(tiny_checkpoint):
+    from nanoseek import load
+
+    tok = load(tiny_checkpoint)[1]
+    task = StartsWithTask("a")
+    cfg = GRPOConfig(init="x", task="-", out="y", prompts_per_step=4, group_size=2, algo="dapo")
+    engine = _ScriptedEngine(tok)
+    batch, record = collect(engine, task, task.stream(0, "train"), cfg, resolve_algo(cfg), 0)
+    assert engine.calls == record["sampling_rounds"] >= 2 and batch["rewards"].shape == (4, 2)
+    assert (batch["rewards"].std(dim=1) > 0).all() and record["kept_groups"] == 1.0
+    plain = dataclasses.replace(cfg, dynamic_sampling="off")
+    batch, record = collect(_ScriptedEngine(tok), task, task.stream(0, "train"), plain, resolve_algo(plain), 0)
+    assert record["sampling_rounds"] == 1 and 0 < record["frac_zero_std"] < 1
+
+
+# ----------------------------------------------------------------------------- MoE routing: capture and replay
+
+
+def test_captured_rollout_routing_matches_the_full_forward(tiny_checkpoint):
+    """What the engine's gates chose while decoding, rebuilt per sequence, equals the routing a full forward
+    over the same tokens computes (fp32, same weights: only near-ties may differ)."""
+    from nanoseek import load
+
+    model, tok = load(tiny_checkpoint)
+    batch, _ = _batch_from_rollout(model, tok, temperature=1.0, n_prompts=3, G=3, new=8)
+    routes = batch["routes"]
+    assert routes is not None and len(routes) == 9
+    agree = total = 0
+    for p, c, r in zip(batch["prompts"], batch["completions"], routes):
+        log = []
+        with torch.no_grad():
+            model.hidden(torch.tensor([p + c[:-1]]), router_log=log)
+        full = torch.stack([idx for _, idx in log])  # (n_moe, T, K)
+        assert full.shape == r.shape
+        agree += (full.sort(-1)[0] == r.sort(-1)[0]).all(-1).sum().item()
+        total += full.shape[0] * full.shape[1]
+    assert agree / total > 0.99
+
+
+def test_routing_replay_uses_the_given_experts_and_keeps_router_gradients(tiny_checkpoint):
+    from nanoseek import load
+
+    model, _ = load(tiny_checkpoint)
+    tokens = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(0))
+    log = []
+    plain = model.hidden(tokens, router_log=log)
+    own = torch.stack([idx.view(2, 10, -1) for _, idx in log], dim=1)  # (B, n_moe, T, K)
+    with RoutingHooks(model, own, replay=True) as hooks:  # replaying its own choice changes nothing
+        same = model.hidden(tokens)
+    torch.testing.assert_close(same, plain)
+    assert not torch.stack(hooks.mismatch).any()
+    other = (own + 1) % model.cfg.n_routed_experts
+    with RoutingHooks(model, other, replay=True) as hooks:
+        log2 = []
+        replayed = model.hidden(tokens, router_log=log2)
+    assert torch.stack(hooks.mismatch).all() and not torch.allclose(replayed, plain)
+    replayed.sum().backward()
+    assert model.layers[1].ffn.gate.weight.grad.abs().sum() > 0
+
+
+def test_bf16_rollouts_show_a_gap_and_replay_removes_the_routing_part(tiny_checkpoint):
+    from nanoseek import load
+
+    model, tok = load(tiny_checkpoint)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    batch32, cfg = _batch_from_rollout(model, tok, temperature=1.0, n_prompts=4, G=4, new=10)
+    fp32 = update(model, None, opt, batch32, cfg, resolve_algo(cfg))
+    rollout16 = copy.deepcopy(model).to(torch.bfloat16)
+    batch, cfg = _batch_from_rollout(model, tok, temperature=1.0, rollout_model=rollout16, n_prompts=4, G=4, new=10)
+    plain = update(model, None, opt, batch, cfg, resolve_algo(cfg))
+    replay = update(model, None, opt, batch, dataclasses.replace(cfg, routing_replay=True), resolve_algo(cfg))
+    assert plain["logp_gap_abs_mean"] > 20 * fp32["logp_gap_abs_mean"]  # bf16 numerics: measured and logged
+    assert fp32["routing_mismatch"] == 0 < plain["routing_mismatch"]
+    assert replay["logp_gap_abs_mean"] <= plain["logp_gap_abs_mean"]
+    assert plain["routing_mismatch"] == replay["routing_mismatch"]  # measured before replay replaces experts
+
+
+# ----------------------------------------------------------------------------- the sanity ladder, first rung
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_sanity_ladder_grpo_drives_a_rare_behaviour_to_almost_always(tiny_checkpoint, tmp_path, algo):
+    """A behaviour the model shows ~20% of the time, rewarded, reaches ≥ 95% within 50 steps (fixed seeds)."""
+    from nanoseek import load
+
+    model, tok = load(tiny_checkpoint)
+    task = StartsWithTask.at_rate(model, tok, 0.2)
+    assert 0.15 < task.base_rate < 0.25
+    cfg = GRPOConfig(init="-", task="starts_with", out=str(tmp_path), steps=50, prompts_per_step=8, group_size=8,
+                     max_new_tokens=1, lr=3e-3, eval_every=0, save_every=1000, algo=algo)
+    train(model, tok, task, cfg, resolve_algo(cfg), tmp_path)
+    acc = [r["accuracy"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert sum(acc[:3]) / 3 < 0.3 and sum(acc[-5:]) / 5 >= 0.95, acc

@@ -11,8 +11,11 @@ from nanoseek.losses import IGNORE_INDEX
 from nanoseek.stages.common import read_metrics
 from nanoseek.stages.sample import SampleConfig
 from nanoseek.stages.sample import run as sample
-from nanoseek.stages.sft import SFTConfig, pack, read_examples
+from nanoseek.engine import Engine
+from nanoseek.evaluation import evaluate
+from nanoseek.stages.sft import SFTConfig, _progress_step, drop_heldout, pack, read_examples
 from nanoseek.stages.sft import run as sft
+from nanoseek.tasks import get_task, is_heldout, problem_key, question_from_prompt
 from nanoseek.template import r1_completion, r1_prompt
 from nanoseek.tokenizer import Tokenizer
 
@@ -79,3 +82,49 @@ def test_rejection_sampling_keeps_only_verified_traces(setup, tmp_path):
         assert key in rows[0]
     good = [r for r in rows if r["accuracy"] == 1 and r["format"] == 1]
     assert kept["kept"] == len(good) == kept["correct"]
+
+
+def test_sft_drops_traces_of_heldout_problems(setup, tmp_path):
+    pairs = read_examples([str(setup / "traces.jsonl")])
+    kept, dropped = drop_heldout(pairs)
+    expected = sum(is_heldout(question_from_prompt(p)) for p, _ in pairs)
+    assert dropped == expected > 0 and len(kept) == len(pairs) - dropped
+    assert not any(is_heldout(question_from_prompt(p)) for p, _ in kept)
+    sft(SFTConfig(init=str(setup / "student"), data=[str(setup / "traces.jsonl")], out=str(tmp_path / "s"),
+                  epochs=1, batch_size=8))
+    run = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert run["dropped_heldout"] == expected and run["examples"] == len(kept)
+    sft(SFTConfig(init=str(setup / "student"), data=[str(setup / "traces.jsonl")], out=str(tmp_path / "k"),
+                  epochs=1, batch_size=8, keep_heldout=True))
+    assert json.loads((tmp_path / "k" / "run.json").read_text())["dropped_heldout"] == 0
+
+
+def test_a_time_limit_keeps_the_schedule_honest():
+    assert _progress_step(10, 100, 5.0, 0.0) == 10  # no limit: the step decides
+    assert _progress_step(10, 100, 30.0, 60.0) == 50  # half the time gone: half the schedule
+    assert _progress_step(90, 100, 1.0, 60.0) == 90 and _progress_step(5, 100, 600.0, 60.0) == 99
+
+
+def test_rejection_sampling_never_writes_heldout_problems(setup, tmp_path):
+    common = dict(ckpt=str(setup / "student"), task="chain_sum", k=2, max_new_tokens=4,
+                  task_args={"max_terms": 2, "max_digits": 1})
+    with pytest.raises(ValueError, match="held-out"):
+        sample(SampleConfig(out=str(tmp_path / "x.jsonl"), n=4, keep="correct", split="heldout", **common))
+    sample(SampleConfig(out=str(tmp_path / "all.jsonl"), n=30, keep="all", **common))
+    rows = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    heldout = {problem_key(p.question) for p in get_task("chain_sum", **common["task_args"]).problems(
+        0, 15, split="heldout")}
+    assert len(rows) == 60 and all(r["split"] == "train" for r in rows)
+    assert not {problem_key(r["question"]) for r in rows} & heldout
+    assert not any(is_heldout(question_from_prompt(r["prompt"])) for r in rows)
+
+
+def test_evaluate_lists_the_problems_it_scored(setup):
+    model, tok = load(setup / "student")
+    task = get_task("chain_sum", max_terms=2, max_digits=1)
+    problems = task.problems(0, 5, split="heldout")
+    r = evaluate(Engine(model, tok), task, problems, k=3, max_new_tokens=4)
+    assert [p["question"] for p in r["problems"]] == [p.question for p in problems]
+    assert all(len(p["correct"]) == 3 and p["answer"] == q.answer for p, q in zip(r["problems"], problems))
+    assert r["accuracy"] == pytest.approx(sum(map(sum, (p["correct"] for p in r["problems"]))) / 15)
+    json.dumps(r)  # what `nanoseek eval --json` prints

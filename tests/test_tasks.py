@@ -7,9 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanoseek.tasks import TASKS, extract_answer, format_ok, get_task
+from nanoseek.tasks import (HELDOUT_FRACTION, TASKS, extract_answer, format_ok, get_task, is_heldout, problem_key,
+                            problem_space, question_from_prompt)
 from nanoseek.tasks.base import combine
 from nanoseek.tasks.verify import countdown_ok, evaluate, parse_number
+from nanoseek.template import r1_prompt
 
 GOOD = " let me add. </think> <answer> {} </answer>"
 
@@ -30,11 +32,75 @@ def test_gold_answers_score_one_and_wrong_ones_zero(name, problems):
         assert task.score(p, f"no tags {p.answer}")["accuracy"] == 0.0  # right number, wrong format: no credit
 
 
-def test_heldout_problems_are_disjoint(problems):
-    task = get_task("gsm_symbolic")
-    train = {p.question for p in task.problems(0, 50)}
-    held = {p.question for p in task.problems(0, 50, split="heldout")}
-    assert not train & held
+SMALL = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)  # 200 questions: the old speedrun task
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_the_split_is_decided_by_content(name):
+    task = get_task(name)
+    n = 3 if name == "countdown" else 40
+    train = [p for seed in (0, 1) for p in task.problems(seed, n)]
+    held = [p for seed in (0, 1) for p in task.problems(seed, n, split="heldout")]
+    assert not any(is_heldout(p.question) for p in train) and all(is_heldout(p.question) for p in held)
+    assert not {problem_key(p.question) for p in train} & {problem_key(p.question) for p in held}
+    ids = {}
+    for p in train + held:  # ids name the content: one question, one id
+        assert p.id.startswith(f"{name}/") and ids.setdefault(problem_key(p.question), p.id) == p.id
+    assert len({p.id for p in held[:n]}) == n  # distinct within a call
+
+
+def test_ids_and_splits_do_not_depend_on_the_seed():
+    task = get_task("chain_sum", **SMALL)
+    a, b = task.stream(0, "train"), task.stream(7, "train")
+    first = {problem_key(p.question): p.id for p in a.take(100)}
+    second = {problem_key(p.question): p.id for p in b.take(100)}
+    shared = first.keys() & second.keys()
+    assert len(shared) > 20 and all(first[k] == second[k] for k in shared)
+
+
+def test_heldout_fraction_of_a_large_space():
+    keys = [f"question number {i}" for i in range(20_000)]
+    share = sum(map(is_heldout, keys)) / len(keys)
+    assert abs(share - HELDOUT_FRACTION) < 0.01
+
+
+def test_rewordings_of_one_problem_share_a_key():
+    chain = "State the final answer to the following arithmetic problem: 3 + 4 ="
+    assert problem_key(chain) == problem_key("Calculate 3 + 4.") == problem_key("What is 3+4?") == "arith:3+4"
+    assert problem_key(chain) != problem_key("Calculate 3 + 4 - 1.")
+    fmt = "\n\nFinal answer format instructions:\n1. Provide your solution as a arithmetic expression."
+    a = "Using all the numbers 3, 5, 7, create an expression that equals 15.\nYou can only use each number once."
+    b = "Find a way to make 15 using all of these numbers: 7, 3, 5.\nEach number can only be used once."
+    c = "Calculate 15 using all of these numbers: 5, 7, 3.\nEach number may be used at most once."
+    assert problem_key(a + fmt) == problem_key(b + fmt) == problem_key(c) == "countdown:3,5,7=15"
+    assert problem_key("  Is   THIS a cat? ") == problem_key("is this a cat?")
+
+
+def test_streams_hand_out_fresh_problems_until_the_space_runs_out():
+    task = get_task("chain_sum", **SMALL)
+    assert task.space_size() == 200
+    stream = task.stream(0, "train", patience=500)
+    batches = [stream.take(8) for _ in range(40)]
+    keys = [problem_key(p.question) for batch in batches for p in batch]
+    n_train = sum(not is_heldout(f"Calculate {a} {op} {b}.") for a in range(10) for b in range(10) for op in "+-")
+    assert len(set(keys[:n_train])) == n_train  # no repeats before the space is exhausted
+    assert stream.repeats == len(keys) - n_train > 0 and stream.exhausted
+    with pytest.raises(ValueError, match="too small|fewer than"):
+        task.problems(0, 100, split="heldout")  # only ~20 of the 200 questions are held out
+
+
+def test_problem_space_report():
+    r = problem_space(get_task("chain_sum", **SMALL), draws=4000, train_draws=300)
+    assert r["exact_size"] == 200 and r["distinct"] == 200 and 150 < r["effective_size"] < 250
+    assert r["train_distinct"] == 200 - r["distinct_heldout"] and r["train_repeats"] == 300 - r["train_distinct"]
+    big = problem_space(get_task("gsm_symbolic"), draws=500)
+    assert big["distinct"] > 490 and big["exact_size"] is None
+
+
+def test_question_from_prompt():
+    q = "Find a way to make 15 using all of these numbers: 7, 3, 5.\nEach number can only be used once."
+    assert question_from_prompt(r1_prompt(q)) == q
+    assert question_from_prompt("no template here") is None
 
 
 def test_format_rules():
@@ -62,6 +128,7 @@ def test_numbers_and_expressions():
 
 def test_partial_credit_and_weights():
     s = {"format": 1.0, "accuracy": 0.0, "partial": 1.0}
+    assert combine(s) == 0.0  # the default reward is accuracy alone
     assert combine(s, 1.0, 0.1) == pytest.approx(0.1)
     assert combine(s, 1.0, 0.0, partial_credit=0.1) == pytest.approx(0.1)
     assert combine({"format": 1.0, "accuracy": 1.0, "partial": 1.0}, 1.0, 0.1, 0.1) == pytest.approx(1.1)

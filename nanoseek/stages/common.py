@@ -21,7 +21,7 @@ from ..config import get_preset
 from ..data import encode_documents, fingerprint
 from ..tokenizer import Tokenizer
 
-DATA_VERSION = 2  # bump when the corpus recipe or the tokenizer training changes
+DATA_VERSION = 3  # bump when the corpus recipe or the tokenizer training changes (3: held-out split by content)
 
 
 def load_checkpoint(path, dtype=None):

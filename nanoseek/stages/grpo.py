@@ -1,12 +1,29 @@
 """nanoseek grpo: R1-Zero-style reinforcement learning with rule-based rewards on verifiable tasks.
 
-Top to bottom, per step: draw prompts → G samples each from the engine → rule rewards (accuracy + format) →
-group-normalised advantages → μ updates of the clipped-ratio objective (+ β·k3 KL to a frozen reference) →
+Top to bottom, per step: fresh training problems → G samples each from the engine → rule rewards → group
+advantages → μ updates of the clipped-ratio objective (+ β·k3 KL to the frozen initial policy) → diagnostics →
 metrics → held-out pass@1 every N steps → checkpoint.
 
     nanoseek grpo --init runs/base --task chain_sum --out runs/rl --steps 60
     nanoseek grpo ... --algo dr-grpo        # no std scaling, constant normaliser (Dr. GRPO)
     nanoseek grpo ... --algo dapo           # clip-higher, token-level loss, dynamic sampling (DAPO)
+
+What keeps the loop on-policy and honest:
+- Problems: one `ProblemStream` per run, so every step's prompts are questions no earlier step used (until the
+  training split runs out; `problems_repeated` counts any repeat), and only training-split questions.
+- Learning rate: linear warm-up over --warmup-steps, then constant. Nothing reads --steps, so a run stopped by
+  --max-seconds trains at the same rates as one that runs to the end; the rate used is logged every step.
+- The update scores tokens under softmax(logits / T) at the rollout temperature T, the distribution the
+  engine sampled from (top-p < 1 is not corrected: its renormalisation shows in `logp_gap_abs_mean`).
+- KL(π || π_init) to the frozen initial policy is logged for every algorithm (β = 0 only leaves it out of the
+  loss): one no-grad forward of the reference, measured at ~15% of a `small` step (`reference_s`), every step
+  by default (--kl-every). `kl_rollout` is the KL between the rollout engine's and the update's distributions
+  on the sampled tokens (their numerical mismatch; bf16 rollouts raise it).
+- Diagnostics per step: reward components, the share of groups with equal rewards (no gradient) and of groups
+  that differ only by format, clip fractions, entropy, ratio ranges, the rollout-vs-update log-prob gap and
+  importance ratios, and the MoE routing mismatch between rollout and update. --routing-replay reuses the
+  rollout's experts in the update (Rollout Routing Replay, arXiv 2510.11370); --tis-cap C weights tokens by
+  min(π_update / π_rollout, C) (truncated importance sampling).
 """
 
 from __future__ import annotations
@@ -15,66 +32,90 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from ..engine import Engine, SamplingParams, sequence_seed
 from ..evaluation import evaluate
-from ..losses import grpo_loss, group_advantages, token_logprobs
+from ..losses import grpo_loss, group_advantages, k3_kl, token_logprobs
+from ..model import MoE
 from ..optim import build_optimizer
-from ..runtime import set_threads
-from ..tasks import get_task
+from ..options import ComputeOptions, check, check_out_dir, option, own_run
+from ..runtime import prepare_for_training, prepare_inference, resolve, set_threads
+from ..tasks import TASKS, get_task
 from ..tasks.base import combine
 from ..template import STOP
-from ..options import check_out_dir, own_run
 from .common import MetricsLog, clear_run, load_checkpoint, save_step, write_run_json
 
-ALGOS = {  # the settings each named recipe fixes (reference r1-grpo §2)
-    "grpo": dict(scale_rewards=True, loss_norm="sequence", eps_high=0.2, beta=0.04, dynamic_sampling=False),
-    "dr-grpo": dict(scale_rewards=False, loss_norm="constant", eps_high=0.2, beta=0.0, dynamic_sampling=False),
-    "dapo": dict(scale_rewards=True, loss_norm="token", eps_high=0.28, beta=0.0, dynamic_sampling=True),
+ALGOS = {  # the settings each named recipe fixes
+    "grpo": dict(scale_rewards="group", loss_norm="sequence", eps_high=0.2, beta=0.04, dynamic_sampling=False),
+    "dr-grpo": dict(scale_rewards="none", loss_norm="constant", eps_high=0.2, beta=0.0, dynamic_sampling=False),
+    "dapo": dict(scale_rewards="group", loss_norm="token", eps_high=0.28, beta=0.0, dynamic_sampling=True),
 }
 
 
-@dataclass
-class GRPOConfig:
-    init: str = field(metadata={"help": "starting checkpoint (a pretraining run directory or checkpoint)"})
-    task: str = field(metadata={"help": "task family: chain_sum, basic_arithmetic, gsm_symbolic, countdown, syllogism"})
-    out: str = field(metadata={"help": "run directory"})
-    task_args: dict = field(default_factory=dict, metadata={"help": "generator options as JSON, e.g. {\"max_terms\": 2}"})
-    algo: str = field(default="grpo", metadata={"help": "grpo, dr-grpo or dapo: sets the fields below unless given"})
-    steps: int = field(default=60, metadata={"help": "RL steps (one rollout batch each)"})
-    prompts_per_step: int = field(default=8, metadata={"help": "distinct prompts per step"})
-    group_size: int = field(default=8, metadata={"help": "samples per prompt (G)"})
-    max_new_tokens: int = field(default=96, metadata={"help": "response length limit"})
-    temperature: float = field(default=1.0, metadata={"help": "rollout temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling"})
-    lr: float = field(default=1e-4, metadata={"help": "learning rate (constant after 5% warm-up)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    mu: int = field(default=1, metadata={"help": "policy updates per rollout batch (μ)"})
-    micro_batch: int = field(default=16, metadata={"help": "sequences per forward pass in the update"})
-    eps_low: float = field(default=0.2, metadata={"help": "clip ratio below 1 - eps_low"})
-    eps_high: float = field(default=-1.0, metadata={"help": "clip ratio above 1 + eps_high (-1: the algo's)"})
-    beta: float = field(default=-1.0, metadata={"help": "k3 KL coefficient; 0 = no reference model (-1: the algo's)"})
-    loss_norm: str = field(default="", metadata={"help": "sequence, token or constant (empty: the algo's)"})
-    scale_rewards: str = field(default="", metadata={"help": "std or none (empty: the algo's)"})
-    dynamic_sampling: str = field(default="", metadata={"help": "on/off: drop groups whose rewards are all equal (empty: the algo's)"})
-    ref_refresh: int = field(default=0, metadata={"help": "copy the policy into the reference every N steps (0: never)"})
-    w_accuracy: float = field(default=1.0, metadata={"help": "reward weight of accuracy"})
-    w_format: float = field(default=0.1, metadata={"help": "reward weight of the <think>/<answer> format"})
-    partial_credit: float = field(default=0.0, metadata={"help": "TinyZero-style credit for a wrong but given answer"})
-    eval_every: int = field(default=10, metadata={"help": "held-out greedy pass@1 every N steps"})
-    eval_n: int = field(default=64, metadata={"help": "held-out problems per evaluation"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end)"})
-    seed: int = field(default=0, metadata={"help": "seed for problems and sampling"})
-    max_seconds: float = field(default=0.0, metadata={"help": "stop after this wall time (0: run all --steps)"})
-    threads: int = field(default=0, metadata={"help": "CPU threads (0: all)"})
-    force: bool = field(default=False, metadata={"help": "replace an earlier grpo run in --out instead of refusing"})
+@dataclass(kw_only=True)
+class GRPOConfig(ComputeOptions):
+    """R1-Zero-style RL with rule-based rewards (GRPO, Dr. GRPO, DAPO) from a checkpoint on a verifiable task.
+    Writes OUT/metrics.jsonl (per step: lr, rewards, diagnostics, held-out pass@1), OUT/heldout.jsonl and
+    OUT/checkpoints/step_N/."""
+
+    init: str = option(help="starting checkpoint (a pretraining run directory or checkpoint)")
+    task: str = option(help=f"task family: {', '.join(TASKS)}")
+    out: str = option(help="run directory")
+    task_args: dict = option(default_factory=dict, help='generator options as JSON, e.g. {"max_terms": 2}')
+    algo: str = option("grpo", help="named recipe: sets eps-high, beta, loss-norm, scale-rewards and "
+                       "dynamic-sampling unless given", choices=tuple(ALGOS))
+    steps: int = option(60, help="RL steps (one rollout batch each)", min=1)
+    prompts_per_step: int = option(8, help="distinct prompts per step", min=1)
+    group_size: int = option(8, help="samples per prompt (G)", min=2)
+    max_new_tokens: int = option(96, help="response length limit", min=1)
+    temperature: float = option(1.0, help="rollout temperature (the update scores tokens at it)", above=0)
+    top_p: float = option(1.0, help="rollout nucleus sampling (< 1 is off-policy, uncorrected)", above=0, max=1)
+    lr: float = option(1e-4, help="learning rate (constant after --warmup-steps)", above=0)
+    warmup_steps: int = option(5, help="linear warm-up steps (independent of --steps)", min=0)
+    grad_clip: float = option(1.0, help="gradient-norm clip", above=0)
+    mu: int = option(1, help="policy updates per rollout batch (μ)", min=1)
+    micro_batch: int = option(16, help="sequences per forward pass in the update", min=1)
+    eps_low: float = option(0.2, help="clip the ratio below 1 - eps_low", min=0, below=1)
+    eps_high: float = option(-1.0, help="clip the ratio above 1 + eps_high (-1: the algo's)", min=-1)
+    beta: float = option(-1.0, help="k3 KL coefficient in the loss (-1: the algo's)", min=-1)
+    loss_norm: str = option("", help="sequence, token or constant (empty: the algo's)",
+                            choices=("", "sequence", "token", "constant"))
+    scale_rewards: str = option("", help="advantage std: group, batch or none (empty: the algo's)",
+                                choices=("", "group", "std", "batch", "none"))
+    dynamic_sampling: str = option("", help="on/off: keep only groups whose rewards differ, sampling more prompts "
+                                   "to fill the step (empty: the algo's)", choices=("", "on", "off"))
+    max_sampling_rounds: int = option(3, help="rollout rounds per step with dynamic sampling", min=1)
+    ref_refresh: int = option(0, help="copy the policy into the reference every N steps (0: never)", min=0)
+    kl_every: int = option(1, help="with β = 0, log the KL to the initial policy every N steps (one no-grad "
+                           "forward, ~15% of a `small` step; 0: never)", min=0)
+    tis_cap: float = option(0.0, help="truncated importance sampling cap C (0: off; e.g. 2)", min=0)
+    routing_replay: bool = option(False, help="reuse the rollout's MoE experts in the update")
+    rollout_dtype: str = option("same", help="precision of the engine's copy of the weights (same: --precision)",
+                                choices=("same", "fp32", "bf16"))
+    w_accuracy: float = option(1.0, help="reward weight of accuracy", min=0)
+    w_format: float = option(0.0, help="reward weight of the <think>/<answer> format (accuracy already needs the "
+                             "format)", min=0)
+    partial_credit: float = option(0.0, help="TinyZero-style credit for a wrong but given answer", min=0)
+    eval_every: int = option(10, help="held-out pass@1 every N steps (0: never)", min=0)
+    eval_n: int = option(64, help="held-out problems per evaluation", min=1)
+    eval_k: int = option(1, help="samples per held-out problem", min=1)
+    eval_temperature: float = option(0.0, help="held-out sampling temperature (0: greedy)", min=0)
+    save_every: int = option(50, help="checkpoint every N steps (and at the end)", min=1)
+    seed: int = option(0, help="seed for problems and sampling", min=0)
+    max_seconds: float = option(0.0, help="stop after this wall time (0: run all --steps)", min=0)
+    force: bool = option(False, help="replace an earlier grpo run in --out instead of refusing")
+
+    def __post_init__(self):
+        check(self)
 
 
 def resolve_algo(cfg: GRPOConfig) -> dict:
@@ -89,12 +130,19 @@ def resolve_algo(cfg: GRPOConfig) -> dict:
     if cfg.loss_norm:
         s["loss_norm"] = cfg.loss_norm
     if cfg.scale_rewards:
-        s["scale_rewards"] = {"std": True, "none": False}[cfg.scale_rewards]
+        s["scale_rewards"] = {"std": "group"}.get(cfg.scale_rewards, cfg.scale_rewards)
     if cfg.dynamic_sampling:
         s["dynamic_sampling"] = {"on": True, "off": False}[cfg.dynamic_sampling]
     if s["loss_norm"] not in ("sequence", "token", "constant"):
         raise ValueError(f"--loss-norm must be sequence, token or constant, got {s['loss_norm']!r}")
+    if s["scale_rewards"] not in ("group", "batch", "none"):
+        raise ValueError(f"--scale-rewards must be group, batch or none, got {s['scale_rewards']!r}")
     return s
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Learning rate of 0-based `step`: linear from lr/warmup_steps to lr, then constant (no run-length input)."""
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
 
 
 def run(cfg: GRPOConfig) -> Path:
@@ -106,32 +154,51 @@ def run(cfg: GRPOConfig) -> Path:
     model, tokenizer = load_checkpoint(cfg.init)
     if cfg.force:  # only now that the inputs are known good
         clear_run(out)
+    return train(model, tokenizer, task, cfg, settings, out)
+
+
+def train(model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path) -> Path:
+    """The RL loop on a loaded model and any Task; returns the last checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
     write_run_json(out, "grpo", {**dataclasses.asdict(cfg), "effective": settings})
     torch.manual_seed(cfg.seed)
     model.mtp.requires_grad_(False)  # RL trains the next-token policy; the MTP drafter stays as pretrained
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if settings["beta"] > 0 else None
+    rt = resolve(cfg.device, cfg.precision, dims=model.cfg)
+    model.to(rt.device)
+    forward = prepare_for_training(model, rt)  # bf16 compute copies of the fp32 masters (runtime.MixedPrecision)
+    rollout_rt = rt if cfg.rollout_dtype == "same" else resolve(cfg.device, cfg.rollout_dtype)
+    reference = prepare_inference(copy.deepcopy(model), rt).eval().requires_grad_(False)  # the initial policy
+    rollout_model = model if rollout_rt.precision == "fp32" else prepare_inference(copy.deepcopy(model), rollout_rt)
+    engine = eval_engine = Engine(rollout_model, tokenizer)
+    print(f"grpo: {rt.precision} update on {rt.device}, {rollout_rt.precision} rollouts", file=sys.stderr)
     optimizer = build_optimizer(model, cfg.lr, weight_decay=0.0)
-    engine, log = Engine(model, tokenizer), MetricsLog(out / "metrics.jsonl")
-    heldout = task.problems(cfg.seed, cfg.eval_n, split="heldout")
+    log, stream = MetricsLog(out / "metrics.jsonl"), task.stream(cfg.seed, "train")
+    heldout = task.problems(cfg.seed, cfg.eval_n, split="heldout") if cfg.eval_every else []
+    (out / "heldout.jsonl").write_text("".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer})
+                                               + "\n" for p in heldout))
     if cfg.eval_every:  # the starting point, before any update
-        r = evaluate(engine, task, heldout, k=1, temperature=0, max_new_tokens=cfg.max_new_tokens)
-        log.write({"step": 0, "heldout_accuracy": r["accuracy"], "heldout_format": r["format"]})
+        log.write({"step": 0, **_heldout(eval_engine, task, heldout, cfg)})
     bar = tqdm(range(cfg.steps), desc=f"grpo {cfg.task}", unit="step", dynamic_ncols=True)
-    path, t_start = None, time.perf_counter()
+    path, t_start, n_seq = None, time.perf_counter(), 0
     for step in bar:
         last = step + 1 == cfg.steps or (cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds)
+        lr = warmup_lr(step, cfg.lr, cfg.warmup_steps)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, round(0.05 * cfg.steps)))
-        problems = task.problems(cfg.seed * 100_003 + step, cfg.prompts_per_step, split="train")
-        batch, record = rollout(engine, task, problems, cfg, step)
-        record.update(update(model, reference, optimizer, batch, cfg, settings))
-        record["step"] = step + 1
-        if cfg.ref_refresh and reference is not None and (step + 1) % cfg.ref_refresh == 0:
+            group["lr"] = lr
+        repeats = stream.repeats
+        batch, record = collect(engine, task, stream, cfg, settings, n_seq)
+        n_seq += record.pop("sequences")
+        if batch is not None:
+            kl_now = settings["beta"] > 0 or (cfg.kl_every and step % cfg.kl_every == 0)
+            record.update(update(model, reference if kl_now else None, optimizer, batch, cfg, settings, forward))
+        if rollout_model is not model:  # the engine samples from the weights just trained
+            rollout_model.load_state_dict(model.state_dict())
+        record.update(step=step + 1, lr=lr, temperature=cfg.temperature, problems_seen=len(stream.seen),
+                      problems_repeated=stream.repeats - repeats)
+        if cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
             reference.load_state_dict(model.state_dict())
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or last:
-            r = evaluate(engine, task, heldout, k=1, temperature=0, max_new_tokens=cfg.max_new_tokens)
-            record.update(heldout_accuracy=r["accuracy"], heldout_format=r["format"])
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+            record.update(_heldout(eval_engine, task, heldout, cfg))
         log.write(record)
         bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
                         held=f"{record.get('heldout_accuracy', float('nan')):.2f}")
@@ -142,35 +209,207 @@ def run(cfg: GRPOConfig) -> Path:
     return path
 
 
+def _heldout(engine: Engine, task, problems, cfg: GRPOConfig) -> dict:
+    r = evaluate(engine, task, problems, k=cfg.eval_k, temperature=cfg.eval_temperature,
+                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    return {"heldout_accuracy": r["accuracy"], "heldout_format": r["format"], "heldout_cons": r["cons_at_k"]}
+
+
 # ----------------------------------------------------------------------------- rollouts
 
 
-def rollout(engine: Engine, task, problems, cfg: GRPOConfig, step: int):
-    """G samples per prompt; returns the training batch and the rollout metrics."""
-    tok = engine.tokenizer
+def collect(engine: Engine, task, stream, cfg: GRPOConfig, settings: dict, first_seq: int):
+    """One step's training batch from fresh problems. With dynamic sampling (DAPO §3.3), groups whose rewards
+    are all equal are dropped and new problems sampled, up to --max-sampling-rounds rounds, until the step has
+    --prompts-per-step informative groups. Returns (batch or None if no group is left, rollout metrics over
+    everything sampled)."""
+    rounds = cfg.max_sampling_rounds if settings["dynamic_sampling"] else 1
+    sampled, kept = [], []
+    for _ in range(rounds):
+        problems = stream.take(cfg.prompts_per_step)
+        batch, _ = rollout(engine, task, problems, cfg, first_seq + sum(len(b["completions"]) for b in sampled))
+        sampled.append(batch)
+        informative = (batch["rewards"].std(dim=1) > 0).tolist() if settings["dynamic_sampling"] else None
+        kept.append(_select_groups(batch, informative) if informative is not None else batch)
+        if sum(b["rewards"].shape[0] for b in kept) >= cfg.prompts_per_step:
+            break
+    everything = _concat(sampled)
+    record = rollout_metrics(everything, cfg)
+    record["sequences"] = len(everything["completions"])
+    train = _concat(kept)
+    n_groups = train["rewards"].shape[0]
+    if n_groups > cfg.prompts_per_step:
+        train = _select_groups(train, [g < cfg.prompts_per_step for g in range(n_groups)])
+    record.update(sampling_rounds=len(sampled), kept_groups=train["rewards"].shape[0] / cfg.prompts_per_step)
+    return (train if train["rewards"].shape[0] else None), record
+
+
+def rollout(engine: Engine, task, problems, cfg: GRPOConfig, first_seq: int):
+    """G samples per prompt (sequence i seeded with sequence_seed(seed, first_seq + i)); returns the batch and
+    its metrics. The batch keeps the engine's log-probs and, for MoE models, the experts it chose."""
     prompts = [task.prompt(p) for p in problems for _ in range(cfg.group_size)]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             stop=list(STOP))
     t0 = time.perf_counter()
-    seeds = [sequence_seed(cfg.seed, step) * 4096 + i for i in range(len(prompts))]
-    gens = engine.generate(prompts, params, seeds=seeds)
+    seeds = [sequence_seed(cfg.seed, first_seq + i) for i in range(len(prompts))]
+    with RoutingCapture(engine.model) as capture:
+        gens = engine.generate(prompts, params, seeds=seeds, decode_rows=capture.decode_rows)
     rollout_s = time.perf_counter() - t0
     scores = [task.score(problems[i // cfg.group_size], g.text) for i, g in enumerate(gens)]
     rewards = torch.tensor([combine(s, cfg.w_accuracy, cfg.w_format, cfg.partial_credit) for s in scores])
-    lengths = [len(g.tokens) for g in gens]
+    prompt_ids, completions = [g.prompt_tokens for g in gens], [g.tokens for g in gens]
+    batch = {"prompts": prompt_ids, "completions": completions, "logprobs": [g.logprobs for g in gens],
+             "rewards": rewards.view(len(problems), cfg.group_size),
+             "scores": [{k: s[k] for k in ("accuracy", "format", "partial")} for s in scores],
+             "truncated": [g.finish_reason == "length" for g in gens], "problem_ids": [p.id for p in problems],
+             "routes": capture.per_row(prompt_ids, completions), "pad": engine.tokenizer.pad_id,
+             "rollout_s": rollout_s}
+    return batch, rollout_metrics(batch, cfg)
+
+
+def _select_groups(batch: dict, keep: list[bool]) -> dict:
+    """The batch restricted to the groups (rows of batch["rewards"]) where keep is True."""
+    G = batch["rewards"].shape[1]
+    seqs = [i for i in range(len(batch["completions"])) if keep[i // G]]
+    out = {k: [v[i] for i in seqs] for k, v in batch.items() if k in _PER_SEQUENCE and v is not None}
+    out.update(rewards=batch["rewards"][torch.tensor(keep, dtype=torch.bool)], pad=batch["pad"],
+               rollout_s=batch["rollout_s"], routes=[batch["routes"][i] for i in seqs] if batch["routes"] else None,
+               problem_ids=[p for p, k in zip(batch["problem_ids"], keep) if k])
+    return out
+
+
+_PER_SEQUENCE = ("prompts", "completions", "logprobs", "scores", "truncated")
+
+
+def _concat(batches: list[dict]) -> dict:
+    out = {k: [x for b in batches for x in b[k]] for k in _PER_SEQUENCE + ("problem_ids",)}
+    routes = [b["routes"] for b in batches]
+    out.update(rewards=torch.cat([b["rewards"] for b in batches]), pad=batches[0]["pad"],
+               rollout_s=sum(b["rollout_s"] for b in batches),
+               routes=None if any(r is None for r in routes) else [x for r in routes for x in r])
+    return out
+
+
+def rollout_metrics(batch: dict, cfg: GRPOConfig) -> dict:
+    """Reward components, lengths and group statistics of a batch (every sampled sequence)."""
+    scores, rewards, n = batch["scores"], batch["rewards"], len(batch["scores"])
+    mean = lambda key: sum(s[key] for s in scores) / n  # noqa: E731
+    lengths = [len(c) for c in batch["completions"]]
+    right = [ln for ln, s in zip(lengths, scores) if s["accuracy"] == 1.0]
+    wrong = [ln for ln, s in zip(lengths, scores) if s["accuracy"] != 1.0]
+    accuracy = torch.tensor([s["accuracy"] for s in scores]).view_as(rewards)
+    differ = rewards.std(dim=1) > 0
     record = {
-        "reward": rewards.mean().item(), "accuracy": sum(s["accuracy"] for s in scores) / len(scores),
-        "reward_accuracy": cfg.w_accuracy * sum(s["accuracy"] for s in scores) / len(scores),
-        "reward_format": cfg.w_format * sum(s["format"] for s in scores) / len(scores),
-        "response_len": sum(lengths) / len(lengths), "response_len_max": max(lengths),
-        "rollout_tokens_per_s": sum(lengths) / rollout_s, "rollout_s": rollout_s,
-        "truncated": sum(g.finish_reason == "length" for g in gens) / len(gens),
+        "reward": rewards.mean().item(), "accuracy": mean("accuracy"), "format": mean("format"),
+        "reward_accuracy": cfg.w_accuracy * mean("accuracy"), "reward_format": cfg.w_format * mean("format"),
+        "reward_partial": cfg.partial_credit * sum(s["partial"] * (s["accuracy"] == 0) for s in scores) / n,
+        "frac_zero_std": (~differ).float().mean().item(),
+        # groups whose rewards differ although their accuracies do not: advantages made by format or partial credit
+        "frac_format_only": (differ & (accuracy.std(dim=1) == 0)).float().mean().item(),
+        "response_len": sum(lengths) / n, "response_len_max": max(lengths),
+        "response_len_correct": sum(right) / len(right) if right else None,
+        "response_len_wrong": sum(wrong) / len(wrong) if wrong else None,
+        "truncated": sum(batch["truncated"]) / n, "rollout_s": batch["rollout_s"],
+        "rollout_tokens_per_s": sum(lengths) / max(batch["rollout_s"], 1e-9), "problems": batch["problem_ids"],
     }
-    grouped = rewards.view(len(problems), cfg.group_size)
-    record["frac_zero_std"] = (grouped.std(dim=1) == 0).float().mean().item()
-    batch = {"prompts": [g.prompt_tokens for g in gens], "completions": [g.tokens for g in gens],
-             "rewards": grouped, "pad": tok.pad_id}
-    return batch, record
+    return {k: v for k, v in record.items() if v is not None}  # a length with no sequence to average is left out
+
+
+# ----------------------------------------------------------------------------- MoE routing: capture and replay
+
+
+def _gates(model) -> list:
+    return [layer.ffn.gate for layer in model.layers if isinstance(layer.ffn, MoE)]
+
+
+class RoutingCapture:
+    """The experts every main-layer MoE gate chose while the engine decoded, rebuilt per sequence.
+
+    Forward hooks record each gate call: the prefill (every prompt position; a prompt repeated in a group is
+    prefilled once, in torch.unique order, as the engine does) and then one call per decode step over the rows
+    still running, whose prompt indices the engine reports in `decode_rows`. `per_row` returns, per sequence,
+    (n_moe_layers, len(prompt) + len(completion) - 1, K) expert ids: the routing of every input position of the
+    update, or None when the calls do not have that shape (an engine whose call pattern differs: the diagnostic
+    is then skipped rather than wrong)."""
+
+    def __init__(self, model):
+        self.gates = _gates(model)
+        self.calls: list[list[torch.Tensor]] = [[] for _ in self.gates]
+        self.decode_rows: list[list[int]] = []
+        self.handles = []
+
+    def __enter__(self):
+        for i, gate in enumerate(self.gates):
+            self.handles.append(gate.register_forward_hook(lambda m, a, out, i=i: self.calls[i].append(out[1])))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def per_row(self, prompts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor] | None:
+        if not self.gates:
+            return None
+        B, L = len(prompts), max(len(p) for p in prompts)
+        padded = torch.zeros(B, L, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            padded[b, :len(p)] = torch.tensor(p)
+        unique, inverse = torch.unique(padded, dim=0, return_inverse=True)
+        U = unique.shape[0]
+        rows = torch.arange(B) if U == B else inverse
+        steps = self.decode_rows
+        out = [[] for _ in range(B)]  # per sequence, per layer: (T_b, K)
+        for calls in self.calls:
+            if len(calls) != len(steps) + 1 or calls[0].shape[0] != U * L or any(
+                    c.shape[0] != len(r) for c, r in zip(calls[1:], steps)):
+                return None
+            K = calls[0].shape[1]
+            prefill = calls[0].view(U, L, K)[rows]  # (B, L, K)
+            decoded = [[] for _ in range(B)]
+            for c, r in zip(calls[1:], steps):
+                for j, b in enumerate(r):
+                    decoded[b].append(c[j])
+            for b, (p, comp) in enumerate(zip(prompts, completions)):
+                dec = torch.stack(decoded[b][:len(comp) - 1]) if len(comp) > 1 else prefill.new_zeros(0, K)
+                if dec.shape[0] != len(comp) - 1:
+                    return None
+                out[b].append(torch.cat([prefill[b, :len(p)], dec]))
+        return [torch.stack(layers) for layers in out]
+
+
+class RoutingHooks:
+    """During the update's forward: compare each gate's own experts with the rollout's (positions where
+    `routes` >= 0), and with replay=True use the rollout's experts instead, recomputing their combine weights
+    from the gate's differentiable scores (so the router still learns)."""
+
+    def __init__(self, model, routes: torch.Tensor, replay: bool):
+        self.gates, self.routes, self.replay = _gates(model), routes, replay  # routes (B, n_moe, T, K)
+        self.mismatch: list[torch.Tensor] = []  # per gate (B, T): the expert sets differ
+        self.handles = []
+
+    def __enter__(self):
+        for i, gate in enumerate(self.gates):
+            self.handles.append(gate.register_forward_hook(lambda m, a, out, i=i: self._hook(m, out, i)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, gate, out, i):
+        weights, own, scores = out
+        B, _, T, K = self.routes.shape
+        target = self.routes[:, i].reshape(B * T, K)
+        valid = target[:, 0] >= 0
+        differ = (own.sort(dim=1)[0] != target.sort(dim=1)[0]).any(dim=1) & valid
+        self.mismatch.append(differ.view(B, T))
+        if not self.replay:
+            return None
+        idx = torch.where(valid[:, None], target, own)
+        w = scores.gather(1, idx)
+        if gate.normalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return (w * gate.route_scale).to(weights.dtype), idx, scores
 
 
 # ----------------------------------------------------------------------------- the update
@@ -187,65 +426,121 @@ def _pack(prompts: list[list[int]], completions: list[list[int]], pad: int):
     return tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
 
 
-def completion_logprobs(model, inputs, targets, mask):
-    """log p and entropy (B, T) of the targets, zero outside `mask`; the output head runs on masked positions only
-    (prompts are most of each row, and their logits are never used)."""
-    h = model.hidden(inputs)
-    logp_sel, ent_sel = token_logprobs(model.head(h[mask]).unsqueeze(0), targets[mask].unsqueeze(0))
+def _pack_routes(routes: list[torch.Tensor], T: int) -> torch.Tensor:
+    """Per-sequence (n_moe, T_i, K) expert ids → (B, n_moe, T, K), -1 past each sequence's end."""
+    n, _, K = routes[0].shape
+    out = torch.full((len(routes), n, T, K), -1, dtype=torch.long)
+    for i, r in enumerate(routes):
+        out[i, :, : r.shape[1]] = r
+    return out
+
+
+def completion_logprobs(forward, inputs, targets, mask, temperature: float = 1.0):
+    """log p and entropy (B, T) of the targets under softmax(logits / temperature), zero outside `mask`; the
+    output head runs on masked positions only (prompts are most of each row, and their logits are never used).
+    `forward`: the model, or its mixed-precision view (runtime.prepare_for_training)."""
+
+    def head(h, weight, k):
+        return token_logprobs(F.linear(h[mask], weight).unsqueeze(0), targets[mask].unsqueeze(0), temperature)
+
+    logp_sel, ent_sel = forward(inputs, head=head)
     logp = torch.zeros(mask.shape, dtype=logp_sel.dtype).masked_scatter(mask, logp_sel[0])
     ent = torch.zeros(mask.shape, dtype=ent_sel.dtype).masked_scatter(mask, ent_sel[0])
     return logp, ent
 
 
-def _logprobs(model, inputs, targets, mask, micro: int, grad: bool):
-    outs = []
-    for i in range(0, inputs.shape[0], micro):
-        with torch.set_grad_enabled(grad):
-            outs.append(completion_logprobs(model, inputs[i:i + micro], targets[i:i + micro], mask[i:i + micro]))
-    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+def _forward(model, forward, inputs, targets, mask, temperature, routes, replay: bool):
+    """completion_logprobs through `forward`, with the rollout's routing compared (and replayed if asked) on
+    `model`'s gates when routes are given; returns (logp, entropy, mismatch (n_moe, B, T) bool or None)."""
+    if routes is None:
+        return (*completion_logprobs(forward, inputs, targets, mask, temperature), None)
+    with RoutingHooks(model, routes, replay) as hooks:
+        logp, ent = completion_logprobs(forward, inputs, targets, mask, temperature)
+    return logp, ent, torch.stack(hooks.mismatch)
 
 
-def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: dict) -> dict:
-    """μ optimiser steps on one rollout batch; returns loss, KL, clip fraction, entropy, grad norm."""
-    adv = group_advantages(batch["rewards"], scale_by_std=settings["scale_rewards"])
-    keep = torch.ones_like(adv, dtype=torch.bool)
-    if settings["dynamic_sampling"]:  # DAPO: groups with equal rewards carry no signal
-        keep = (batch["rewards"].std(dim=1, keepdim=True) > 0).expand_as(adv)
-    rows = keep.flatten().nonzero().flatten().tolist()
+def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: dict, forward=None) -> dict:
+    """μ optimiser steps on one rollout batch through `forward` (default: the model; or its mixed-precision view);
+    returns the loss and the update's diagnostics."""
+    forward = forward or model
+    adv = group_advantages(batch["rewards"], settings["scale_rewards"]).flatten()
+    G = batch["rewards"].shape[1]
+    informative = batch["rewards"].std(dim=1) > 0
+    rows = [i for i in range(len(batch["completions"])) if informative[i // G] or not settings["dynamic_sampling"]]
     if not rows:
-        return {"loss": 0.0, "kept_groups": 0.0}
+        return {"loss": 0.0}
     inputs, targets, mask = _pack([batch["prompts"][i] for i in rows], [batch["completions"][i] for i in rows],
                                   batch["pad"])
-    advantages = adv.flatten()[rows]
-    micro = cfg.micro_batch
+    rollout_lp = torch.zeros(mask.shape).masked_scatter(mask, torch.tensor(
+        [x for i in rows for x in batch["logprobs"][i]], dtype=torch.float32)) if batch.get("logprobs") else None
+    routes = _pack_routes([batch["routes"][i] for i in rows], inputs.shape[1]) if batch.get("routes") else None
+    advantages, micro, T = adv[rows], cfg.micro_batch, cfg.temperature
+    chunks = [slice(i, i + micro) for i in range(0, len(rows), micro)]
+    route = lambda sl: routes[sl] if routes is not None else None  # noqa: E731
     model.train()
-    old_logp = ref_logp = None
-    if cfg.mu > 1:
-        old_logp = _logprobs(model, inputs, targets, mask, micro, grad=False)[0]
-    if reference is not None:
-        ref_logp = _logprobs(reference, inputs, targets, mask, micro, grad=False)[0]
-    stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref_logp = torch.cat([completion_logprobs(reference, inputs[sl], targets[sl], mask[sl], T)[0]
+                              for sl in chunks]) if reference is not None else None
+        reference_s = time.perf_counter() - t0
+        old = [_forward(model, forward, inputs[sl], targets[sl], mask[sl], T, route(sl), cfg.routing_replay)
+               for sl in chunks] if cfg.mu > 1 else None
+    stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low": 0.0, "clip_high": 0.0, "grad_norm": 0.0,
+             "ratio_max": 1.0, "ratio_min": 1.0}
+    first: list[tuple] = [o for o in old] if old is not None else []
     n_tok = mask.sum().clamp(min=1)
-    for _ in range(cfg.mu):
+    for epoch in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
-        for i in range(0, len(rows), micro):
-            sl = slice(i, i + micro)
-            logp, ent = completion_logprobs(model, inputs[sl], targets[sl], mask[sl])
-            old = old_logp[sl] if old_logp is not None else logp.detach()
+        for c, sl in enumerate(chunks):
+            logp, ent, mism = _forward(model, forward, inputs[sl], targets[sl], mask[sl], T, route(sl),
+                                       cfg.routing_replay)
+            if old is None:
+                first.append((logp.detach(), ent.detach(), mism))
+            old_lp = first[c][0]
+            is_w = (old_lp - rollout_lp[sl]).exp().clamp(max=cfg.tis_cap) if cfg.tis_cap and rollout_lp is not None \
+                else None
             ref = ref_logp[sl] if ref_logp is not None else None
-            loss, s = grpo_loss(logp, old, advantages[sl], mask[sl], cfg.eps_low, settings["eps_high"],
-                                settings["beta"], ref, settings["loss_norm"], cfg.max_new_tokens)
+            loss, s = grpo_loss(logp, old_lp, advantages[sl], mask[sl], cfg.eps_low, settings["eps_high"],
+                                settings["beta"], ref, settings["loss_norm"], cfg.max_new_tokens, is_weight=is_w)
             share = mask[sl].sum() / n_tok if settings["loss_norm"] == "token" else logp.shape[0] / len(rows)
             (loss * share).backward()
             stats["loss"] += loss.item() * float(share) / cfg.mu
-            stats["kl"] += s["kl"] * float(share) / cfg.mu
-            stats["clip_frac"] += s["clip_frac"] * float(share) / cfg.mu
-            stats["entropy"] += ((ent * mask[sl]).sum() / n_tok).item() / cfg.mu
+            tok_share = float(mask[sl].sum() / n_tok) / cfg.mu
+            for key in ("clip_frac", "clip_low", "clip_high"):
+                stats[key] += s[key] * tok_share
+            stats["ratio_max"], stats["ratio_min"] = max(stats["ratio_max"], s["ratio_max"]), min(
+                stats["ratio_min"], s["ratio_min"])
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    cfg.grad_clip).item()
         if math.isfinite(grad_norm):
             optimizer.step()
         stats["grad_norm"] += grad_norm / cfg.mu
     model.eval()
-    stats["kept_groups"] = keep[:, 0].float().mean().item()
+    stats.update(_diagnostics(first, mask, rollout_lp, ref_logp, cfg.tis_cap))
+    stats.update(update_s=time.perf_counter() - t0, reference_s=reference_s)  # what logging KL costs
     return stats
+
+
+def _diagnostics(first: list[tuple], mask, rollout_lp, ref_logp, tis_cap: float) -> dict:
+    """Token means over the completion tokens, at the pre-update policy: entropy, KL to the initial policy,
+    the rollout-vs-update log-prob gap and importance ratio, and the routing mismatch."""
+    logp, ent = torch.cat([f[0] for f in first]), torch.cat([f[1] for f in first])
+    on = mask
+    out = {"entropy": ent[on].mean().item()}
+    if rollout_lp is not None:
+        gap = (logp - rollout_lp)[on].double()  # update minus rollout on the same tokens (float64 statistics)
+        w = gap.exp()
+        out.update(logp_gap_mean=gap.mean().item(), logp_gap_abs_mean=gap.abs().mean().item(),
+                   logp_gap_abs_max=gap.abs().max().item(),
+                   kl_rollout=(w - gap - 1).mean().item(),  # k3 estimate of KL(π_rollout || π_update)
+                   is_ratio_mean=w.mean().item(), is_ratio_min=w.min().item(), is_ratio_max=w.max().item(),
+                   is_ratio_out_frac=((w < 0.5) | (w > 2)).double().mean().item())
+        if tis_cap:
+            out["is_ratio_capped_frac"] = (w > tis_cap).double().mean().item()
+    if ref_logp is not None:
+        out["kl"] = k3_kl(logp, ref_logp)[on].mean().item()
+    if all(f[2] is not None for f in first):
+        mism = torch.cat([f[2] for f in first], dim=1)  # (n_moe, B, T)
+        out["routing_mismatch"] = mism[:, on].float().mean().item()  # (token, layer) pairs whose experts differ
+        out["routing_mismatch_tokens"] = mism.any(dim=0)[on].float().mean().item()  # tokens, any layer
+    return out

@@ -2,7 +2,8 @@
 
 Each example is prompt + completion (+ eos) with the loss on completion tokens only. Examples are packed into
 rows of the model's context with per-sample attention masking and restarted positions (V3's SFT packed with
-sample masking). Cosine schedule over the epochs (V3: 5e-6 → 1e-6 at scale). With --teacher, the loss mixes
+sample masking). Cosine schedule over the epochs (V3: 5e-6 → 1e-6 at scale). Examples whose question is a
+held-out evaluation problem are dropped (by content) and counted. With --teacher, the loss mixes
 in logit distillation: KL(teacher ‖ student) at temperature τ on the completion tokens (same tokenizer needed).
 
     nanoseek sft --init runs/student-base --data runs/traces.jsonl --out runs/distilled --epochs 2
@@ -13,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,29 +26,38 @@ from tqdm import tqdm
 from .. import checkpoint as ckpt
 from ..losses import IGNORE_INDEX, linear_cross_entropy
 from ..optim import build_optimizer, lr_at
-from ..runtime import set_threads
-from ..options import check_out_dir, own_run
+from ..options import ComputeOptions, check, check_out_dir, option, own_run
+from ..runtime import prepare_for_training, prepare_inference, resolve, set_threads
+from ..tasks import is_heldout, question_from_prompt
 from .common import MetricsLog, clear_run, load_checkpoint, save_step, write_run_json
 
 
-@dataclass
-class SFTConfig:
-    init: str = field(metadata={"help": "starting checkpoint (any nanoseek checkpoint, MoE or dense)"})
-    data: list[str] = field(metadata={"help": "JSONL files with prompt and completion fields (e.g. from nanoseek sample)"})
-    out: str = field(metadata={"help": "run directory"})
-    epochs: int = field(default=2, metadata={"help": "passes over the data"})
-    batch_size: int = field(default=8, metadata={"help": "packed rows per optimizer step"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (cosine to --min-lr-ratio)"})
-    min_lr_ratio: float = field(default=0.2, metadata={"help": "final lr / peak (V3: 1e-6 / 5e-6)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    teacher: str = field(default="", metadata={"help": "teacher checkpoint for logit distillation (same tokenizer)"})
-    kd_weight: float = field(default=0.5, metadata={"help": "share of the distillation loss when --teacher"})
-    kd_temperature: float = field(default=1.0, metadata={"help": "distillation temperature τ"})
-    max_seconds: float = field(default=0.0, metadata={"help": "stop after this wall time (0: no limit)"})
-    seed: int = field(default=0, metadata={"help": "shuffling seed"})
-    threads: int = field(default=0, metadata={"help": "CPU threads (0: all)"})
-    force: bool = field(default=False, metadata={"help": "replace an earlier sft run in --out instead of refusing"})
+@dataclass(kw_only=True)
+class SFTConfig(ComputeOptions):
+    """Supervised fine-tuning on prompt/completion traces (cold start, distillation), packed with sample masking;
+    --teacher adds logit distillation. Writes OUT/metrics.jsonl and OUT/checkpoints/step_N/."""
+
+    init: str = option(help="starting checkpoint (any nanoseek checkpoint, MoE or dense)")
+    data: list[str] = option(help="JSONL files with prompt and completion fields (e.g. from nanoseek sample)")
+    out: str = option(help="run directory")
+    epochs: int = option(2, help="passes over the data", min=1)
+    batch_size: int = option(8, help="packed rows per optimizer step", min=1)
+    lr: float = option(3e-4, help="peak learning rate (cosine to --min-lr-ratio)", above=0)
+    min_lr_ratio: float = option(0.2, help="final lr / peak (V3: 1e-6 / 5e-6)", min=0, max=1)
+    weight_decay: float = option(0.0, help="AdamW weight decay", min=0)
+    grad_clip: float = option(1.0, help="gradient-norm clip", above=0)
+    teacher: str = option("", help="teacher checkpoint for logit distillation (same tokenizer)")
+    kd_weight: float = option(0.5, help="share of the distillation loss when --teacher", min=0, max=1)
+    kd_temperature: float = option(1.0, help="distillation temperature τ", above=0)
+    max_seconds: float = option(0.0, help="stop after this wall time (0: no limit); the cosine then follows "
+                                "whichever of steps or time runs out first", min=0)
+    keep_heldout: bool = option(False, help="keep examples whose question is a held-out evaluation problem "
+                                "(dropped by default, by content)")
+    seed: int = option(0, help="shuffling seed", min=0)
+    force: bool = option(False, help="replace an earlier sft run in --out instead of refusing")
+
+    def __post_init__(self):
+        check(self)
 
 
 def read_examples(patterns: list[str]) -> list[tuple[str, str]]:
@@ -69,6 +80,13 @@ def read_examples(patterns: list[str]) -> list[tuple[str, str]]:
     if not out:
         raise ValueError(f"{' '.join(files)}: no examples")
     return out
+
+
+def drop_heldout(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], int]:
+    """(the examples whose prompt's question is not held out, how many were dropped): a trace of a held-out
+    problem must never reach training, whoever wrote the file."""
+    kept = [(p, c) for p, c in pairs if not ((q := question_from_prompt(p)) is not None and is_heldout(q))]
+    return kept, len(pairs) - len(kept)
 
 
 def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad: int) -> list[dict]:
@@ -96,17 +114,38 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad: int) ->
     return packed
 
 
+def _progress_step(step: int, total: int, elapsed: float, max_seconds: float) -> int:
+    """The step the schedule is at: with a time limit, the further along of steps and wall time, so a run cut
+    short by --max-seconds still completes its cosine (at the cost of bit-reproducible learning rates)."""
+    if not max_seconds:
+        return step
+    return min(total - 1, max(step, int(elapsed / max_seconds * total)))
+
+
 def _batch(rows: list[dict]) -> dict:
     return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
 
 
-def _kd_loss(student, teacher, b: dict, h: torch.Tensor, tau: float) -> torch.Tensor:
+def _kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """τ²·KL(teacher || student) over the rows (Hinton et al. 2015), in fp32."""
+    return F.kl_div((s_logits.float() / tau).log_softmax(-1), (t_logits.float() / tau).log_softmax(-1),
+                    log_target=True, reduction="batchmean") * tau * tau
+
+
+def _losses(forward, teacher, b: dict, tau: float):
+    """(cross-entropy, distillation loss or None) of a packed batch, both from the student's one forward."""
     mask = b["targets"] != IGNORE_INDEX
-    with torch.no_grad():
-        t_logits = teacher.head(teacher.hidden(b["inputs"], positions=b["positions"], segments=b["segments"])[mask])
-    s_logits = student.head(h[mask])
-    return F.kl_div((s_logits / tau).log_softmax(-1), (t_logits.float() / tau).log_softmax(-1), log_target=True,
-                    reduction="batchmean") * tau * tau
+    t_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            t_logits = teacher(b["inputs"], positions=b["positions"], segments=b["segments"],
+                               head=lambda h, weight, k: F.linear(h[mask], weight))
+
+    def head(h, weight, k):
+        ce = linear_cross_entropy(h.flatten(0, 1), weight, b["targets"].flatten())
+        return ce, (_kd_loss(F.linear(h[mask], weight), t_logits, tau) if t_logits is not None else None)
+
+    return forward(b["inputs"], positions=b["positions"], segments=b["segments"], head=head)
 
 
 def run(cfg: SFTConfig) -> Path:
@@ -114,16 +153,26 @@ def run(cfg: SFTConfig) -> Path:
     out = Path(cfg.out)
     check_out_dir(out, "--out", own=own_run(out, "sft"), force=cfg.force)
     model, tokenizer = load_checkpoint(cfg.init)
+    rt = resolve(cfg.device, cfg.precision, dims=model.cfg)
+    forward = prepare_for_training(model.to(rt.device), rt)  # bf16 compute copies of fp32 masters, or the model
     teacher = ckpt.load(cfg.teacher)[0].eval().requires_grad_(False) if cfg.teacher else None
     if teacher is not None and teacher.cfg.vocab_size != model.cfg.vocab_size:
         raise ValueError("logit distillation needs teacher and student to share the tokenizer (vocab sizes differ)")
-    pairs = read_examples(cfg.data)
+    if teacher is not None:
+        teacher = prepare_inference(teacher, rt)
+    pairs, dropped = read_examples(cfg.data), 0
+    if not cfg.keep_heldout:
+        pairs, dropped = drop_heldout(pairs)
+        print(f"sft: dropped {dropped} of {len(pairs) + dropped} examples whose question is held out",
+              file=sys.stderr)
+        if not pairs:
+            raise ValueError(f"{' '.join(cfg.data)}: every example's question is held out; nothing to train on")
     encoded = [(tokenizer.encode(p), tokenizer.encode(c) + [tokenizer.eos_id]) for p, c in pairs]
     rows = pack(encoded, model.cfg.max_seq_len, tokenizer.pad_id)
     if cfg.force:  # only now that the inputs are known good
         clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_run_json(out, "sft", dataclasses.asdict(cfg))
+    write_run_json(out, "sft", {**dataclasses.asdict(cfg), "examples": len(pairs), "dropped_heldout": dropped})
     model.mtp.requires_grad_(False)  # packed samples would leak through the MTP's look-ahead; it is not trained
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
@@ -136,15 +185,14 @@ def run(cfg: SFTConfig) -> Path:
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(rows), generator=gen).tolist()
         for i in range(0, len(rows), cfg.batch_size):
-            b = _batch([rows[j] for j in order[i:i + cfg.batch_size]])
-            lr = lr_at(step, total, cfg.lr, warmup=0.0, decay_start=0.0, decay_end=1.0, min_ratio=cfg.min_lr_ratio)
+            b = {k: v.to(rt.device) for k, v in _batch([rows[j] for j in order[i:i + cfg.batch_size]]).items()}
+            lr = lr_at(_progress_step(step, total, time.perf_counter() - t_start, cfg.max_seconds), total, cfg.lr,
+                       warmup=0.0, decay_start=0.0, decay_end=1.0, min_ratio=cfg.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
-            h = model.hidden(b["inputs"], positions=b["positions"], segments=b["segments"])
-            ce = linear_cross_entropy(h.flatten(0, 1), model.head.weight, b["targets"].flatten())
+            ce, kd = _losses(forward, teacher, b, cfg.kd_temperature)
             loss, record = ce, {"step": step + 1, "epoch": epoch + 1, "loss": ce.item(), "lr": lr}
-            if teacher is not None:
-                kd = _kd_loss(model, teacher, b, h, cfg.kd_temperature)
+            if kd is not None:
                 loss = (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd
                 record["kd_loss"] = kd.item()
             loss.backward()
@@ -162,4 +210,5 @@ def run(cfg: SFTConfig) -> Path:
             break
     bar.close()
     return save_step(out, step, model.eval(), tokenizer, {"stage": "sft", "init": str(cfg.init),
-                                                           "examples": len(pairs), "rows": len(rows)})
+                                                           "examples": len(pairs), "rows": len(rows),
+                                                           "dropped_heldout": dropped})

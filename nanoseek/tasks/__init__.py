@@ -3,14 +3,16 @@
 One interface serves data generation, RL rewards and evaluation:
 
     task = get_task("chain_sum", max_terms=2)
-    problems = task.problems(seed=0, n=64, split="train")   # "heldout" uses disjoint generator seeds
+    problems = task.problems(seed=0, n=64, split="train")   # the split is decided by the question's content
     prompt = task.prompt(problems[0])                        # the R1 template, ending in "<think>"
     scores = task.score(problems[0], completion)             # {"accuracy", "format", "partial", "answer"}
 
 Families (named as reasoning-gym names them): chain_sum, basic_arithmetic, gsm_symbolic, countdown, syllogism.
 """
 
-from .base import Problem, Task, extract_answer, format_ok
+from .base import (HELDOUT_FRACTION, Problem, ProblemStream, Task, extract_answer, format_ok, is_heldout,
+                   problem_key, problem_space, question_from_prompt, split_of)
 from .families import TASKS, get_task
 
-__all__ = ["Problem", "Task", "TASKS", "get_task", "extract_answer", "format_ok"]
+__all__ = ["HELDOUT_FRACTION", "Problem", "ProblemStream", "Task", "TASKS", "get_task", "extract_answer",
+           "format_ok", "is_heldout", "problem_key", "problem_space", "question_from_prompt", "split_of"]

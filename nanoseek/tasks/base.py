@@ -1,8 +1,21 @@
-"""The task interface and the format rules shared by every family."""
+"""The task interface, the format rules shared by every family, and the held-out split by content.
+
+A problem's split is a property of its question text, not of the seed that generated it: the question is
+normalised to a canonical key (`problem_key`) and hashed; a fixed HELDOUT_FRACTION of the hash space is held
+out. Every source of training text (the corpus's worked problems, GRPO prompts, rejection sampling, SFT traces)
+asks `is_heldout(question)` and leaves those questions out, so a held-out question cannot reach training by
+any path, whatever seeds or generator settings produced it. The key also merges rewordings of one problem:
+arithmetic questions reduce to their expression ("Calculate 3 + 4." and "…arithmetic problem: 3 + 4 =" are
+one problem) and countdown questions to their multiset of numbers and target (its three phrasings and any
+number order are one problem).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 
 from ..template import r1_prompt
@@ -11,6 +24,15 @@ from ..template import r1_prompt
 _FORMAT = re.compile(r"^(?:(?!<think>|</think>|<answer>|</answer>).)*</think>\s*<answer>"
                      r"((?:(?!<think>|</think>|<answer>|</answer>).)*)</answer>\s*$", re.S)
 MAX_COMPLETION_CHARS = 20_000  # longer text is not inspected at all
+
+HELDOUT_FRACTION = 0.1  # share of the key-hash space reserved for evaluation (one constant: every stage agrees)
+_SPLIT_SALT = "nanoseek-heldout-v1\0"
+_EXPR = r"[\d\s+\-*/()]+"
+_ARITHMETIC = [re.compile(p) for p in (  # chain_sum's and basic_arithmetic's phrasings, after normalisation
+    rf"state the final answer to the following arithmetic problem: ({_EXPR})=", rf"calculate ({_EXPR})\.",
+    rf"what is ({_EXPR})\?", rf"solve ({_EXPR})\.", rf"compute ({_EXPR})\.", rf"evaluate: ({_EXPR})\.")]
+_COUNTDOWN = [re.compile(r"using all the numbers ([\d, ]+), create an expression that equals (\d+)\."),
+              re.compile(r"(?:find a way to make|calculate) (\d+) using all of these numbers: ([\d, ]+)\.")]
 
 
 def format_ok(completion: str) -> bool:
@@ -26,38 +48,157 @@ def extract_answer(completion: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+# ----------------------------------------------------------------------------- the split by content
+
+
+def problem_key(question: str) -> str:
+    """The canonical form of a question: what decides its split and its id.
+
+    NFKC, lower case, whitespace collapsed; an arithmetic question becomes "arith:" + its expression without
+    spaces, a countdown question "countdown:" + its sorted numbers + "=" + target."""
+    text = " ".join(unicodedata.normalize("NFKC", question).lower().split())
+    for pattern in _COUNTDOWN:
+        m = pattern.search(text)
+        if m:
+            target, numbers = m.groups() if pattern is _COUNTDOWN[1] else m.groups()[::-1]
+            return f"countdown:{','.join(sorted(n.strip() for n in numbers.split(',')))}={target}"
+    for pattern in _ARITHMETIC:
+        m = pattern.fullmatch(text)
+        if m:
+            return "arith:" + re.sub(r"\s", "", m.group(1))
+    return text
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256((_SPLIT_SALT + key).encode()).digest()
+
+
+def is_heldout_key(key: str) -> bool:
+    return int.from_bytes(_digest(key)[:8], "big") < HELDOUT_FRACTION * 2**64
+
+
+def is_heldout(question: str) -> bool:
+    """True if the question belongs to the held-out split (HELDOUT_FRACTION of the key-hash space)."""
+    return is_heldout_key(problem_key(question))
+
+
+def split_of(question: str) -> str:
+    return "heldout" if is_heldout(question) else "train"
+
+
+def question_from_prompt(prompt: str) -> str | None:
+    """The last user question of an R1-template prompt (`…\\nUser: QUESTION\\nAssistant: <think>`), or None."""
+    head, sep, _ = prompt.rpartition("\nAssistant:")
+    if not sep or "\nUser: " not in head:
+        return None
+    return head.rpartition("\nUser: ")[2].strip()
+
+
+# ----------------------------------------------------------------------------- problems and tasks
+
+
 @dataclass
 class Problem:
     question: str
     answer: str  # the gold answer as text
     metadata: dict = field(default_factory=dict)
-    id: str = ""
+    id: str = ""  # "<task>/<hash of the problem key>": the same question has the same id in every run
+
+
+class ProblemStream:
+    """The problems of one split from a run's generator stream, each question at most once while unseen ones
+    can still be found.
+
+    Raw item j of stream `seed` comes from generator seed seed·2^40 + j (reasoning-gym seeds item i of a
+    dataset with Random(dataset_seed + i)), so two streams never share a generator state and consecutive
+    `take` calls never overlap. A split's space is treated as exhausted after `patience` consecutive questions
+    of that split that were all seen before; `take` then repeats questions in generator order (counted in
+    `repeats`) or, with allow_repeats=False, raises."""
+
+    CHUNK = 256
+
+    def __init__(self, task: "Task", seed: int, split: str, patience: int = 2000):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be train or heldout, got {split!r}")
+        if seed < 0:
+            raise ValueError(f"problem seed must be >= 0, got {seed}")
+        self.task, self.seed, self.split, self.patience = task, seed, split, patience
+        self.seen: set[str] = set()
+        self.repeats = 0  # questions handed out again because the split's space ran out
+        self.draws = 0  # raw generator items consumed
+        self.exhausted = False
+        self._buffer: list[Problem] = []
+
+    def _raw(self) -> Problem:
+        if not self._buffer:
+            start = self.seed * 2**40 + self.draws
+            self._buffer = self.task.generate(start, self.CHUNK)[::-1]
+        self.draws += 1
+        return self._buffer.pop()
+
+    def take(self, n: int, allow_repeats: bool = True) -> list[Problem]:
+        out = []
+        while len(out) < n:
+            p, key = self._next_unseen(n, allow_repeats)
+            self.seen.add(key)
+            p.id = f"{self.task.name}/{_digest(key).hex()[:12]}"
+            out.append(p)
+        return out
+
+    def _next_unseen(self, n: int, allow_repeats: bool) -> tuple[Problem, str]:
+        misses = other = 0
+        while True:
+            p = self._raw()
+            key = problem_key(p.question)
+            if ("heldout" if is_heldout_key(key) else "train") != self.split:
+                other += 1  # the other split's questions are never candidates; only a split with none ends here
+                if other < 100 * self.patience:
+                    continue
+                raise ValueError(f"task {self.task.name} {self.task.options}: no {self.split} problem in "
+                                 f"{other} draws; use larger task settings")
+            if key not in self.seen:
+                return p, key
+            if self.exhausted:  # known to be exhausted: repeats come in generator order, no search
+                self.repeats += 1
+                return p, key
+            misses += 1
+            if misses >= self.patience:
+                if not allow_repeats:
+                    raise ValueError(
+                        f"task {self.task.name} {self.task.options}: only {len(self.seen)} distinct {self.split} "
+                        f"problems found in {self.draws} draws, fewer than the {n} asked for; use larger task "
+                        "settings (nanoseek.tasks.problem_space measures a setting's space)")
+                self.exhausted = True
+                self.repeats += 1
+                return p, key
 
 
 class Task:
     """A family of verifiable problems. Subclasses implement `generate` and `check`."""
 
     name = "task"
-    heldout_offset = 10**9  # held-out problems come from generator seeds training never uses
 
     def __init__(self, **options):
         self.options = options
 
     def generate(self, seed: int, n: int) -> list[Problem]:
+        """n raw problems (either split) from generator seeds seed .. seed + n - 1."""
         raise NotImplementedError
 
     def check(self, problem: Problem, answer: str) -> float:
         """Accuracy in [0, 1] of an extracted answer (must never raise)."""
         raise NotImplementedError
 
+    def space_size(self) -> int | None:
+        """The exact number of distinct problem keys the settings can produce, where it can be counted."""
+        return None
+
+    def stream(self, seed: int, split: str = "train", patience: int = 2000) -> ProblemStream:
+        return ProblemStream(self, seed, split, patience)
+
     def problems(self, seed: int, n: int, split: str = "train") -> list[Problem]:
-        if split not in ("train", "heldout"):
-            raise ValueError(f"split must be train or heldout, got {split!r}")
-        base = seed + (self.heldout_offset if split == "heldout" else 0)
-        out = self.generate(base, n)
-        for i, p in enumerate(out):
-            p.id = f"{self.name}/{split}/{seed}/{i}"
-        return out
+        """n distinct problems of `split` (ValueError if the split's space holds fewer)."""
+        return self.stream(seed, split).take(n, allow_repeats=False)
 
     def prompt(self, problem: Problem) -> str:
         return r1_prompt(problem.question)
@@ -73,10 +214,38 @@ class Task:
                 "partial": float(answer is not None and answer != ""), "answer": answer}
 
 
-def combine(scores: dict, w_accuracy: float = 1.0, w_format: float = 0.1, partial_credit: float = 0.0) -> float:
+def combine(scores: dict, w_accuracy: float = 1.0, w_format: float = 0.0, partial_credit: float = 0.0) -> float:
     """Scalar reward: w_acc·accuracy + w_fmt·format, plus TinyZero's partial credit for a wrong but present
-    answer (reference r1-grpo §2.3: 0.1 for a parsable wrong answer, 1 for a right one)."""
+    answer (0.1 for a parsable wrong answer, 1 for a right one).
+
+    The default is accuracy alone: a malformed completion has no extractable answer, so the format is already
+    a precondition of any reward. A separate format reward is constant once the format is learned and, under
+    per-group std scaling, turns format-only differences into full-size advantages (SimpleRL-Zoo, arXiv
+    2503.18892: the format reward must not dominate)."""
     reward = w_accuracy * scores["accuracy"] + w_format * scores["format"]
     if partial_credit and scores["accuracy"] == 0:
         reward += partial_credit * scores["partial"]
     return reward
+
+
+def problem_space(task: Task, draws: int = 20_000, train_draws: int = 0, seed: int = 0) -> dict:
+    """How large the task's problem space is, and how much of its training split `train_draws` draws cover.
+
+    From `draws` raw generator draws: `distinct` keys seen; `effective_size` = 1 / P(two draws coincide)
+    (= the size for a uniform generator; None when no two draws coincided, then `effective_size_lower_bound`
+    gives the 95% bound C(draws, 2)/3); `exact_size` where the family can count it. With train_draws, a fresh
+    training stream takes that many problems (repeats allowed, as GRPO does) and reports how many distinct
+    questions training would see."""
+    stream = task.stream(seed, "train")
+    keys = Counter(problem_key(stream._raw().question) for _ in range(draws))
+    pairs = sum(c * (c - 1) // 2 for c in keys.values())
+    all_pairs = draws * (draws - 1) // 2
+    out = {"task": task.name, "options": dict(task.options), "draws": draws, "distinct": len(keys),
+           "distinct_heldout": sum(is_heldout_key(k) for k in keys), "heldout_fraction": HELDOUT_FRACTION,
+           "exact_size": task.space_size(), "effective_size": all_pairs / pairs if pairs else None,
+           "effective_size_lower_bound": None if pairs else all_pairs / 3}
+    if train_draws:
+        train = task.stream(seed + 1, "train")
+        train.take(train_draws)
+        out.update(train_draws=train_draws, train_distinct=len(train.seen), train_repeats=train.repeats)
+    return out
