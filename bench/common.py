@@ -10,6 +10,7 @@ precision (bf16 or fp32), measured in the same run with the same thread count.
 weights and train in mixed precision: ours through runtime.prepare_for_training (bf16 compute copies of the
 weights, bf16 activations), transformers through torch.autocast(bfloat16) — its documented CPU mixed-precision
 path — with its defaults sdpa attention and grouped_mm experts. Ours in fp32 runs alongside, for bf16_speedup.
+"""
 
 from __future__ import annotations
 

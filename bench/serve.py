@@ -33,18 +33,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import publish  # noqa: E402
-from nanoseek.template import CHAT_STOP, R1_PREAMBLE, conversation  # noqa: E402
+from nanoseek.template import CHAT_STOP, conversation  # noqa: E402
 
 LEVELS = (1, 8, 32)
 
 # nanoseek's chat template (template.conversation) in Jinja, for transformers' apply_chat_template.
 CHAT_TEMPLATE = (
-    "{%- set ns = namespace(pre=" + json.dumps(R1_PREAMBLE) + ") -%}"
-    "{%- for m in messages %}{% if m.role == 'system' %}{% set ns.pre = m.content | trim %}{% endif %}{% endfor -%}"
+    "{%- set ns = namespace(pre='') -%}"
+    "{%- for m in messages %}{% if m.role == 'system' %}{% set ns.pre = (m.content | trim) + '\\n' %}{% endif %}"
+    "{% endfor -%}"
     "{{ ns.pre }}"
-    "{%- for m in messages %}"
-    "{%- if m.role == 'user' %}{{ '\\nUser: ' + (m.content | trim) }}"
-    "{%- elif m.role == 'assistant' %}{{ '\\nAssistant: <think> </think> <answer> ' + (m.content | trim) + "
+    "{%- for m in messages if m.role != 'system' %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{%- if m.role == 'user' %}{{ 'User: ' + (m.content | trim) }}"
+    "{%- elif m.role == 'assistant' %}{{ 'Assistant: <think> </think> <answer> ' + (m.content | trim) + "
     "' </answer>' }}{% endif %}"
     "{%- endfor %}{{ '\\nAssistant: <think>' }}"
 )

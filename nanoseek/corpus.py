@@ -325,7 +325,8 @@ EASY = ("chain_sum", dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1))
 
 
 def build_default_corpus(seed: int = 0, n_problems: int = 6000, heldout_fraction: float = 0.02,
-                         progress: bool = False, easy_problems: int = 0) -> dict[str, list[str]]:
+                         progress: bool = False, easy_problems: int = 0,
+                         easy_args: dict | None = None) -> dict[str, list[str]]:
     """{"train": [doc, ...], "heldout": [doc, ...]}: natural English documents plus reasoning documents.
     Deterministic: the same seed gives identical lists (same order, same text) on every run.
 
@@ -348,7 +349,8 @@ def build_default_corpus(seed: int = 0, n_problems: int = 6000, heldout_fraction
     train_problems = _reasoning(seed, n_problems, split="train", bar=bar)
     if easy_problems:  # their own window of generator seeds, past both splits' windows
         easy_seed = ((seed * 2 + 2) * len(FAMILIES)) * _STRIDE
-        train_problems += _family_docs(EASY[0], easy_seed, easy_problems, "train", bar, **EASY[1])
+        train_problems += _family_docs(EASY[0], easy_seed, easy_problems, "train", bar,
+                                       **(EASY[1] if easy_args is None else easy_args))
     held_problems = _reasoning(seed, n_held_problems, split="heldout", bar=bar)
     bar.close()
     train = [d for d in natural if d not in held_natural] + train_problems

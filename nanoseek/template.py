@@ -1,8 +1,14 @@
 """The R1 prompt/completion format: tags, the prompt a model completes, stop strings, and the reasoning split.
 
 DeepSeek-R1-Zero's template (R1 paper, Table 1) asks for `<think> reasoning </think> <answer> answer </answer>`
-after a short preamble. One module owns it, so that the corpus, the tasks' prompts, GRPO, rejection sampling,
-evaluation, `chat` and the server all speak the same format:
+after a preamble that explains the format. nanoseek keeps the format and drops the preamble by default: for
+the models this project trains (a few million parameters, 256-token contexts) the R1 preamble is ~70 words
+(~60–220 tokens, depending on the tokenizer) in front of a ~15-token question and a ~40-token answer. It
+would be most of every prompt's compute, and most of every pretraining document, yet it carries no
+information a small model can use (every document repeats it verbatim; the format is learnt from the worked
+examples themselves). `r1_prompt(q, preamble=R1_PREAMBLE)` restores it for models large enough to read it.
+One module owns the format, so that the corpus, the tasks' prompts, GRPO, rejection sampling, evaluation,
+`chat` and the server all speak the same one:
 
     prompt = r1_prompt("What is 3 + 4?")                  # ends with "<think>": the model writes the reasoning
     text = prompt + r1_completion("3 + 4 = 7.", "7")       # a well-formed training document
@@ -16,7 +22,10 @@ from __future__ import annotations
 THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
 TAGS = (THINK, END_THINK, ANSWER, END_ANSWER)
 
-# The R1-Zero training template, in our words: no chat tokens, no hints about how to reason, only the format.
+USER, ASSISTANT = "User: ", "Assistant: "
+
+# The R1-Zero training template's preamble, in our words: no hints about how to reason, only the format.
+# Not used by default (see above).
 R1_PREAMBLE = (
     "A conversation between User and Assistant. The User asks a question and the Assistant solves it. "
     "The Assistant first thinks about the reasoning process and then gives the answer. The reasoning "
@@ -29,9 +38,10 @@ STOP = [END_ANSWER]
 CHAT_STOP = [END_ANSWER, "\nUser:"]
 
 
-def r1_prompt(question: str) -> str:
-    """The prompt a model completes: preamble, question, and the opening <think> tag."""
-    return f"{R1_PREAMBLE}\nUser: {question.strip()}\nAssistant: {THINK}"
+def r1_prompt(question: str, preamble: str = "") -> str:
+    """The prompt a model completes: (preamble,) question, and the opening <think> tag."""
+    head = f"{preamble.strip()}\n" if preamble else ""
+    return f"{head}{USER}{question.strip()}\n{ASSISTANT}{THINK}"
 
 
 def r1_completion(think: str, answer: str) -> str:
@@ -42,9 +52,10 @@ def r1_completion(think: str, answer: str) -> str:
 def conversation(messages: list[dict]) -> str:
     """A chat (OpenAI-style messages: role system/user/assistant, content) as one prompt ending in "<think>".
 
-    A system message replaces the preamble; earlier assistant turns are shown with their answers (their
-    reasoning is dropped, as R1's multi-turn template does), so the context holds what the user saw."""
-    preamble, turns = R1_PREAMBLE, []
+    A system message becomes the first line (there is none by default, as in r1_prompt); earlier assistant
+    turns are shown with their answers (their reasoning is dropped, as R1's multi-turn template does), so the
+    context holds what the user saw."""
+    preamble, turns = "", []
     for m in messages:
         role, content = m["role"], str(m["content"]).strip()
         if role == "system":
@@ -57,7 +68,7 @@ def conversation(messages: list[dict]) -> str:
             raise ValueError(f"unknown message role {role!r} (system, user or assistant)")
     if not turns or not turns[-1].startswith("User:"):
         raise ValueError("a conversation must end with a user message")
-    return "\n".join([preamble, *turns]) + f"\nAssistant: {THINK}"
+    return "\n".join([preamble, *turns] if preamble else turns) + f"\nAssistant: {THINK}"
 
 
 def held_suffix(text: str, words) -> int:

@@ -9,7 +9,7 @@ import pytest
 
 from nanoseek import corpus
 from nanoseek.tasks import get_task, is_heldout, problem_key
-from nanoseek.template import R1_PREAMBLE, r1_completion, r1_prompt
+from nanoseek.template import USER, r1_completion, r1_prompt
 
 N = 60
 FRACTION = 0.05
@@ -29,12 +29,12 @@ def problems():
 def _parts(doc):
     """(question, think, answer) of an R1-template document."""
     m = DOC.search(doc)
-    assert m is not None and doc.startswith(R1_PREAMBLE), doc[:400]
+    assert m is not None and doc.startswith(USER), doc[:400]
     return m.groups()
 
 
 def _is_problem(doc):
-    return doc.startswith(R1_PREAMBLE)
+    return doc.startswith(USER)
 
 
 def test_same_seed_same_corpus_other_seed_other_problems(built):

@@ -21,7 +21,7 @@ from ..config import get_preset
 from ..data import encode_documents, fingerprint
 from ..tokenizer import Tokenizer
 
-DATA_VERSION = 3  # bump when the corpus recipe or the tokenizer training changes (3: held-out split by content)
+DATA_VERSION = 4  # bump when the corpus recipe or the tokenizer training changes (3: held-out split by content; 4: no preamble)
 
 
 def load_checkpoint(path, dtype=None):
@@ -96,7 +96,8 @@ def _data_key(cfg) -> str:
         files = sorted({f for pattern in cfg.data for f in glob(os.path.expanduser(pattern), recursive=True)})
         source = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files] or cfg.data
     else:
-        source = ["embedded", cfg.data_seed, cfg.n_problems] + ([cfg.easy_problems] if cfg.easy_problems else [])
+        source = ["embedded", cfg.data_seed, cfg.n_problems] + (
+            [cfg.easy_problems, cfg.easy_args] if cfg.easy_problems else [])
     vocab = cfg.vocab_size or get_preset(cfg.preset).vocab_size
     return fingerprint(DATA_VERSION, source, cfg.tokenizer, vocab)
 
@@ -106,7 +107,7 @@ def _split_documents(cfg) -> dict[str, list[str]]:
 
     if not cfg.data:
         return build_default_corpus(seed=cfg.data_seed, n_problems=cfg.n_problems, progress=True,
-                                    easy_problems=cfg.easy_problems)
+                                    easy_problems=cfg.easy_problems, easy_args=cfg.easy_args)
     docs = read_user_data(cfg.data)
     order = np.random.default_rng(cfg.data_seed).permutation(len(docs))
     n_held = max(1, len(docs) // 50) if len(docs) > 1 else 0

@@ -28,6 +28,7 @@ from ..config import PRESETS, get_preset
 from ..errors import Interrupted, StageError
 from ..options import ComputeOptions, check, check_out_dir, option, own_run
 from .. import dist as ddp
+from ..corpus import EASY
 from ..data import PackedLoader, fixed_batches
 from ..fp8 import RECIPES, convert_to_fp8
 from ..losses import balance_loss, lm_loss
@@ -84,7 +85,10 @@ class PretrainConfig(ComputeOptions):
     seed: int = option(0, help="seed for initialisation and data order", min=0)
     data_seed: int = option(0, help="seed of the embedded corpus", min=0)
     n_problems: int = option(6000, help="reasoning documents in the embedded corpus", min=0)
-    easy_problems: int = option(0, help="extra one-digit chain_sum problems in the embedded corpus", min=0)
+    easy_problems: int = option(0, help="extra worked chain_sum problems (training split) in the embedded corpus",
+                                min=0)
+    easy_args: dict = option(default_factory=lambda: dict(EASY[1]), help="chain_sum generator options of the "
+                             "--easy-problems documents (default: two one-digit terms)")
     resume: bool = option(False, help="continue the run in --out from its latest checkpoint (a larger --steps "
                           "extends it)")
     force: bool = option(False, help="replace an earlier run in --out instead of refusing")

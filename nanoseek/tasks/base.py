@@ -88,7 +88,7 @@ def split_of(question: str) -> str:
 
 def question_from_prompt(prompt: str) -> str | None:
     """The last user question of an R1-template prompt (`…\\nUser: QUESTION\\nAssistant: <think>`), or None."""
-    head, sep, _ = prompt.rpartition("\nAssistant:")
+    head, sep, _ = ("\n" + prompt).rpartition("\nAssistant:")  # a prompt may start with its first "User: "
     if not sep or "\nUser: " not in head:
         return None
     return head.rpartition("\nUser: ")[2].strip()
