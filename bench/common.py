@@ -128,7 +128,7 @@ def report(title: str, args, cfg, impl: str, rel: float, times: dict, rt) -> Non
 
 
 def publish(title: str, lines: list[str], headline: str, out: str | None, preamble: list[str] = ()) -> None:
-    """Print the result lines and the key=value headline (the last line, DESIGN.md §5); write the markdown
+    """Print the result lines and the key=value headline (the last line, for scripts to read); write the markdown
     record with the command that produced it if `out`."""
     print("\n".join(lines))
     print(headline)

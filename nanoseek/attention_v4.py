@@ -215,6 +215,8 @@ class AttentionV4(nn.Module):
             return x.new_zeros(B, 0, self.head_dim), torch.zeros(B, T, 0, dtype=torch.bool, device=x.device)
         comp = self.compressor.entries(x)
         N = comp.shape[1]
+        if N == 0:  # a sequence shorter than one window: nothing compressed yet
+            return comp, torch.zeros(B, T, 0, dtype=torch.bool, device=x.device)
         starts = torch.arange(N, device=x.device) * self.ratio
         comp = rotate_tail(comp.unsqueeze(2), table[starts]).squeeze(2)
         ended = torch.arange(N, device=x.device) < (torch.arange(T, device=x.device)[:, None] + 1) // self.ratio
@@ -293,6 +295,15 @@ class Ring:
         new = chunk[torch.arange(len(rows), device=pos.device)[:, None], (pos - p0[:, None]).clamp(0, T - 1)]
         return torch.where(fresh[..., None], new, old), fresh | old_ok
 
+    def rows(self, start: int, stop: int) -> "Ring":
+        """Rows start..stop-1, sharing this ring's storage."""
+        view = Ring.__new__(Ring)
+        view.data, view.tag = self.data[start:stop], self.tag[start:stop]
+        return view
+
+    def copy_rows(self, dst, src: "Ring", src_rows) -> None:
+        self.data[dst], self.tag[dst] = src.data[src_rows], src.tag[src_rows]
+
     def write(self, values: torch.Tensor, positions: torch.Tensor) -> None:
         """values (B, T, w) at positions (B, T); of a chunk longer than the ring only its tail stays."""
         cap = self.data.shape[1]
@@ -328,6 +339,23 @@ class V4LayerCache:
             if attn.kind == "csa":
                 self.comp["index"] = (Ring(batch, span, 2 * attn.indexer.compressor.wkv.out_features, like),
                                       torch.zeros(batch, n_max, cfg.index_head_dim, **like))
+
+    def rows(self, start: int, stop: int) -> "V4LayerCache":
+        """Rows start..stop-1, sharing this cache's storage."""
+        view = V4LayerCache.__new__(V4LayerCache)
+        view.window = self.window.rows(start, stop)
+        view.comp = {k: (ring.rows(start, stop), entries[start:stop]) for k, (ring, entries) in self.comp.items()}
+        return view
+
+    def copy_rows(self, dst, src: "V4LayerCache", src_rows) -> None:
+        """self[dst] = src[src_rows]; src may hold fewer positions (its compressed entries are copied as far as
+        they go)."""
+        self.window.copy_rows(dst, src.window, src_rows)
+        for k, (ring, entries) in self.comp.items():
+            src_ring, src_entries = src.comp[k]
+            ring.copy_rows(dst, src_ring, src_rows)
+            n = src_entries.shape[1]
+            entries[dst, :n] = src_entries[src_rows]
 
     def nbytes(self) -> int:
         tensors = [self.window.data] + [t for ring, entries in self.comp.values() for t in (ring.data, entries)]
@@ -386,6 +414,18 @@ class V4Cache:
     @property
     def main(self) -> list[V4LayerCache]:
         return self.layers[: self.n_main]
+
+    def rows(self, start: int, stop: int) -> "V4Cache":
+        """Rows start..stop-1 of every layer, sharing this cache's storage (what the engine's batcher slices)."""
+        view = V4Cache.__new__(V4Cache)
+        view.layers = [layer.rows(start, stop) for layer in self.layers]
+        view.n_main, view.max_len = self.n_main, self.max_len
+        return view
+
+    def copy_rows(self, dst, src: "V4Cache", src_rows) -> None:
+        """self[dst] = src[src_rows] for the layers src holds (dst, src_rows: index lists)."""
+        for mine, theirs in zip(self.layers, src.layers):
+            mine.copy_rows(dst, theirs, src_rows)
 
     @property
     def mtp(self) -> list[V4LayerCache]:

@@ -58,14 +58,15 @@ def _line_editing() -> None:
             pass
 
 
-def chat(model, tokenizer, params: SamplingParams, speculative: bool = False, read=input) -> None:
+def chat(model, tokenizer, params: SamplingParams, speculative: bool = False, read=None) -> None:
     """Talk to the model in the R1 chat template (template.conversation, as the server uses); earlier turns
     keep their answers and drop their reasoning, and the oldest turns go when the context is full."""
     check_settings(params, model.cfg.max_seq_len)
     engine = Engine(model, tokenizer)
     params.stop = list(params.stop) + CHAT_STOP
     messages: list[dict] = []
-    if read is input:
+    if read is None:  # the terminal's own input() (looked up now, so tests can replace it)
+        read = input
         _line_editing()
     print("nanoseek chat — /help lists the commands, Ctrl-D or /exit leaves.", file=sys.stderr)
     while True:

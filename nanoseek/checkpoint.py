@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .generations import build_model
 from .model import Transformer
 
 
@@ -159,7 +160,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transfor
     except Exception as e:  # safetensors has its own error types for corrupt files
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     model = model.to_empty(device="cpu")
     model.reset_buffers()
     expected = model.state_dict()

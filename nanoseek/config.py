@@ -216,7 +216,7 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------------- presets
-# The official presets copy DeepSeek's inference configs (reference/deepseek-v3.md §2.1), with the
+# The official presets copy DeepSeek's inference configs (the config.json files published with the DeepSeek weights), with the
 # 16384-token demo context; V2 uses mscale 0.707 as in its HF config (the demo JSON omits it, §7.4).
 PRESETS: dict[str, dict] = {
     # For unit tests and first steps: every mechanism switched on (q compression, groups, sigmoid, MTP), tiny

@@ -253,11 +253,18 @@ def _solve_countdown(item: dict) -> tuple[str, str]:
 
 _SOLVERS = {"gsm_symbolic": _solve_gsm, "chain_sum": _solve_arithmetic,
             "basic_arithmetic": _solve_arithmetic, "countdown": _solve_countdown}
+SOLVED = tuple(_SOLVERS)  # the task families with exact worked solutions (corpus documents, cold-start data)
 
 
 def _family_docs(name: str, gen_seed: int, count: int, split: str, bar, **options) -> list[str]:
     """`count` documents from one generator whose questions belong to `split` ("train" or "heldout", decided by
     the question's content as everywhere else), skipping items without an exact worked solution."""
+    return [r1_prompt(q) + r1_completion(think, answer)
+            for q, think, answer in _solved(name, gen_seed, count, split, bar, **options)]
+
+
+def _solved(name: str, gen_seed: int, count: int, split: str, bar, **options) -> list[tuple[str, str, str]]:
+    """(question, worked reasoning, answer) of `count` items of one generator in `split`."""
     if count == 0:
         return []
     import reasoning_gym  # imported here: it takes ~1 s and only this part of the module needs it
@@ -267,9 +274,9 @@ def _family_docs(name: str, gen_seed: int, count: int, split: str, bar, **option
     if size > _STRIDE:  # the next window's generator seeds would be reused
         raise ValueError(f"{count} {split} problems of {name} need {size} generator seeds, over {_STRIDE}")
     dataset = reasoning_gym.create_dataset(name, size=size, seed=gen_seed, **options)
-    docs = []
+    out = []
     for idx in range(size):
-        if len(docs) == count:
+        if len(out) == count:
             break
         item = dataset[idx]
         if split_of(item["question"]) != split:
@@ -278,12 +285,21 @@ def _family_docs(name: str, gen_seed: int, count: int, split: str, bar, **option
             think, answer = _SOLVERS[name](item)
         except _Skip:
             continue
-        docs.append(r1_prompt(item["question"]) + r1_completion(think, answer))
+        out.append((item["question"], think, answer))
         bar.update(1)
-    if len(docs) < count:
-        raise RuntimeError(f"{name}: only {len(docs)} of {count} {split} items have a worked solution "
+    if len(out) < count:
+        raise RuntimeError(f"{name}: only {len(out)} of {count} {split} items have a worked solution "
                            f"(seed {gen_seed})")
-    return docs
+    return out
+
+
+def worked_solutions(name: str, count: int, seed: int = 0, **options) -> list[dict]:
+    """`count` verified worked solutions of training-split problems as SFT examples ({"prompt", "completion",
+    "question", "answer"}): the cold-start data R1 fine-tunes on before RL (R1 paper §2.3.1). Their generator
+    seeds lie far past the corpus's windows (of any seed), so they are other draws than the corpus's documents."""
+    gen_seed = (10**6 + seed) * _STRIDE
+    return [{"prompt": r1_prompt(q), "completion": r1_completion(think, answer), "question": q, "answer": answer}
+            for q, think, answer in _solved(name, gen_seed, count, "train", _NoBar(), **options)]
 
 
 def _reasoning(seed: int, n: int, split: str, bar) -> list[str]:
@@ -320,7 +336,7 @@ def _hash_rank(seed: int, doc: str) -> str:
 
 
 # The easiest arithmetic (two one-digit terms): the RL stage's default task, so that a CPU-sized base model has
-# seen problems it can start to solve (reference r1-grpo §2.3: TinyZero's 0.5B base "fails to learn reasoning").
+# seen problems it can start to solve (TinyZero, github.com/Jiayi-Pan/TinyZero: its 0.5B base "fails to learn reasoning").
 EASY = ("chain_sum", dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1))
 
 

@@ -86,11 +86,3 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_stream(path: Path, tokens: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, tokens)
-    tmp.replace(path)
-
-
-def load_stream(path: Path) -> np.ndarray:
-    return np.load(path)

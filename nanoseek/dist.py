@@ -447,8 +447,8 @@ def barrier(info: DistInfo) -> None:
             dist.barrier(group=info.host_group)
 
 
-def all_reduce_(tensors: list[torch.Tensor], info: DistInfo, average: bool = False) -> None:
-    """Sum (or average) the tensors over all ranks, in one bucket per dtype."""
+def all_reduce_(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Sum the tensors over all ranks, in one bucket per dtype."""
     if not info.enabled or not tensors:
         return
     for dtype in sorted({t.dtype for t in tensors}, key=str):
@@ -456,8 +456,6 @@ def all_reduce_(tensors: list[torch.Tensor], info: DistInfo, average: bool = Fal
         flat = torch.cat([t.flatten() for t in group])
         with labelled("metrics all-reduce"):
             dist.all_reduce(flat)
-        if average:
-            flat /= info.world
         for t, v in zip(group, flat.split([t.numel() for t in group])):
             t.copy_(v.view_as(t))
 

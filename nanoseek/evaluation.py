@@ -1,6 +1,6 @@
 """Task evaluation through the engine: pass@1 averaged over k samples, majority-vote cons@k, response length.
 
-R1's protocol (reference r1-grpo §1.9): sample k responses at temperature 0.6 and top-p 0.95 and average their
+R1's protocol (DeepSeek-R1, arXiv 2501.12948, §3: evaluation setup): sample k responses at temperature 0.6 and top-p 0.95 and average their
 accuracy; greedy decoding (temperature 0) is available for cheap, deterministic progress checks.
 """
 
@@ -14,7 +14,7 @@ from .template import STOP
 
 
 def evaluate(engine: Engine, task: Task, problems: list[Problem], k: int = 1, temperature: float = 0.6,
-             top_p: float = 0.95, max_new_tokens: int = 128, seed: int = 0, batch: int = 64) -> dict:
+             top_p: float = 0.95, max_new_tokens: int = 128, seed: int = 0, batch: int = 256) -> dict:
     """{"accuracy", "cons_at_k", "format", "mean_response_tokens", "n", "k", "problems"} over `problems`;
     "problems" lists what was scored: [{"id", "question", "answer", "correct": [bool per sample]}]."""
     prompts = [task.prompt(p) for p in problems for _ in range(k)]

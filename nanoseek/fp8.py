@@ -1,4 +1,4 @@
-"""DeepSeek-V3's fine-grained FP8 (report §3.3; reference/deepseek-v3.md §3).
+"""DeepSeek-V3's fine-grained FP8 (V3 report, arXiv 2412.19437 §3.3).
 
 Format: float8_e4m3fn (max 448) for every tensor. Scales are fp32 multipliers that dequantise (x ≈ q · scale,
 W ≈ q · weight_scale_inv), computed online as amax / 448 (optionally rounded up to a power of two, "ue8m0"):

@@ -25,7 +25,8 @@ from .errors import CheckpointError
 from .fp8 import dequantize_weight, fp8_state
 from .hf_v4 import (config_from_hf_v4, config_to_hf_v4, dequantize_fp4, fp8_v4_state, is_extra_v4_mtp,
                     normalize_v4_key, v4_key, v4_mtp_layers, v4_scale_key)
-from .model import Transformer
+from .generations import build_model
+from .model import MLA, Transformer
 
 FAMILIES = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "deepseek_v4")
 
@@ -379,7 +380,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer
     if block[0] != block[1]:
         raise CheckpointError(f"{path / 'config.json'}: unsupported FP8 weight_block_size {list(block)}")
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     model = model.to_empty(device="cpu").to(dtype)
     model.reset_buffers()  # RoPE tables and routing biases are not all in the checkpoint
     tied = bool(hf_cfg.get("tie_word_embeddings", False))
@@ -398,7 +399,7 @@ def _interleave_rope_rows(model: Transformer) -> None:
     cfg = model.cfg
     R, P, C = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.kv_lora_rank
     perm = torch.arange(R).view(2, R // 2).t().flatten()  # [0, R/2, 1, R/2+1, ...]
-    for attn in (m for m in model.modules() if m.__class__.__name__ == "MLA"):
+    for attn in (m for m in model.modules() if isinstance(m, MLA)):
         wq = attn.wq if hasattr(attn, "wq") else attn.wq_b
         for t in (wq.weight, wq.bias):
             if t is not None:

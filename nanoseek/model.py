@@ -1,6 +1,6 @@
 """The DeepSeek-V3 architecture: MLA + DeepSeekMoE + Multi-Token Prediction, in one readable file.
 
-Semantics follow DeepSeek's inference code and the V3 technical report (reference/deepseek-v3.md §1) and
+Semantics follow DeepSeek's inference code and the V3 technical report (arXiv 2412.19437 §2) and
 are tested logit-exact against transformers' DeepseekV3/DeepseekV2ForCausalLM (tests/test_hf_parity.py).
 
 Dimension letters used in shape comments:
@@ -396,7 +396,7 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """The router (V3 report eqs. 12-16; reference §1.5).
+    """The router (V3 report §2.1.2, eqs. 12-16).
 
     Scores are sigmoid (V3) or softmax (V2) of x·W_gᵀ, in fp32. `bias` (V3's e_score_correction_bias, updated
     by auxiliary-loss-free balancing) is added for *selection only*; the combine weights are the unbiased
@@ -632,17 +632,10 @@ class Transformer(nn.Module):
 
     block_cls = Block  # the decoder block; sparse.TransformerV32 swaps in its sparse-attention block
 
-    def __new__(cls, cfg: ModelConfig | None = None, *args, **kwargs):
-        """`Transformer(cfg)` builds cfg's generation: V3.2 (sparse.py) and V4 (model_v4.py) subclass this one."""
-        if cls is Transformer and cfg is not None and cfg.family != "v3":
-            if cfg.family == "v32":
-                from .sparse import TransformerV32 as cls
-            else:
-                from .model_v4 import TransformerV4 as cls
-        return super().__new__(cls)
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if type(self) is Transformer and cfg.family != "v3":
+            raise ValueError(f"a {cfg.family} config builds a later generation: use nanoseek.build_model(cfg)")
         self.cfg = cfg
         has_moe = cfg.n_moe_layers > 0
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)

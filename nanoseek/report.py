@@ -101,15 +101,6 @@ def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str
     return _save(plt, fig, path)
 
 
-_STAGES = [  # (checkpoint directory, label, what trained it)
-    ("base", "teacher base", "pretrain"),
-    ("rl", "teacher + GRPO", "grpo"),
-    ("student-base", "student base", "student-pretrain"),
-    ("distilled", "student distilled", "distill"),
-    ("student-rl", "student + GRPO", "student-grpo"),
-]
-
-
 def _stage_row(out: Path, name: str, label: str, timing_key: str, timings: dict) -> str:
     from .checkpoint import read_config
     from .stats import param_counts
@@ -139,8 +130,13 @@ def _stage_row(out: Path, name: str, label: str, timing_key: str, timings: dict)
             f"{ev.get('mean_response_tokens', float('nan')):.0f} |")
 
 
-def write_speedrun_report(out: str | Path, cfg: dict, steps: dict, timings: dict) -> Path:
-    """DIR/report.md: one table of every stage and the plots, all made from the stages' own output files."""
+TRAINED_BY = {"base": "pretrain", "coldstart": "coldstart", "rl": "grpo", "student-base": "student-pretrain",
+              "distilled": "distill", "student-rl": "student-grpo"}  # checkpoint directory -> its speedrun stage
+
+
+def write_speedrun_report(out: str | Path, cfg: dict, stages: list[tuple[str, str, str]], timings: dict) -> Path:
+    """DIR/report.md: one table of every stage and the plots, all made from the stages' own output files.
+    stages: (results key, checkpoint directory, label) of each evaluated model, in the table's order."""
     out = Path(out)
     figs = out / "figures"
     plots = [
@@ -156,7 +152,7 @@ def write_speedrun_report(out: str | Path, cfg: dict, steps: dict, timings: dict
                   figs / "rl_length.png", "GRPO mean response length (tokens)", window=3),
     ]
     evals = {label: json.loads((out / "eval" / f"{name}.json").read_text())["accuracy"]
-             for name, label, _ in _STAGES if (out / "eval" / f"{name}.json").exists()}
+             for _, name, label in stages if (out / "eval" / f"{name}.json").exists()}
     plots.append(bar_plot(evals, figs / "eval.png", f"Held-out pass@1 on {cfg['task']}"))
     total = sum(timings.values())
     distilled, student_rl = evals.get("student distilled"), evals.get("student + GRPO")
@@ -168,8 +164,10 @@ def write_speedrun_report(out: str | Path, cfg: dict, steps: dict, timings: dict
         "| stage | params (total / active) | trained on | wall time | final training metric | held-out pass@1 "
         "| cons@4 | well-formed | response tokens |",
         "|---|---|---|---|---|---|---|---|---|",
-        *[_stage_row(out, name, label, key, timings) for name, label, key in _STAGES], "",
-        f"pass@1 and cons@4: {cfg['eval_n']} held-out problems, 4 samples each at temperature 0.6, top-p 0.95.", "",
+        *[_stage_row(out, name, label, TRAINED_BY.get(name, name), timings) for _, name, label in stages], "",
+        f"pass@1 and cons@4: {cfg['eval_n']} held-out problems (listed in heldout.jsonl; none of their questions "
+        "is in any training source), 4 samples each at temperature 0.6, top-p 0.95. results.json has the same "
+        "numbers.", "",
     ]
     n_traces = len((out / "traces.jsonl").read_text().splitlines()) if (out / "traces.jsonl").exists() else 0
     lines += [f"Rejection sampling kept {n_traces} verified-correct, well-formed traces.", ""]

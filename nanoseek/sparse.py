@@ -122,6 +122,20 @@ class SparseKVCache:
     def main(self) -> list[SparseLayerCache]:
         return self.layers[: self.n_main]
 
+    def rows(self, start: int, stop: int) -> "SparseKVCache":
+        """Rows start..stop-1, sharing this cache's storage (what the engine's batcher slices)."""
+        view = SparseKVCache.__new__(SparseKVCache)
+        view.kv, view.pe, view.index_k = (t[:, start:stop] for t in (self.kv, self.pe, self.index_k))
+        view.layers = [SparseLayerCache(view.kv[i], view.pe[i], view.index_k[i]) for i in range(view.kv.shape[0])]
+        view.n_main = self.n_main
+        return view
+
+    def copy_rows(self, dst, src: "SparseKVCache", src_rows) -> None:
+        """self[dst] = src[src_rows] for the layers and positions src holds (dst, src_rows: index lists)."""
+        n, S = src.kv.shape[0], src.kv.shape[2]
+        for mine, theirs in ((self.kv, src.kv), (self.pe, src.pe), (self.index_k, src.index_k)):
+            mine[:n, dst, :S] = theirs[:, src_rows]
+
     @property
     def mtp(self) -> list[SparseLayerCache]:
         return self.layers[self.n_main:]
@@ -265,7 +279,7 @@ class SparseBlock(Block):
 
 
 class TransformerV32(Transformer):
-    """DeepSeek-V3.2: V3 with DSA in every layer (MTP layers included). `Transformer(cfg)` builds it for V3.2 configs."""
+    """DeepSeek-V3.2: V3 with DSA in every layer (MTP layers included). `generations.build_model(cfg)` builds it for V3.2 configs."""
 
     block_cls = SparseBlock
 

@@ -1,4 +1,4 @@
-"""Parameters, KV cache, training FLOPs and GPU cost from a config (reference/deepseek-v3.md §2.4, §4.4, §5).
+"""Parameters, KV cache, training FLOPs and GPU cost from a config (V3 report arXiv 2412.19437: sizes §4.2, GPU-hours Table 1; KV cache per token as in DeepSeek-V2 arXiv 2405.04434 Table 1).
 
 Conventions (stated wherever numbers are printed):
 - `active_params` counts what one token touches, *without* the embedding lookup (a gather, no FLOPs) but

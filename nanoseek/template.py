@@ -3,8 +3,8 @@
 DeepSeek-R1-Zero's template (R1 paper, Table 1) asks for `<think> reasoning </think> <answer> answer </answer>`
 after a preamble that explains the format. nanoseek keeps the format and drops the preamble by default: for
 the models this project trains (a few million parameters, 256-token contexts) the R1 preamble is ~70 words
-(~60–220 tokens, depending on the tokenizer) in front of a ~15-token question and a ~40-token answer. It
-would be most of every prompt's compute, and most of every pretraining document, yet it carries no
+(85 tokens with the speedrun's 4,096-entry tokenizer) in front of a ~23-token question and a ~43-token
+answer. It would be most of every prompt's compute and of every pretraining document, yet it carries no
 information a small model can use (every document repeats it verbatim; the format is learnt from the worked
 examples themselves). `r1_prompt(q, preamble=R1_PREAMBLE)` restores it for models large enough to read it.
 One module owns the format, so that the corpus, the tasks' prompts, GRPO, rejection sampling, evaluation,

@@ -112,3 +112,19 @@ def test_a_closed_pipe_ends_quietly():
     r = subprocess.run(f"{sys.executable} -m nanoseek stats --compare | head -c 10", shell=True, capture_output=True,
                        text=True, timeout=120)
     assert "Traceback" not in r.stderr and len(r.stdout) == 10
+
+
+def test_tiny_is_usable_with_every_commands_defaults(tmp_path, capsys, monkeypatch):
+    """What a newcomer tries first: pretrain `tiny` on the embedded corpus (only --steps shortened), then
+    generate, chat, eval and grpo on it with their default settings. Every command must run and exit 0."""
+    run = tmp_path / "tiny"
+    assert main(["pretrain", "--preset", "tiny", "--out", str(run), "--steps", "2", "--n-problems", "50"]) == 0
+    assert main(["generate", "--ckpt", str(run), "--prompt", "The cat"]) == 0
+    lines = iter(["What is 2 + 3?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--ckpt", str(run)]) == 0
+    assert main(["eval", "--ckpt", str(run), "--task", "chain_sum", "--n", "8"]) == 0
+    assert main(["grpo", "--init", str(run), "--task", "chain_sum", "--out", str(tmp_path / "rl"), "--steps",
+                 "1", "--eval-n", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error" not in err.lower(), err[-2000:]

@@ -143,10 +143,17 @@ def test_cache_memory_is_the_formula():
 def test_stop_conditions_and_bad_input():
     from nanoseek.tokenizer import Tokenizer
 
-    tok = Tokenizer.train(["a b c d e f g"] * 20, 300)
+    tok = Tokenizer.train(["a b c d e f g", "ab cd ef gh abc bcd cde"] * 20, 300)
     engine = Engine(model_for(vocab_size=300), tok)
     out = engine.generate(["a b"], SamplingParams(max_new_tokens=5, temperature=0))[0]
-    assert len(out.tokens) == 5 and isinstance(out.text, str)
+    assert len(out.tokens) == 5 and isinstance(out.text, str) and out.finish_reason == "length"
+    full = engine.generate(["a b"], SamplingParams(max_new_tokens=40, temperature=0))[0].text
+    cut = next(i for i in range(1, len(full) - 1) if full[i:i + 2].isalnum())  # a stop string inside the text
+    stop = full[cut:cut + 2]
+    stopped = engine.generate(["a b"], SamplingParams(max_new_tokens=40, temperature=0, stop=[stop]))[0]
+    # generation ends at the first occurrence; the stop string is kept (an R1 completion needs its "</answer>")
+    assert stopped.finish_reason == "stop" and stopped.text == full[:full.index(stop) + len(stop)]
+    assert len(stopped.tokens) < 40
     with pytest.raises(ValueError, match="empty prompt"):
         engine.generate([""])
     with pytest.raises(ValueError, match="exceeds the model's context"):

@@ -139,7 +139,7 @@ def test_tied_embeddings_checkpoint(tmp_path):
         torch.testing.assert_close(ours(t), hf(t).logits, rtol=1e-5, atol=1e-6)
 
 
-V3_HUB_CONFIG = {  # DeepSeek-V3's published config.json (reference/deepseek-v3.md §2.2)
+V3_HUB_CONFIG = {  # DeepSeek-V3's published config.json (config.json of deepseek-ai/DeepSeek-V3 on the Hugging Face hub)
     "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
     "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
     "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,

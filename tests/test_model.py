@@ -211,7 +211,7 @@ def test_sequence_longer_than_max_is_an_error():
 
 
 def test_yarn_matches_reference_numbers():
-    """V3's YaRN: correction range [10, 23] of 32 pairs; softmax scale 0.1352338 (reference §1.3-1.4)."""
+    """V3's YaRN: correction range [10, 23] of 32 pairs; softmax scale 0.1352338 (YaRN, arXiv 2309.00071 §3, with V3's published rope_scaling)."""
     cfg = get_preset("deepseek-v3")
     assert yarn_correction_range(cfg) == (10, 23)
     assert abs(cfg.softmax_scale - 0.1352338) < 1e-6

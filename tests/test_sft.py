@@ -51,17 +51,23 @@ def setup(tmp_path_factory):
 
 def test_sft_learns_the_traces(setup, tmp_path):
     path = sft(SFTConfig(init=str(setup / "student"), data=[str(setup / "traces.jsonl")], out=str(tmp_path / "s"),
-                         epochs=4, batch_size=4, lr=3e-3))
+                         epochs=4, batch_size=1, lr=3e-3))  # ~13 packed rows: 52 steps
     losses = [r["loss"] for r in read_metrics(tmp_path / "s" / "metrics.jsonl")]
     assert losses[-1] < 0.6 * losses[0]
     assert load(path)[1] is not None  # the tokenizer travels with the checkpoint
 
 
-def test_logit_distillation_option(setup, tmp_path):
-    sft(SFTConfig(init=str(setup / "student"), data=[str(setup / "traces.jsonl")], out=str(tmp_path / "kd"),
-                  epochs=1, batch_size=8, teacher=str(setup / "teacher")))
-    records = read_metrics(tmp_path / "kd" / "metrics.jsonl")
-    assert all(r["kd_loss"] >= 0 for r in records)
+def test_logit_distillation_pulls_the_student_to_the_teacher(setup, tmp_path):
+    """kd_loss is τ²·KL(teacher || student): zero when the teacher is the student itself, and falling as a
+    student trained on the distillation loss alone (kd_weight 1) moves toward a different teacher."""
+    common = dict(data=[str(setup / "traces.jsonl")], batch_size=8, kd_weight=1.0, seed=0)
+    sft(SFTConfig(init=str(setup / "student"), out=str(tmp_path / "self"), epochs=1, lr=1e-9,
+                  teacher=str(setup / "student"), **common))
+    assert read_metrics(tmp_path / "self" / "metrics.jsonl")[0]["kd_loss"] < 1e-4
+    sft(SFTConfig(init=str(setup / "student"), out=str(tmp_path / "kd"), epochs=4, lr=3e-3,
+                  teacher=str(setup / "teacher"), **common))
+    kd = [r["kd_loss"] for r in read_metrics(tmp_path / "kd" / "metrics.jsonl")]
+    assert kd[0] > 1e-3 and kd[-1] < 0.5 * kd[0], kd
 
 
 def test_bad_trace_file_is_named(setup, tmp_path):
@@ -71,17 +77,49 @@ def test_bad_trace_file_is_named(setup, tmp_path):
         read_examples([str(bad)])
 
 
-def test_rejection_sampling_keeps_only_verified_traces(setup, tmp_path):
-    common = dict(ckpt=str(setup / "student"), task="chain_sum", n=6, k=2, max_new_tokens=8,
-                  task_args={"max_terms": 2, "max_digits": 1})
-    everything = sample(SampleConfig(out=str(tmp_path / "all.jsonl"), keep="all", **common))
-    kept = sample(SampleConfig(out=str(tmp_path / "ok.jsonl"), keep="correct", **common))
+class _ScriptedEngine:
+    """Stands in for the engine in `sample`: sample j of a problem answers correctly when j is even, wrongly
+    when odd, and sample 2 repeats sample 0's text (a duplicate rejection sampling must drop)."""
+
+    def __init__(self, model, tokenizer):
+        self.tokenizer = tokenizer
+
+    def generate(self, prompts, params, seeds=None):
+        from nanoseek.engine import Generation
+        from nanoseek.tasks.verify import parse_number
+
+        out = []
+        for i, prompt in enumerate(prompts):
+            question = question_from_prompt(prompt)
+            expr = question.split(":")[-1].rstrip(" =").strip()  # two one-digit terms: "3 + 4"
+            a, op, b = expr.split()
+            value = int(a) + int(b) if op == "+" else int(a) - int(b)
+            j = i % 3
+            answer = value if j % 2 == 0 else value + 1
+            out.append(Generation(prompt_tokens=[1], tokens=[1, 2], text=r1_completion(expr, str(answer)),
+                                  finish_reason="stop"))
+            assert parse_number(str(answer)) is not None
+        return out
+
+
+def test_rejection_sampling_keeps_only_verified_deduplicated_traces(setup, tmp_path, monkeypatch):
+    import nanoseek.stages.sample as sample_stage
+
+    monkeypatch.setattr(sample_stage, "Engine", _ScriptedEngine)
+    monkeypatch.setattr(sample_stage, "prepare_inference", lambda model, rt: model)
+    common = dict(ckpt=str(setup / "student"), task="chain_sum", n=6, k=3, max_new_tokens=8,
+                  task_args={"min_terms": 2, "max_terms": 2, "max_digits": 1})
+    everything = sample(SampleConfig(out=str(tmp_path / "all.jsonl"), keep="all", batch=3, **common))
+    kept = sample(SampleConfig(out=str(tmp_path / "ok.jsonl"), keep="correct", batch=3, **common))
     rows = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
-    assert everything["generated"] == 12 and len(rows) == everything["kept"] <= 12
+    ok = [json.loads(line) for line in (tmp_path / "ok.jsonl").read_text().splitlines()]
+    assert everything["generated"] == kept["generated"] == 18
+    assert kept["correct"] == 12 and len(ok) == kept["kept"] == 6  # two correct per problem, one a duplicate
+    assert everything["kept"] == len(rows) == 12  # every distinct text once
     for key in ("prompt", "completion", "task", "problem_id", "gold", "reward", "checkpoint", "seed", "sample"):
         assert key in rows[0]
-    good = [r for r in rows if r["accuracy"] == 1 and r["format"] == 1]
-    assert kept["kept"] == len(good) == kept["correct"]
+    assert all(r["accuracy"] == 1 and r["format"] == 1 and r["answer"] == r["gold"] for r in ok)
+    assert len({r["problem_id"] for r in ok}) == 6
 
 
 def test_sft_drops_traces_of_heldout_problems(setup, tmp_path):

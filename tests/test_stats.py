@@ -1,4 +1,4 @@
-"""The published scale numbers come out of nanoseek.stats (reference/deepseek-v3.md §2.4, §4.4, §5)."""
+"""The published scale numbers come out of nanoseek.stats (V3 report arXiv 2412.19437 and DeepSeek-V2 arXiv 2405.04434)."""
 
 import pytest
 

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from nanoseek import Transformer, get_preset
+from nanoseek import Transformer, build_model, get_preset
 from nanoseek.hf import config_from_hf, config_to_hf, load_hf, save_hf
 from nanoseek.sparse import IndexerLog, TransformerV32, topk_indices
 from tests.hf_configs import build_hf_config, random_v32_config
@@ -42,7 +42,7 @@ def check_hf_to_ours(d: dict, seed: int, tmp_path) -> None:
     with torch.no_grad():
         ref = theirs(tokens).logits
         for impl in ("naive", "absorb"):
-            other = Transformer(ours.cfg.replace(attn_impl=impl)).eval()
+            other = build_model(ours.cfg.replace(attn_impl=impl)).eval()
             other.load_state_dict(ours.state_dict())
             assert rel_err(other(tokens), ref) <= TOL, impl
 
@@ -50,7 +50,7 @@ def check_hf_to_ours(d: dict, seed: int, tmp_path) -> None:
 def check_ours_to_hf(d: dict, seed: int, tmp_path) -> None:
     cfg = config_from_hf(d)
     torch.manual_seed(seed)
-    ours = Transformer(cfg.replace(n_mtp_layers=1)).eval()
+    ours = build_model(cfg.replace(n_mtp_layers=1)).eval()
     ours.init_weights(std=0.1)
     randomize_extras(ours, seed)
     save_hf(ours, tmp_path)
@@ -79,13 +79,13 @@ def test_config_roundtrip_and_preset():
     assert d["model_type"] == "deepseek_v32" and "rope_interleave" not in d
     assert config_from_hf(d) == cfg.replace(route_norm=True)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = build_model(cfg)
     assert isinstance(model, TransformerV32) and model.layers[5].attn.indexer.wq_b.weight.shape == (64 * 128, 1536)
 
 
 def tiny_v32(seed: int = 0, **kw) -> TransformerV32:
     torch.manual_seed(seed)
-    model = Transformer(get_preset("tiny-v32", max_seq_len=96, **kw)).eval()
+    model = build_model(get_preset("tiny-v32", max_seq_len=96, **kw)).eval()
     model.init_weights(std=0.1)
     randomize_extras(model, seed)
     return model
@@ -107,7 +107,7 @@ def test_selection_is_sparse_and_paths_agree():
         cache = model.new_cache(2, 30).main[1]
         gathered = attn(x, freqs, cache, torch.arange(30).expand(2, 30))
     assert rel_err(out["absorb"], out["naive"]) < 1e-5 and rel_err(gathered, out["naive"]) < 1e-5
-    dense = Transformer(get_preset("tiny-v32", max_seq_len=96, index_topk=96))
+    dense = build_model(get_preset("tiny-v32", max_seq_len=96, index_topk=96))
     dense.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert rel_err(dense.layers[1].attn(x, freqs), out["naive"]) > 1e-3  # selection changed the output
@@ -150,7 +150,7 @@ def test_indexer_learns_from_its_kl_only():
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
     assert grads and grads <= indexer
     dense_log = IndexerLog(dense=True)
-    v3 = Transformer(get_preset("tiny", max_seq_len=96))
+    v3 = build_model(get_preset("tiny", max_seq_len=96))
     v3.load_state_dict({k: v for k, v in model.state_dict().items() if ".indexer." not in k})
     with torch.no_grad():
         assert rel_err(model(tokens, router_log=dense_log), v3(tokens)) < 1e-5

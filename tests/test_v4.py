@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanoseek import ModelConfig, Transformer, get_preset
+from nanoseek import ModelConfig, Transformer, build_model, get_preset
 from nanoseek.hf import config_from_hf, config_to_hf, load_hf, save_hf
 from nanoseek.hf_v4 import dequantize_fp4
 from nanoseek.model_v4 import ClampedExperts, GateV4, HashGate, TransformerV4, sinkhorn
@@ -132,7 +132,7 @@ def check_hf_to_ours(d: dict, seed: int, tmp_path) -> None:
     with torch.no_grad():
         ref = theirs(tokens).logits
         for impl in ("naive", "absorb"):
-            other = Transformer(ours.cfg.replace(attn_impl=impl)).eval()
+            other = build_model(ours.cfg.replace(attn_impl=impl)).eval()
             other.load_state_dict(ours.state_dict())
             assert rel_err(other(tokens), ref) <= TOL, impl
 
@@ -140,7 +140,7 @@ def check_hf_to_ours(d: dict, seed: int, tmp_path) -> None:
 def check_ours_to_hf(d: dict, seed: int, tmp_path) -> None:
     cfg = config_from_hf(d)
     torch.manual_seed(seed)
-    ours = Transformer(cfg.replace(n_mtp_layers=1)).eval()
+    ours = build_model(cfg.replace(n_mtp_layers=1)).eval()
     ours.init_weights(std=0.2)
     randomize_v4(ours, seed)
     save_hf(ours, tmp_path)
@@ -188,7 +188,7 @@ def test_official_configs_translate_both_ways():
 
 def tiny_v4(seed: int = 0, **kw) -> TransformerV4:
     torch.manual_seed(seed)
-    model = Transformer(get_preset("tiny-v4", max_seq_len=96, **kw)).eval()
+    model = build_model(get_preset("tiny-v4", max_seq_len=96, **kw)).eval()
     model.init_weights(std=0.1)
     randomize_v4(model, seed)
     return model
@@ -196,7 +196,7 @@ def tiny_v4(seed: int = 0, **kw) -> TransformerV4:
 
 def test_official_presets_build_on_meta_with_checkpoint_shapes():
     with torch.device("meta"):
-        flash = Transformer(get_preset("deepseek-v4-flash"))
+        flash = build_model(get_preset("deepseek-v4-flash"))
     a = flash.layers[2].attn
     assert a.wq_b.weight.shape == (32768, 1024) and a.wkv.weight.shape == (512, 4096)
     assert a.wo_a.weight.shape == (8192, 4096) and a.wo_b.weight.shape == (4096, 8192)
@@ -433,7 +433,7 @@ def test_changing_a_token_never_changes_earlier_logits(preset):
     """Causality of the full forward (training path), MTP included: windows, compressed blocks and the indexer
     never look ahead."""
     torch.manual_seed(0)
-    model = Transformer(get_preset(preset, max_seq_len=96, attn_impl="absorb")).eval()
+    model = build_model(get_preset(preset, max_seq_len=96, attn_impl="absorb")).eval()
     model.init_weights(std=0.1)
     tokens = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():

@@ -9,6 +9,7 @@ R1's protocol: k samples per problem at temperature 0.6 and top-p 0.95, accuracy
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from ..tasks import TASKS, get_task
 from .common import load_checkpoint
 
 
+_DEFAULTS = {name: p.default for name, p in inspect.signature(evaluate).parameters.items()}  # the library's
+
+
 @dataclass(kw_only=True)
 class EvalConfig(ComputeOptions):
     """Sample k responses per held-out problem and score them with the task's rule-based verifier."""
@@ -30,9 +34,9 @@ class EvalConfig(ComputeOptions):
     task_args: dict = option(default_factory=dict, help='generator options as JSON, e.g. {"max_terms": 2}')
     n: int = option(100, help="held-out problems", min=1)
     k: int = option(1, help="samples per problem", min=1)
-    temperature: float = option(0.6, help="sampling temperature (R1: 0.6); 0 = greedy", min=0)
-    top_p: float = option(0.95, help="nucleus sampling mass (R1: 0.95)", above=0, max=1)
-    max_new_tokens: int = option(128, help="response length limit", min=1)
+    temperature: float = option(_DEFAULTS["temperature"], help="sampling temperature (R1: 0.6); 0 = greedy", min=0)
+    top_p: float = option(_DEFAULTS["top_p"], help="nucleus sampling mass (R1: 0.95)", above=0, max=1)
+    max_new_tokens: int = option(_DEFAULTS["max_new_tokens"], help="response length limit", min=1)
     seed: int = option(0, help="problem and sampling seed", min=0)
     json: bool = option(False, help="print one JSON object: the numbers and every problem scored")
 

@@ -32,6 +32,7 @@ from ..corpus import EASY
 from ..data import PackedLoader, fixed_batches
 from ..fp8 import RECIPES, convert_to_fp8
 from ..losses import balance_loss, lm_loss
+from ..generations import build_model
 from ..model import Gate, RouterLog, Transformer
 from ..sparse import IndexerLog
 from ..optim import (batch_size_at, build_optimizer, expert_loads, lr_at, max_violation, mtp_lambda_at,
@@ -171,7 +172,7 @@ def _run(cfg: PretrainConfig, out: Path, info: "ddp.DistInfo", where: "ddp.Where
     heldout = fixed_batches(heldout_tokens, seq_len, eval_batch, cfg.eval_batches)
 
     torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg).to(device)  # identical on every rank: same seed
+    model = build_model(mcfg).to(device)  # identical on every rank: same seed
     if cfg.fp8:
         convert_to_fp8(model, cfg.fp8_recipe)
     model = ddp.parallelize(model, info)

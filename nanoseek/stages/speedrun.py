@@ -1,11 +1,13 @@
 """nanoseek speedrun: the whole DeepSeek recipe on the embedded default, ending in DIR/report.md.
 
-corpus → tokenizer → pretrain the `small` MoE (MLA + DeepSeekMoE + MTP) → GRPO (R1-Zero) → rejection sampling →
-distil a dense student → the R1 comparison (the same student trained by GRPO for the same wall time) →
-evaluate every checkpoint → report. Each stage is the real CLI command, run as a subprocess; a stage whose
-output exists is skipped, so an interrupted speedrun resumes where it stopped. --budget scales every stage.
+corpus (with the task's worked training problems) → tokenizer → pretrain the `small` MoE (MLA + DeepSeekMoE +
+MTP) → cold-start SFT on verified worked solutions (R1 §2.3.1) → GRPO → rejection sampling → distil a dense
+student → the R1 comparison (the same student trained by GRPO for the same wall time) → evaluate every model on
+the same held-out problems → results.json, heldout.jsonl, report.md. Each stage is the real CLI command, run as
+a subprocess; a stage whose output exists is skipped, so an interrupted speedrun resumes where it stopped.
+--budget scales every stage.
 
-    nanoseek speedrun --out runs/speedrun              # ~14 minutes on 2 CPU cores (measured 13:49 from a fresh clone)
+    nanoseek speedrun --out runs/speedrun      # under 20 minutes on 2 CPU cores (docs/results/speedrun.md)
 """
 
 from __future__ import annotations
@@ -21,44 +23,70 @@ from pathlib import Path
 from .. import checkpoint as ckpt
 from ..config import PRESETS
 from ..errors import Interrupted, StageError
+from ..report import TRAINED_BY
 from ..options import check, check_out_dir, option, own_run
-from ..tasks import TASKS
+from ..corpus import SOLVED
 from .common import write_run_json
+
+
+# The task the speedrun reinforces and distils: sums of three one-digit terms. Its problem space (4,000
+# questions, 409 of them held out by content; docs/rl.md) is larger than what training reaches, and a 3M-
+# parameter model learns it in minutes from worked, step-by-step solutions ("4 - 1 = 3, so it becomes 3 - 7").
+TASK_ARGS = {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}
+
+# (name, checkpoint directory, label): the models the speedrun evaluates, in the order of the report.
+STAGES = [
+    ("teacher_pretrained", "base", "teacher pretrained"),
+    ("teacher_base", "coldstart", "teacher base (+ cold start)"),
+    ("teacher_rl", "rl", "teacher + GRPO"),
+    ("student_base", "student-base", "student base"),
+    ("student_distilled", "distilled", "student distilled"),
+    ("student_rl", "student-rl", "student + GRPO"),
+]
 
 
 @dataclass(kw_only=True)
 class SpeedrunConfig:
     """pretrain → GRPO → rejection sampling → distillation → evaluation → report, each stage the real command in a
-    subprocess. Finished stages are skipped, so running it again into the same OUT resumes an interrupted run."""
+    subprocess. Finished stages are skipped, so running it again into the same OUT resumes an interrupted run.
+    Writes OUT/report.md, OUT/results.json (pass@1, cons@4, format and wall time per model) and OUT/heldout.jsonl
+    (the held-out problems every evaluation scored)."""
 
-    out: str = option(help="run directory (report.md is written here)")
-    budget: float = option(1.0, help="scale every stage's steps (2 = twice as long)", above=0)
+    out: str = option(help="run directory (report.md, results.json and heldout.jsonl are written here)")
+    budget: float = option(1.0, help="scale every stage's steps and seconds (2 = twice as long)", above=0)
     preset: str = option("small", help="teacher preset", choices=tuple(PRESETS))
     student: str = option("small-dense", help="student preset for distillation", choices=tuple(PRESETS))
-    task: str = option("chain_sum", help="RL / distillation task family", choices=tuple(TASKS))
-    task_args: dict = option(default_factory=lambda: {"min_terms": 2, "max_terms": 2, "min_digits": 1,
-                                                      "max_digits": 1}, help="task generator options")
+    task: str = option("chain_sum", help="RL / distillation task family (one with worked solutions for the "
+                       "cold start)", choices=tuple(SOLVED))
+    task_args: dict = option(default_factory=lambda: dict(TASK_ARGS), help="task generator options")
     data: list[str] = option(default_factory=list, help="pretraining data (default: embedded corpus)")
-    easy_problems: int = option(24000, help="one-digit chain_sum problems added to the corpus", min=0)
+    task_docs: int = option(40000, help="worked training-split problems of the task (chain_sum) added to the "
+                            "embedded corpus", min=0)
     vocab_size: int = option(0, help="tokenizer vocabulary (0: the teacher preset's)", min=0)
     model_overrides: dict = option(default_factory=dict, help="ModelConfig overrides for both models")
     gpu: bool = option(False, help="the GPU preset: larger batches and more steps")
-    eval_n: int = option(100, help="held-out problems per evaluation", min=1)
+    eval_n: int = option(200, help="held-out problems per evaluation", min=1)
     seed: int = option(0, help="seed of every stage", min=0)
 
     def __post_init__(self):
         check(self)
 
 
-def plan(cfg: SpeedrunConfig) -> dict[str, int]:
-    """Steps per stage: sized for under 20 minutes on 2 CPU cores at budget 1 (the GPU preset multiplies).
-
-    Most of the budget goes to the teacher's pretraining, on a corpus rich in easy problems: every later stage
-    is only as good as the base model (with 3,000 easy problems the base solved 0.5% and RL had nothing to reward)."""
+def plan(cfg: SpeedrunConfig) -> dict:
+    """Steps and seconds per stage: sized for under 20 minutes on 2 CPU cores at budget 1 (the GPU preset
+    multiplies). Most of the budget goes to the teacher's pretraining: every later stage is only as good as the
+    base model (a base that solves nothing gives RL nothing to reward)."""
     scale = cfg.budget * (8 if cfg.gpu else 1)
-    return {"pretrain": max(2, round(170 * scale)), "student_pretrain": max(2, round(100 * scale)),
-            "rl": max(2, round(30 * scale)), "sample_n": max(8, round(512 * scale)),
-            "sft_epochs": 16, "batch": 16 * (4 if cfg.gpu else 1)}
+    return {"pretrain": max(2, round(PLAN["pretrain"] * scale)),
+            "student_pretrain": max(2, round(PLAN["student_pretrain"] * scale)),
+            "rl_seconds": max(5, round(PLAN["rl_seconds"] * scale)), "rl_steps": max(2, round(1000 * scale)),
+            "sample_n": max(8, round(PLAN["sample_n"] * scale)), "sft_epochs": PLAN["sft_epochs"],
+            "cold_n": max(16, round(PLAN["cold_n"] * scale)), "cold_seconds": max(5, round(PLAN["cold_seconds"] * scale)),
+            "batch": 16 * (4 if cfg.gpu else 1)}
+
+
+PLAN = {"pretrain": 200, "student_pretrain": 100, "cold_n": 20000, "cold_seconds": 120, "rl_seconds": 150,
+        "sample_n": 400, "sft_epochs": 3}
 
 
 def _run(label: str, args: list[str], log: Path) -> float:
@@ -96,11 +124,7 @@ def run(cfg: SpeedrunConfig) -> Path:
     write_run_json(out, "speedrun", dataclasses.asdict(cfg))
     log, timings_file = out / "speedrun.log", out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-    steps, task = plan(cfg), ["--task", cfg.task, "--task-args", json.dumps(cfg.task_args)]
-    data = ["--data", *cfg.data] if cfg.data else ["--easy-problems", str(cfg.easy_problems)]
-    seed = ["--seed", str(cfg.seed)]
-    model = (["--vocab-size", str(cfg.vocab_size)] if cfg.vocab_size else []) + (
-        ["--model-overrides", json.dumps(cfg.model_overrides)] if cfg.model_overrides else [])
+    steps = plan(cfg)
 
     def stage(name: str, args: list[str], done: bool):
         if done:
@@ -109,35 +133,9 @@ def run(cfg: SpeedrunConfig) -> Path:
         timings[name] = _run(name, args, log)
         timings_file.write_text(json.dumps(timings, indent=2) + "\n")
 
-    b = str(steps["batch"])
-    stage("pretrain", ["pretrain", "--preset", cfg.preset, "--out", str(out / "base"), "--steps",
-                       str(steps["pretrain"]), "--batch-size", b, "--eval-every", "20", "--save-every",
-                       str(steps["pretrain"]), *data, *model, *seed], _finished(out / "base", steps["pretrain"]))
-    tokenizer = str(out / "base" / "data" / "tokenizer.json")
-    stage("student-pretrain", ["pretrain", "--preset", cfg.student, "--out", str(out / "student-base"), "--steps",
-                               str(steps["student_pretrain"]), "--batch-size", b, "--tokenizer", tokenizer,
-                               "--eval-every", "20", "--save-every", str(steps["student_pretrain"]), *data,
-                               *(["--model-overrides", json.dumps(cfg.model_overrides)] if cfg.model_overrides else []),
-                               *seed],
-          _finished(out / "student-base", steps["student_pretrain"]))
-    stage("grpo", ["grpo", "--init", str(out / "base"), "--out", str(out / "rl"), "--steps", str(steps["rl"]),
-                   "--eval-n", str(cfg.eval_n // 2), *task, *seed], bool(ckpt.step_dirs(out / "rl")))
-    stage("sample", ["sample", "--ckpt", str(out / "rl"), "--out", str(out / "traces.jsonl"), "--n",
-                     str(steps["sample_n"]), "--k", "4", "--keep", "correct", *task, *seed],
-          (out / "traces.jsonl").exists())
-    n_traces = len((out / "traces.jsonl").read_text().splitlines())
-    if n_traces == 0:  # nothing verified-correct to distil: say so in the report rather than train on nothing
-        print("[speedrun] distill: skipped, rejection sampling kept no correct traces", file=sys.stderr)
-    stage("distill", ["sft", "--init", str(out / "student-base"), "--data", str(out / "traces.jsonl"), "--out",
-                      str(out / "distilled"), "--epochs", str(steps["sft_epochs"]),
-                      "--batch-size", "2", "--lr", "1e-3", *seed],  # a few hundred traces: many small steps
-          bool(ckpt.step_dirs(out / "distilled")) or n_traces == 0)
-    budget_s = timings.get("sample", 0) + timings.get("distill", 0)  # what distillation cost, in wall time
-    stage("student-grpo", ["grpo", "--init", str(out / "student-base"), "--out", str(out / "student-rl"),
-                           "--steps", "100000", "--max-seconds", f"{max(budget_s, 10):.0f}", "--eval-every", "0",
-                           *task, *seed], bool(ckpt.step_dirs(out / "student-rl")))
+    _train(cfg, out, steps, stage, timings)
     t_eval, evaluated = time.perf_counter(), False
-    for name in ("base", "rl", "student-base", "distilled", "student-rl"):
+    for key, name, _ in STAGES:
         result = out / "eval" / f"{name}.json"
         if not result.exists() and ckpt.step_dirs(out / name):
             result.parent.mkdir(exist_ok=True)
@@ -146,10 +144,93 @@ def run(cfg: SpeedrunConfig) -> Path:
     if evaluated:  # evaluation is part of the speedrun's wall time too
         timings["eval"] = timings.get("eval", 0) + time.perf_counter() - t_eval
         timings_file.write_text(json.dumps(timings, indent=2) + "\n")
+    write_results(out, cfg, timings)
     from ..report import write_speedrun_report
 
-    path = write_speedrun_report(out, dataclasses.asdict(cfg), steps, timings)
+    path = write_speedrun_report(out, dataclasses.asdict(cfg), STAGES, timings)
     print(f"[speedrun] report: {path}", file=sys.stderr)
+    return path
+
+
+def _train(cfg: SpeedrunConfig, out: Path, steps: dict, stage, timings: dict) -> None:
+    """Every training stage, in order; `stage(name, args, done)` runs one unless it is done."""
+    task, seed = ["--task", cfg.task, "--task-args", json.dumps(cfg.task_args)], ["--seed", str(cfg.seed)]
+    if cfg.data:
+        data = ["--data", *cfg.data]
+    elif cfg.task == "chain_sum":  # the task's own worked problems (training split only), in its settings
+        data = ["--easy-problems", str(cfg.task_docs), "--easy-args", json.dumps(cfg.task_args)]
+    else:
+        data = []
+    overrides = ["--model-overrides", json.dumps(cfg.model_overrides)] if cfg.model_overrides else []
+    b = str(steps["batch"])
+    stage("pretrain", ["pretrain", "--preset", cfg.preset, "--out", str(out / "base"), "--steps",
+                       str(steps["pretrain"]), "--batch-size", b, "--eval-every", "50", "--save-every",
+                       str(steps["pretrain"]), *data, *overrides, *seed,
+                       *(["--vocab-size", str(cfg.vocab_size)] if cfg.vocab_size else [])],
+          _finished(out / "base", steps["pretrain"]))
+    tokenizer = str(out / "base" / "data" / "tokenizer.json")  # the student shares it (same vocabulary)
+    stage("student-pretrain", ["pretrain", "--preset", cfg.student, "--out", str(out / "student-base"), "--steps",
+                               str(steps["student_pretrain"]), "--batch-size", b, "--tokenizer", tokenizer,
+                               "--eval-every", "50", "--save-every", str(steps["student_pretrain"]), *data,
+                               *overrides, *seed],
+          _finished(out / "student-base", steps["student_pretrain"]))
+    # R1's cold start (R1 paper §2.3.1): a short SFT on verified worked solutions of training-split problems
+    # (other draws than the corpus's), so that RL starts from a model that solves a real fraction of them.
+    cold = out / "coldstart.jsonl"
+    if not cold.exists():
+        from ..corpus import worked_solutions
+
+        rows = worked_solutions(cfg.task, steps["cold_n"], seed=cfg.seed, **cfg.task_args)
+        cold.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage("coldstart", ["sft", "--init", str(out / "base"), "--data", str(cold), "--out", str(out / "coldstart"),
+                        "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--max-seconds",
+                        str(steps["cold_seconds"]), *seed], bool(ckpt.step_dirs(out / "coldstart")))
+    rl = ["--steps", str(steps["rl_steps"]), "--eval-every", "0", *RL_ARGS, *task, *seed]  # evaluated below
+    stage("grpo", ["grpo", "--init", str(out / "coldstart"), "--out", str(out / "rl"), "--max-seconds",
+                   str(steps["rl_seconds"]), *rl], bool(ckpt.step_dirs(out / "rl")))
+    stage("sample", ["sample", "--ckpt", str(out / "rl"), "--out", str(out / "traces.jsonl"), "--n",
+                     str(steps["sample_n"]), "--k", "4", "--keep", "correct", *task, *seed],
+          (out / "traces.jsonl").exists())
+    n_traces = len((out / "traces.jsonl").read_text().splitlines())
+    if n_traces == 0:  # nothing verified-correct to distil: say so in the report rather than train on nothing
+        print("[speedrun] distill: skipped, rejection sampling kept no correct traces", file=sys.stderr)
+    stage("distill", ["sft", "--init", str(out / "student-base"), "--data", str(out / "traces.jsonl"), "--out",
+                      str(out / "distilled"), "--epochs", str(steps["sft_epochs"]), "--batch-size", "4",
+                      "--lr", "1e-3", *seed], bool(ckpt.step_dirs(out / "distilled")) or n_traces == 0)
+    # The R1 comparison: the same student trained by GRPO for the wall time distillation cost (sampling the
+    # teacher's traces + SFT), with the teacher's RL settings; --steps only bounds it, --max-seconds ends it.
+    budget_s = timings.get("sample", 0) + timings.get("distill", 0)
+    stage("student-grpo", ["grpo", "--init", str(out / "student-base"), "--out", str(out / "student-rl"),
+                           "--max-seconds", f"{max(budget_s, 5):.0f}", *rl], bool(ckpt.step_dirs(out / "student-rl")))
+
+
+# GRPO settings of both RL stages (docs/rl.md): fresh problems every step, 5 warm-up steps then a constant rate,
+# rollouts at the evaluation temperature 0.6 (scored at 0.6), accuracy-only reward. The rate is measured: on the
+# cold-started `small` teacher, 1e-4 (T = 1) lost 6 points of held-out pass@1 in 150 s, 2e-4 lost 16 and 5e-4
+# collapsed to 7% (KL to the initial policy 0.3-0.7), 2e-5 gained 3 (docs/results/r1-zero.md).
+RL_ARGS = ["--algo", "grpo", "--lr", "2e-5", "--temperature", "0.6", "--warmup-steps", "5", "--prompts-per-step", "8",
+           "--group-size", "8", "--max-new-tokens", "64"]
+
+
+def write_results(out: Path, cfg: SpeedrunConfig, timings: dict) -> Path:
+    """OUT/results.json ({"task", "heldout_n", "stages": {name: {"pass1", "cons", "format", "wall_s"}}}) and
+    OUT/heldout.jsonl, from the evaluations' own outputs; every evaluation must have scored the same problems."""
+    stages, heldout = {}, None
+    for key, name, _ in STAGES:
+        path = out / "eval" / f"{name}.json"
+        if not path.exists():
+            continue
+        ev = json.loads(path.read_text())
+        problems = [{"question": p["question"], "answer": p["answer"]} for p in ev["problems"]]
+        if heldout is not None and problems != heldout:
+            raise StageError(f"{path}: scored other held-out problems than the other evaluations")
+        heldout = problems
+        stages[key] = {"pass1": ev["accuracy"], "cons": ev["cons_at_k"], "format": ev["format"],
+                       "wall_s": round(timings.get(TRAINED_BY[name], 0.0), 1), "n": ev["n"], "k": ev["k"]}
+    (out / "heldout.jsonl").write_text("".join(json.dumps(p) + "\n" for p in heldout or []))
+    path = out / "results.json"
+    path.write_text(json.dumps({"task": cfg.task, "task_args": cfg.task_args, "heldout_n": len(heldout or []),
+                                "stages": stages}, indent=2) + "\n")
     return path
 
 
@@ -160,7 +241,8 @@ def _finished(run_dir: Path, steps: int) -> bool:
 
 def _evaluate(run_dir: Path, result: Path, cfg: SpeedrunConfig, log: Path) -> None:
     args = ["eval", "--ckpt", str(run_dir), "--task", cfg.task, "--task-args", json.dumps(cfg.task_args),
-            "--n", str(cfg.eval_n), "--k", "4", "--json", "--seed", str(cfg.seed)]
+            "--n", str(cfg.eval_n), "--k", "4", "--temperature", "0.6", "--top-p", "0.95", "--max-new-tokens", "64",
+            "--json", "--seed", str(cfg.seed)]
     print(f"[speedrun] eval {run_dir.name} …", file=sys.stderr, flush=True)
     with open(log, "a") as f:
         f.write(f"\n$ nanoseek {' '.join(args)}\n")
