@@ -4,15 +4,21 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nanoseek-installed
+BASE_STAMP := $(VENV)/.nanoseek-base
 
 .PHONY: install test browser speedrun bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# the library alone (what `make speedrun` needs); `make test` adds the dev extras (transformers, openai, ...)
+$(BASE_STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@# torch first and pinned: a bare `torch` requirement would download a multi-GB CUDA build
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	@touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP)
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
@@ -28,7 +34,7 @@ browser:
 
 # the whole recipe: pretrain → GRPO → rejection sampling → distillation → eval → runs/speedrun/report.md;
 # stages already done are skipped, so an interrupted run resumes
-speedrun: $(STAMP)
+speedrun: $(BASE_STAMP)
 	$(VENV)/bin/nanoseek speedrun --out runs/speedrun
 
 bench: $(STAMP)

@@ -14,7 +14,7 @@ from .template import STOP
 
 
 def evaluate(engine: Engine, task: Task, problems: list[Problem], k: int = 1, temperature: float = 0.6,
-             top_p: float = 0.95, max_new_tokens: int = 128, seed: int = 0, batch: int = 256) -> dict:
+             top_p: float = 0.95, max_new_tokens: int = 128, seed: int = 0, batch: int = 1024) -> dict:
     """{"accuracy", "cons_at_k", "format", "mean_response_tokens", "n", "k", "problems"} over `problems`;
     "problems" lists what was scored: [{"id", "question", "answer", "correct": [bool per sample]}]."""
     prompts = [task.prompt(p) for p in problems for _ in range(k)]

@@ -44,7 +44,7 @@ class SampleConfig(ComputeOptions):
     top_p: float = option(1.0, help="nucleus sampling mass (1 = off)", above=0, max=1)
     max_new_tokens: int = option(96, help="response length limit", min=1)
     seed: int = option(0, help="problem and sampling seed", min=0)
-    batch: int = option(256, help="sequences per engine call", min=1)
+    batch: int = option(1024, help="sequences per engine call", min=1)
     force: bool = option(False, help="replace --out if it exists")
 
     def __post_init__(self):

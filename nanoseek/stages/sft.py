@@ -43,6 +43,8 @@ class SFTConfig(ComputeOptions):
     epochs: int = option(2, help="passes over the data", min=1)
     batch_size: int = option(8, help="packed rows per optimizer step", min=1)
     lr: float = option(3e-4, help="peak learning rate (cosine to --min-lr-ratio)", above=0)
+    warmup_steps: int = option(10, help="linear warm-up steps (fresh Adam moments make the first full-rate steps "
+                               "the largest: a cold start at 1e-3 without warm-up diverged)", min=0)
     min_lr_ratio: float = option(0.2, help="final lr / peak (V3: 1e-6 / 5e-6)", min=0, max=1)
     weight_decay: float = option(0.0, help="AdamW weight decay", min=0)
     grad_clip: float = option(1.0, help="gradient-norm clip", above=0)
@@ -187,7 +189,7 @@ def run(cfg: SFTConfig) -> Path:
         for i in range(0, len(rows), cfg.batch_size):
             b = {k: v.to(rt.device) for k, v in _batch([rows[j] for j in order[i:i + cfg.batch_size]]).items()}
             lr = lr_at(_progress_step(step, total, time.perf_counter() - t_start, cfg.max_seconds), total, cfg.lr,
-                       warmup=0.0, decay_start=0.0, decay_end=1.0, min_ratio=cfg.min_lr_ratio)
+                       warmup=min(1.0, cfg.warmup_steps / total), decay_start=0.0, decay_end=1.0, min_ratio=cfg.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
             ce, kd = _losses(forward, teacher, b, cfg.kd_temperature)
