@@ -13,7 +13,7 @@ from nanoseek.template import USER, r1_completion, r1_prompt
 
 N = 60
 FRACTION = 0.05
-DOC = re.compile(r"\nUser: (.*)\nAssistant: <think> (.*) </think> <answer> (.*) </answer>", re.S)
+DOC = re.compile(r"^User: (.*)\nAssistant: <think> (.*) </think> <answer> (.*) </answer>", re.S)
 
 
 @pytest.fixture(scope="module")
