@@ -38,7 +38,7 @@ def args(corpus, out, steps):
     """The default batch shape (16 sequences of the tiny preset's 64 tokens), 8 sequences per forward pass."""
     return ["pretrain", "--preset", "tiny", "--data", str(corpus), "--vocab-size", "300", "--steps", str(steps),
             "--micro-batch", "8", "--save-every", "2", "--keep", "2", "--eval-every", "4", "--eval-batches", "1",
-            "--threads", "1", "--dist-timeout", "60", "--out", str(out)]
+            "--threads", "1", "--dist-timeout", "60", "--precision", "fp32", "--out", str(out)]
 
 
 def records(run: Path) -> list[dict]:
