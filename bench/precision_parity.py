@@ -5,7 +5,7 @@ the embedded corpus), trained twice through the real CLI with --precision fp32 a
 means the final train loss and the final held-out loss agree within 0.5% (relative). Finished runs are reused;
 unfinished ones resume.
 
-    python bench/precision_parity.py --runs runs/precision --out docs/results/precision.md
+    python bench/precision_parity.py --runs runs/precision --out docs/results/precision-parity.md
 
 Last line: fp32_loss=… bf16_loss=… loss_diff=… fp32_heldout=… bf16_heldout=… heldout_diff=… bf16_speedup=…
 """
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", default="runs/precision")
-    ap.add_argument("--out", default="docs/results/precision.md")
+    ap.add_argument("--out", default="docs/results/precision-parity.md")
     args = ap.parse_args()
     dirs = {p: train(p, args) for p in ("fp32", "bf16")}
     rows = {p: {**summary(d), "final_loss": read_metrics(d / "metrics.jsonl")[-1]["loss"]} for p, d in dirs.items()}

@@ -84,8 +84,8 @@ def plan(cfg: SpeedrunConfig) -> dict:
             "batch": 16 * (4 if cfg.gpu else 1)}
 
 
-PLAN = {"pretrain": 180, "student_pretrain": 20, "cold_n": 10000, "cold_seconds": 150, "rl_seconds": 120,
-        "sample_n": 600, "sft_epochs": 6}
+PLAN = {"pretrain": 200, "student_pretrain": 30, "cold_n": 10000, "cold_seconds": 120, "rl_seconds": 90,
+        "sample_n": 1200, "sft_epochs": 5}
 
 
 def _run(label: str, args: list[str], log: Path) -> float:
@@ -162,17 +162,21 @@ def _train(cfg: SpeedrunConfig, out: Path, steps: dict, stage, timings: dict) ->
         data = []
     overrides = ["--model-overrides", json.dumps(cfg.model_overrides)] if cfg.model_overrides else []
     b = str(steps["batch"])
-    # warm-up then a constant rate (no cosine decay): the cold start is the decay phase. An annealed base
-    # re-warmed to the cold start's 1e-3 diverged (loss 0.6 -> 1.6, 4.9% held-out vs 29.4% from a peak-rate one)
+    # a 6-step warm-up then a constant rate (no cosine decay): the cold start is the decay phase. An annealed base
+    # re-warmed to the cold start's 1e-3 diverged (loss 0.6 -> 1.6, 4.9% held-out vs 29.4% from a peak-rate one).
+    # The task skill is sensitive to the trajectory: with the same data, 180 steps (4- or 18-step warm-up) left
+    # a base that the cold start took to 7-11%, this 200-step one to 49-58% (docs/results/speedrun.md)
     stage("pretrain", ["pretrain", "--preset", cfg.preset, "--out", str(out / "base"), "--steps",
-                       str(steps["pretrain"]), "--batch-size", b, "--decay-start", "1", "--decay-end", "1",
+                       str(steps["pretrain"]), "--batch-size", b, "--warmup", "0.03", "--decay-start", "1",
+                       "--decay-end", "1",
                        "--bias-update-stop", "1", "--mtp-switch", "1", "--eval-every", "50", "--save-every",
                        str(steps["pretrain"]), *data, *overrides, *seed,
                        *(["--vocab-size", str(cfg.vocab_size)] if cfg.vocab_size else [])],
           _finished(out / "base", steps["pretrain"]))
     tokenizer = str(out / "base" / "data" / "tokenizer.json")  # the student shares it (same vocabulary)
     stage("student-pretrain", ["pretrain", "--preset", cfg.student, "--out", str(out / "student-base"), "--steps",
-                               str(steps["student_pretrain"]), "--batch-size", b, "--tokenizer", tokenizer,
+                               str(steps["student_pretrain"]), "--batch-size", b, "--warmup", "0.1",
+                               "--tokenizer", tokenizer,
                                "--eval-every", "50", "--save-every", str(steps["student_pretrain"]), *data,
                                *overrides, *seed],
           _finished(out / "student-base", steps["student_pretrain"]))
@@ -200,7 +204,7 @@ def _train(cfg: SpeedrunConfig, out: Path, steps: dict, stage, timings: dict) ->
     if n_traces == 0:  # nothing verified-correct to distil: say so in the report rather than train on nothing
         print("[speedrun] distill: skipped, rejection sampling kept no correct traces", file=sys.stderr)
     stage("distill", ["sft", "--init", str(out / "student-base"), "--data", str(out / "traces.jsonl"), "--out",
-                      str(out / "distilled"), "--epochs", str(steps["sft_epochs"]), "--batch-size", "2",
+                      str(out / "distilled"), "--epochs", str(steps["sft_epochs"]), "--batch-size", "8",
                       "--lr", "1e-3", *seed], bool(ckpt.step_dirs(out / "distilled")) or n_traces == 0)
     # The R1 comparison: the same student trained by GRPO for the wall time distillation cost (sampling the
     # teacher's traces + SFT), with the teacher's RL settings; --steps only bounds it, --max-seconds ends it.
