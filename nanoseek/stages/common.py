@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -89,7 +90,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek"))
 
 
-def _data_key(cfg) -> str:
+def _data_key(cfg, tokenizer_file: str | Path = "") -> str:
     if cfg.data:
         from glob import glob
 
@@ -98,8 +99,11 @@ def _data_key(cfg) -> str:
     else:
         source = ["embedded", cfg.data_seed, cfg.n_problems] + (
             [cfg.easy_problems, cfg.easy_args] if cfg.easy_problems else [])
-    vocab = cfg.vocab_size or get_preset(cfg.preset).vocab_size
-    return fingerprint(DATA_VERSION, source, cfg.tokenizer, vocab)
+    tokenizer_file = tokenizer_file or cfg.tokenizer
+    if tokenizer_file:  # known by its content, so a run given another run's tokenizer reuses that run's streams
+        digest = hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest()[:16]
+        return fingerprint(DATA_VERSION, source, ["file", digest])
+    return fingerprint(DATA_VERSION, source, "", cfg.vocab_size or get_preset(cfg.preset).vocab_size)
 
 
 def _split_documents(cfg) -> dict[str, list[str]]:
@@ -145,11 +149,23 @@ def prepare_data(cfg, out: Path) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
         else:
             _build(cfg, data_dir)
             if not cfg.data:
-                shared.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_dir(shared) as tmp:
-                    shutil.copytree(data_dir, tmp, dirs_exist_ok=True)
+                _share(data_dir, key)
+    if not cfg.data and not cfg.tokenizer:  # also under the key of a run given this tokenizer (e.g. a student)
+        _share(data_dir, _data_key(cfg, data_dir / "tokenizer.json"))
     tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
     return tokenizer, np.load(data_dir / "train.npy"), np.load(data_dir / "heldout.npy")
+
+
+def _share(data_dir: Path, key: str) -> None:
+    """Copy a run's data into the cross-run cache under `key` (unless it is there already)."""
+    shared = cache_root() / "data" / key
+    if _is_current(shared, key):
+        return
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(shared) as tmp:
+        shutil.copytree(data_dir, tmp, dirs_exist_ok=True)
+        meta = json.loads((tmp / "meta.json").read_text())
+        (tmp / "meta.json").write_text(json.dumps({**meta, "key": key}) + "\n")
 
 
 def _is_current(path: Path, key: str) -> bool:

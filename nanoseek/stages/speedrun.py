@@ -84,7 +84,7 @@ def plan(cfg: SpeedrunConfig) -> dict:
             "batch": 16 * (4 if cfg.gpu else 1)}
 
 
-PLAN = {"pretrain": 200, "student_pretrain": 30, "cold_n": 10000, "cold_seconds": 120, "rl_seconds": 90,
+PLAN = {"pretrain": 200, "student_pretrain": 30, "cold_n": 10000, "cold_seconds": 150, "rl_seconds": 90,
         "sample_n": 1200, "sft_epochs": 5}
 
 
