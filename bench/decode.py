@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import publish  # noqa: E402
 from nanoseek import load  # noqa: E402
-from nanoseek.checkpoint import resolve  # noqa: E402
+from nanoseek.checkpoint import resolve as resolve_checkpoint  # noqa: E402
 from nanoseek.engine import Engine, SamplingParams  # noqa: E402
 from nanoseek.hf import save_hf  # noqa: E402
 from nanoseek.runtime import prepare_inference, resolve  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> None:
     rt = resolve("cpu", args.precision)
     from transformers import AutoModelForCausalLM
 
-    ckpt = resolve(args.ckpt)
+    ckpt = resolve_checkpoint(args.ckpt)
     model, _ = load(ckpt)
     with tempfile.TemporaryDirectory() as d:
         save_hf(model, d)

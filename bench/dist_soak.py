@@ -3,7 +3,7 @@ shape) under torchrun on CPU/gloo, several seeds, 2 and 4 processes, data parall
 each compared step by step with one process (relative loss difference, bitwise equality, expert loads, final
 parameters). Not a timing: run it under the shared CPU lock with one thread per process.
 
-    python bench/dist_soak.py [--steps 300] [--seeds 0 1 2] [--cache soak.json] [--out docs/results/distributed.md]
+    python bench/dist_soak.py [--steps 300] [--seeds 0 1 2] [--cache soak.json] [--out docs/results/dist-soak.md]
 
 The reference for a run with W processes is one process training on the same W batch chunks as micro-batches
 (`--micro-batch 16/W`): the same arithmetic, so the losses must agree to every bit. For context each seed also
