@@ -291,11 +291,16 @@ class TransformerV4(Transformer):
 
     # ------------------------------------------------------------------ full sequences
 
+    def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token rows in the compute dtype: the table stays fp32 in bf16 training (runtime.prepare_for_training)
+        while every other weight is a bf16 copy, so the rows are cast after the lookup, as in model.py."""
+        return self.embed(tokens).to(self.head.weight.dtype)
+
     def streams(self, tokens: torch.Tensor, router_log=None, attn_impl: str | None = None) -> torch.Tensor:
         """The residual streams after the last block, (B, T, N, D)."""
         if tokens.shape[1] > self.freqs_main.shape[0]:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.freqs_main.shape[0]}")
-        x = self.embed(tokens).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)
+        x = self.embedding(tokens).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)
         for layer in self.layers:
             x = layer(x, tokens, self.table(layer.attn.kind), router_log, attn_impl=attn_impl)
         return x
@@ -316,7 +321,7 @@ class TransformerV4(Transformer):
             return out
         mtp, table = [], self.table("sliding")
         for k, module in enumerate(self.mtp, start=1):
-            x, h = module(x[:, :-1], self.embed(tokens[:, k:]), tokens[:, k:], table, router_log)
+            x, h = module(x[:, :-1], self.embedding(tokens[:, k:]), tokens[:, k:], table, router_log)
             mtp.append(project(h, k))
         return out, mtp
 
@@ -335,7 +340,7 @@ class TransformerV4(Transformer):
         """Residual streams (B, T, N, D) of tokens at `positions` (B, T), reading and extending the caches."""
         if int(positions.max()) >= self.freqs_main.shape[0]:
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.freqs_main.shape[0]}")
-        x = self.embed(tokens).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)
+        x = self.embedding(tokens).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, tokens, self.table(layer.attn.kind), cache=cache, positions=positions, attn_impl=attn_impl)
         return x
@@ -347,5 +352,5 @@ class TransformerV4(Transformer):
     def mtp_cached(self, depth: int, x: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor, cache):
         """MTP depth `depth` at `positions`: x the previous depth's streams (B, T, N, D) (streams_cached for
         depth 1), next_tokens the tokens `depth` ahead. Returns (streams, final-normed hidden (B, T, D))."""
-        return self.mtp[depth - 1](x, self.embed(next_tokens), next_tokens, self.table("sliding"), cache=cache,
+        return self.mtp[depth - 1](x, self.embedding(next_tokens), next_tokens, self.table("sliding"), cache=cache,
                                    positions=positions)
