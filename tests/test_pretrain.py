@@ -264,3 +264,15 @@ def test_a_run_given_another_runs_tokenizer_reuses_its_token_streams(tmp_path, m
     _, train_o, _ = common.prepare_data(dataclasses.replace(student, out=str(tmp_path / "o"), tokenizer=str(other)),
                                         tmp_path / "o")
     assert builds == ["", str(other)] and not np.array_equal(train, train_o)
+
+
+def test_heldout_loss_does_not_depend_on_micro_batches(corpus, tmp_path):
+    """The held-out set is --batch-size rows per batch whatever --micro-batch is: the same tokens are scored
+    (micro-batching changes only the last bits of training), so the held-out losses agree."""
+    runs = {}
+    for micro in (0, 2):
+        out = tmp_path / f"m{micro}"
+        run(PretrainConfig(out=str(out), preset="tiny", data=[str(corpus)], vocab_size=300, steps=1, batch_size=8,
+                           micro_batch=micro, seq_len=32, eval_batches=2, precision="fp32"))
+        runs[micro] = read_metrics(out / "metrics.jsonl")[-1]["heldout_loss"]
+    assert runs[2] == pytest.approx(runs[0], rel=1e-5)

@@ -168,8 +168,9 @@ def _run(cfg: PretrainConfig, out: Path, info: "ddp.DistInfo", where: "ddp.Where
     ddp.check_layout(mcfg, info, cfg.batch_size, cfg.micro_batch)
     loader = PackedLoader(train_tokens, seq_len, seed=cfg.seed)
     loader.check_batch(max(cfg.batch_size, cfg.batch_start))
-    eval_batch = (cfg.micro_batch or cfg.batch_size // info.world) * info.world
-    heldout = fixed_batches(heldout_tokens, seq_len, eval_batch, cfg.eval_batches)
+    # held-out batches of --batch-size rows whatever the layout: the same tokens are scored by one process or
+    # many, with or without micro-batches (each rank scores its slice in micro-batch chunks)
+    heldout = fixed_batches(heldout_tokens, seq_len, cfg.batch_size, cfg.eval_batches)
 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device)  # identical on every rank: same seed
@@ -346,12 +347,15 @@ class _Trainer:
         for batch in batches:
             rows = batch.shape[0] // self.info.world
             batch = batch[self.info.chunk * rows:(self.info.chunk + 1) * rows].to(self.device)
-            router_log = self._router_log(step)
-            loss, mtp_losses = lm_loss(self.forward, batch[:, :-1], batch[:, 1:], router_log)
-            ce += loss.item() / len(batches)
-            mtp += torch.stack(mtp_losses).mean().item() / len(batches) if mtp_losses else 0.0
-            for i, (_, idx) in enumerate(router_log):
-                loads[i] += expert_loads(idx, loads[i].numel())
+            chunks = batch.split(self.cfg.micro_batch or rows)
+            for chunk in chunks:  # equal-sized chunks (check_layout), so the mean of their means is the mean
+                router_log = self._router_log(step)
+                loss, mtp_losses = lm_loss(self.forward, chunk[:, :-1], chunk[:, 1:], router_log)
+                weight = len(batches) * len(chunks)
+                ce += loss.item() / weight
+                mtp += torch.stack(mtp_losses).mean().item() / weight if mtp_losses else 0.0
+                for i, (_, idx) in enumerate(router_log):
+                    loads[i] += expert_loads(idx, loads[i].numel())
         self.model.train()
         totals = torch.tensor([ce, mtp], dtype=torch.float64)
         ddp.all_reduce_(loads + [totals], self.info)
