@@ -71,15 +71,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--precision", default="auto", help="auto (measured), fp32 or bf16, for both libraries")
+    ap.add_argument("--precision", default="auto", help="auto (measured at 32 rows), fp32 or bf16, for both libraries")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rt = resolve("cpu", args.precision)
     from transformers import AutoModelForCausalLM
 
     ckpt = resolve_checkpoint(args.ckpt)
     model, _ = load(ckpt)
+    rt = resolve("cpu", args.precision, dims=model.cfg, rows=32)  # auto: measured at the batch-32 headline's rows
     with tempfile.TemporaryDirectory() as d:
         save_hf(model, d)
         theirs = AutoModelForCausalLM.from_pretrained(d, dtype=rt.dtype).eval()
@@ -116,7 +116,7 @@ def main() -> None:
         "", "| batch | nanoseek tokens/s | transformers tokens/s | ratio | same tokens |", "|---|---|---|---|---|",
         *rows, "",
         f"Cache bytes per token ({rt.precision}): nanoseek {ours_per_token:,} (= n_layers × (kv_lora_rank + "
-        f"qk_rope_head_dim) × {model.embed.weight.element_size()}); transformers' DynamicCache {hf_per_token:,.0f}.",
+        f"qk_rope_head_dim) × {model.head.weight.element_size()}); transformers' DynamicCache {hf_per_token:,.0f}.",
         f"MTP speculative decoding (batch 1, greedy, {len(spec_prompts)} prompts): acceptance {acceptance:.1%}, "
         f"speedup {speedup:.2f}× over plain decoding (outputs identical by construction, tested).",
     ]

@@ -406,7 +406,7 @@ class V4Cache:
     `hidden_cached`, `.mtp[k]` feeds `mtp_cached(k + 1, ...)`."""
 
     def __init__(self, model, batch: int, max_len: int, with_mtp: bool = False, rewind: int = 16):
-        like = dict(dtype=model.embed.weight.dtype, device=model.embed.weight.device)
+        like = dict(dtype=model.head.weight.dtype, device=model.head.weight.device)  # compute dtype
         blocks = list(model.layers) + (list(model.mtp) if with_mtp else [])
         self.layers = [V4LayerCache(model.cfg, b.attn, batch, max_len, rewind, like) for b in blocks]
         self.n_main, self.max_len = len(model.layers), max_len

@@ -11,6 +11,8 @@ Dimension letters used in shape comments:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import NamedTuple
 
@@ -21,8 +23,27 @@ from torch import nn
 from .config import ModelConfig
 
 
+# The dtype the layers' matmuls compute in while a mixed-precision model runs (fp32 embedding table, bf16 other
+# weights: runtime.MixedPrecision in training, runtime.prepare_inference), None otherwise. It keeps the
+# residual stream in fp32: the embedding keeps the table's rows and norms round their output to this dtype.
+# A bf16 residual stream rounds away updates below 2^-8 of its size (the 0.006-scale embeddings first): the
+# trunk of a bf16 run then stalled for ~60 steps that fp32 did not (docs/results/precision-parity.md).
+_COMPUTE_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("compute_dtype", default=None)
+
+
+@contextlib.contextmanager
+def compute_dtype(dtype: torch.dtype):
+    """Within this block norms output `dtype` and the residual stream keeps the embedding table's dtype."""
+    token = _COMPUTE_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _COMPUTE_DTYPE.reset(token)
+
+
 class RMSNorm(nn.Module):
-    """y = w ⊙ x / sqrt(mean(x²) + eps), computed in fp32 whatever x's dtype, rounded once to x's dtype.
+    """y = w ⊙ x / sqrt(mean(x²) + eps), computed in fp32 whatever x's dtype, rounded once to x's dtype (to the
+    compute dtype inside `compute_dtype`, where x is the fp32 residual stream).
 
     The weight stays fp32 under mixed precision (`keep_fp32_weights`: a gradient summed over every token)."""
 
@@ -34,7 +55,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return _RMSNormFunction.apply(x, self.weight, self.eps, _COMPUTE_DTYPE.get() or x.dtype)
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -43,11 +64,11 @@ class _RMSNormFunction(torch.autograd.Function):
     g = dy ⊙ w: dx = r·(g − x̂·mean(g ⊙ x̂)), dw = Σ_tokens dy ⊙ x̂; all in fp32 (F.rms_norm is the reference)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, out_dtype):
         xf = x.float()
         r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, weight, r)
-        return (xf * r).mul_(weight.float()).to(x.dtype)
+        return (xf * r).mul_(weight.float()).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -57,7 +78,7 @@ class _RMSNormFunction(torch.autograd.Function):
         dw = (dyf * xhat).flatten(0, -2).sum(0)
         g = dyf * weight.float()
         dx = g.sub_(xhat.mul_((g * xhat).mean(-1, keepdim=True))).mul_(r)
-        return dx.to(x.dtype), dw.to(weight.dtype), None
+        return dx.to(x.dtype), dw.to(weight.dtype), None, None
 
 
 # ----------------------------------------------------------------------------- RoPE / YaRN
@@ -693,10 +714,17 @@ class Transformer(nn.Module):
             return out
         return out, [project(hk, k) for k, hk in enumerate(self.mtp_hidden(h, tokens, router_log), start=1)]
 
+    def mixed_precision(self):
+        """The context the layers run in: with an fp32 embedding table and lower-precision weights elsewhere
+        (the head's dtype), the residual stream stays fp32 and norms round to the weights' dtype."""
+        cdt = self.head.weight.dtype
+        return compute_dtype(cdt) if self.embed.weight.dtype == torch.float32 != cdt else contextlib.nullcontext()
+
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, T, D) in the dtype the layers compute in: under mixed precision the table stays
-        fp32 (runtime.MixedPrecision) and its rows are cast, which equals a lookup in a bf16 table."""
-        return self.embed(tokens).to(self.head.weight.dtype)
+        """Token embeddings (B, T, D): the start of the residual stream, in the table's dtype in a mixed-precision
+        model (see `mixed_precision`), else in the layers' dtype."""
+        rows = self.embed(tokens)
+        return rows if _COMPUTE_DTYPE.get() is not None else rows.to(self.head.weight.dtype)
 
     def hidden(self, tokens: torch.Tensor, router_log: list | None = None, positions: torch.Tensor | None = None,
                segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -708,10 +736,11 @@ class Transformer(nn.Module):
         if T > self.freqs_cis.shape[0]:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.freqs_cis.shape[0]}")
         freqs_cis = self._freqs_at(positions) if positions is not None else torch.view_as_complex(self.freqs_cis[:T])
-        h = self.embed_tokens(tokens)
-        for layer in self.layers:
-            h = layer(h, freqs_cis, router_log, segments=segments)
-        return self.norm(h)
+        with self.mixed_precision():
+            h = self.embed_tokens(tokens)
+            for layer in self.layers:
+                h = layer(h, freqs_cis, router_log, segments=segments)
+            return self.norm(h)
 
     def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, router_log: list | None = None) -> list[torch.Tensor]:
         """Hidden states of each MTP depth k, (B, T-k, D): position i there predicts token i+k+1."""
@@ -719,7 +748,8 @@ class Transformer(nn.Module):
         for k, mtp in enumerate(self.mtp, start=1):
             # depth k at position i combines h^{k-1}_i with the embedding of token i+k (causal chain kept)
             freqs = torch.view_as_complex(self.freqs_cis[: T - k])
-            h = mtp(h[:, :-1], self.embed_tokens(tokens[:, k:]), freqs, router_log)
+            with self.mixed_precision():
+                h = mtp(h[:, :-1], self.embed_tokens(tokens[:, k:]), freqs, router_log)
             out.append(h)
         return out
 
@@ -733,7 +763,7 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int, with_mtp: bool = False) -> KVCache:
         """An empty cache for `batch` rows of up to max_len positions, in the model's dtype and device: per layer
         (and per MTP module with with_mtp) kv_norm(c_KV) and the rotated k_pe, what absorbed MLA reads."""
-        cfg, w = self.cfg, self.embed.weight
+        cfg, w = self.cfg, self.head.weight  # the compute dtype (the embedding table may stay fp32)
         n = cfg.n_layers + (cfg.n_mtp_layers if with_mtp else 0)
         kv = torch.zeros(n, batch, max_len, cfg.kv_lora_rank, dtype=w.dtype, device=w.device)
         pe = torch.zeros(n, batch, max_len, cfg.qk_rope_head_dim, dtype=w.dtype, device=w.device)
@@ -744,13 +774,15 @@ class Transformer(nn.Module):
         """Final-normed hidden states (B, T, D) of tokens at `positions` (B, T), reading and extending the cache.
         Attention runs in the latent space by default: the cache holds latents, nothing is re-expanded."""
         freqs = self._freqs_at(positions)
-        h = self.embed_tokens(tokens)
-        for layer, cache in zip(self.layers, caches):
-            h = layer(h, freqs, cache=cache, positions=positions, attn_impl=attn_impl)
-        return self.norm(h)
+        with self.mixed_precision():
+            h = self.embed_tokens(tokens)
+            for layer, cache in zip(self.layers, caches):
+                h = layer(h, freqs, cache=cache, positions=positions, attn_impl=attn_impl)
+            return self.norm(h)
 
     def mtp_cached(self, depth: int, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
                    cache: LayerCache, attn_impl: str = "absorb") -> torch.Tensor:
         """MTP depth `depth` (1-based) at `positions`: h_i (the previous depth's hidden) with token i+depth."""
-        return self.mtp[depth - 1](h, self.embed_tokens(next_tokens), self._freqs_at(positions), cache=cache,
-                                   positions=positions, attn_impl=attn_impl)
+        with self.mixed_precision():
+            return self.mtp[depth - 1](h, self.embed_tokens(next_tokens), self._freqs_at(positions), cache=cache,
+                                       positions=positions, attn_impl=attn_impl)

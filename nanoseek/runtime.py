@@ -53,10 +53,13 @@ class Runtime:
         return {**out, **({"probe": self.probe} if self.probe else {})}
 
 
-def resolve(device: str = "auto", precision: str = "auto", dims=None, probe=None) -> Runtime:
+def resolve(device: str = "auto", precision: str = "auto", dims=None, probe=None, rows: int = 1024) -> Runtime:
     """The Runtime for `--device` and `--precision` (ValueError naming the flag for a bad value).
 
     dims: a ModelConfig (or a list of (M, K, N) matmul shapes) the CPU probe measures; default: `small`'s.
+    rows: the rows (tokens) each matmul multiplies: 1024 for training and prefill; a decoding stage passes the
+    sequences it decodes together, because on a CPU bf16 GEMMs of a few rows are slower than fp32 ones
+    (measured on an AMX Xeon: 0.16× at 1 row, 1.0× at 32, 2.4× at 128, 4.5× at 800).
     probe: a function shapes -> probe dict replacing `bf16_probe` (tests inject one instead of patching).
     """
     if precision not in PRECISIONS:
@@ -69,7 +72,7 @@ def resolve(device: str = "auto", precision: str = "auto", dims=None, probe=None
         return Runtime(dev, "fp32" if precision == "fp32" or not ok else "bf16", requested=precision)
     if precision == "fp32":
         return Runtime(dev, "fp32", requested=precision)
-    figures = (probe or bf16_probe)(probe_shapes(dims))
+    figures = (probe or bf16_probe)(probe_shapes(dims, max(1, rows)))
     if precision == "bf16":
         if figures["speedup"] < 1.0 and not figures.get("native_bf16"):
             _warn_once(f"--precision bf16: this CPU has no native bf16 matmuls; the probe measured bf16 "
@@ -192,11 +195,12 @@ def prepare_for_training(model: nn.Module, rt: Runtime):
 def prepare_inference(model: nn.Module, rt: Runtime) -> nn.Module:
     """Cast a model in place for inference in `rt`'s precision and move it to `rt.device`.
 
-    bf16: every weight except the router's (see `_fp32_params`), so inference computes exactly what the
-    MixedPrecision training forward computes; the routing bias and the RoPE table stay fp32 (Gate._apply,
-    Transformer._apply). The engine then allocates its latent cache in bf16."""
+    bf16: every weight except the router's, the norms' and the embedding table (see `_fp32_params`), so
+    inference computes exactly what the MixedPrecision training forward computes, fp32 residual stream included
+    (Transformer.mixed_precision); the routing bias and the RoPE table stay fp32 (Gate._apply,
+    Transformer._apply). The engine then allocates its latent cache in bf16 (the head's dtype)."""
     model.to(rt.device)
-    keep = {id(p) for m in model.modules() if getattr(m, "keep_fp32_weights", False) for p in m.parameters(recurse=False)}
+    keep = _fp32_params(model)
     with torch.no_grad():
         for p in model.parameters():
             if id(p) not in keep and p.is_floating_point():

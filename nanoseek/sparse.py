@@ -111,7 +111,7 @@ class SparseKVCache:
     def __init__(self, model: "TransformerV32", batch: int, max_len: int, with_mtp: bool = False):
         cfg = model.cfg
         n = cfg.n_layers + (cfg.n_mtp_layers if with_mtp else 0)
-        like = dict(dtype=model.embed.weight.dtype, device=model.embed.weight.device)
+        like = dict(dtype=model.head.weight.dtype, device=model.head.weight.device)  # compute dtype
         self.kv = torch.zeros(n, batch, max_len, cfg.kv_lora_rank, **like)
         self.pe = torch.zeros(n, batch, max_len, cfg.qk_rope_head_dim, **like)
         self.index_k = torch.zeros(n, batch, max_len, cfg.index_head_dim, **like)
@@ -291,7 +291,8 @@ class TransformerV32(Transformer):
                       attn_impl: str | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, D) of tokens at `positions` (B, T), reading and extending the caches."""
         freqs = self._freqs_at(positions)
-        h = self.embed(tokens)
-        for layer, cache in zip(self.layers, caches):
-            h = layer(h, freqs, cache=cache, positions=positions, attn_impl=attn_impl)
-        return self.norm(h)
+        with self.mixed_precision():
+            h = self.embed_tokens(tokens)
+            for layer, cache in zip(self.layers, caches):
+                h = layer(h, freqs, cache=cache, positions=positions, attn_impl=attn_impl)
+            return self.norm(h)

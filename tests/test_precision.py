@@ -10,6 +10,7 @@ alike in both precisions, and the share of such tokens is checked on its own.
 """
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -75,6 +76,32 @@ def test_auto_follows_the_probe():
     assert rt.describe() == {"device": "cpu", "precision": "bf16", "requested": "auto", "probe": rt.probe}
     assert resolve("cpu", "fp32", probe=fake_probe(4.0)).describe() == {"device": "cpu", "precision": "fp32",
                                                                        "requested": "fp32"}
+
+
+def row_dependent_probe(shapes):
+    """Like this CPU: bf16 GEMMs of few rows are slower than fp32 ones, of many rows much faster."""
+    rows = shapes[0][0]
+    return {**fake_probe(rows / 64)(shapes), "rows": rows}
+
+
+def test_auto_is_measured_at_the_rows_a_stage_multiplies():
+    assert resolve("cpu", "auto", probe=row_dependent_probe).probe["rows"] == 1024  # training, prefill
+    assert resolve("cpu", "auto", probe=row_dependent_probe).precision == "bf16"
+    assert resolve("cpu", "auto", probe=row_dependent_probe, rows=1).precision == "fp32"  # chat, one prompt
+    assert resolve("cpu", "auto", probe=row_dependent_probe, rows=32).precision == "fp32"
+    assert resolve("cpu", "auto", probe=row_dependent_probe, rows=800).precision == "bf16"
+
+
+def test_eval_decides_auto_precision_at_its_decoding_batch(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "tiny"
+    assert main(["pretrain", "--preset", "tiny", "--out", str(run), "--steps", "1", "--n-problems", "50",
+                 "--precision", "fp32"]) == 0
+    monkeypatch.setattr("nanoseek.runtime.bf16_probe", row_dependent_probe)
+    for n, k, expected in ((8, 1, "fp32"), (40, 4, "bf16")):  # 8 rows decode together, then 160
+        capsys.readouterr()
+        assert main(["eval", "--ckpt", str(run), "--task", "chain_sum", "--n", str(n), "--k", str(k),
+                     "--max-new-tokens", "4", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["precision"] == expected
 
 
 def test_forced_bf16_on_a_slow_cpu_warns_once_with_the_slowdown():
@@ -165,7 +192,7 @@ def test_router_embedding_and_buffers_stay_fp32_in_compute():
     inf = prepare_inference(copy.deepcopy(model), bf16_runtime())
     gate = inf.layers[1].ffn.gate
     assert gate.weight.dtype == gate.bias.dtype == inf.freqs_cis.dtype == torch.float32
-    assert inf.embed.weight.dtype == inf.head.weight.dtype == torch.bfloat16
+    assert inf.embed.weight.dtype == torch.float32 and inf.head.weight.dtype == torch.bfloat16  # fp32 residual
 
 
 def test_bf16_inference_model_computes_what_mixed_precision_training_computes():
@@ -175,6 +202,26 @@ def test_bf16_inference_model_computes_what_mixed_precision_training_computes():
         train = MixedPrecision(model, torch.bfloat16)(tokens, return_mtp=True)
         infer = prepare_inference(copy.deepcopy(model), bf16_runtime())(tokens, return_mtp=True)
     assert torch.equal(train[0], infer[0]) and torch.equal(train[1][0], infer[1][0])
+
+
+def test_the_residual_stream_stays_fp32_while_the_matmuls_run_in_bf16():
+    """Mixed precision keeps the sum of the blocks' outputs in fp32 (a bf16 sum rounds away updates below 2^-8
+    of its size), in training and in inference; what each block's matmuls see is bf16."""
+    model = random_model()
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+    for forward in (MixedPrecision(model, torch.bfloat16), prepare_inference(copy.deepcopy(model), bf16_runtime())):
+        owner = forward.model if isinstance(forward, MixedPrecision) else forward
+        seen = []
+        hooks = [owner.layers[0].register_forward_pre_hook(lambda m, a: seen.append(("residual", a[0].dtype))),
+                 owner.layers[0].attn.register_forward_pre_hook(lambda m, a: seen.append(("attn", a[0].dtype))),
+                 owner.norm.register_forward_hook(lambda m, a, out: seen.append(("final", out.dtype)))]
+        with torch.no_grad():
+            forward(tokens)
+        for h in hooks:
+            h.remove()
+        assert seen == [("residual", torch.float32), ("attn", torch.bfloat16), ("final", torch.bfloat16)]
+    with torch.no_grad():  # outside a mixed-precision model nothing changes: fp32 in, fp32 out
+        assert model(tokens).dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -48,7 +48,7 @@ def run(cfg: EvalConfig) -> dict:
     task = get_task(cfg.task, **cfg.task_args)
     set_threads(cfg.threads)
     model, tokenizer = load_checkpoint(cfg.ckpt)
-    rt = resolve(cfg.device, cfg.precision, dims=model.cfg)
+    rt = resolve(cfg.device, cfg.precision, dims=model.cfg, rows=cfg.n * cfg.k)  # all decoded together
     model = prepare_inference(model, rt)
     problems = task.problems(cfg.seed, cfg.n, split="heldout")
     r = evaluate(Engine(model, tokenizer), task, problems, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,

@@ -62,11 +62,12 @@ class ChatConfig(SamplingOptions):
         check(self)
 
 
-def load_for_inference(cfg: SamplingOptions):
-    """(model, tokenizer, runtime): the checkpoint in the compute precision on the chosen device."""
+def load_for_inference(cfg: SamplingOptions, rows: int = 1):
+    """(model, tokenizer, runtime): the checkpoint in the compute precision on the chosen device; `auto`
+    precision is measured at `rows`, the sequences decoded together."""
     set_threads(cfg.threads)
     model, tokenizer = load_checkpoint(cfg.ckpt)
-    rt = resolve(cfg.device, cfg.precision, dims=model.cfg)
+    rt = resolve(cfg.device, cfg.precision, dims=model.cfg, rows=rows)
     return prepare_inference(model, rt).eval(), tokenizer, rt
 
 
@@ -104,7 +105,7 @@ def _read_prompts(cfg: GenerateConfig) -> list[str]:
 
 def generate(cfg: GenerateConfig) -> None:
     prompts = _read_prompts(cfg)
-    model, tokenizer, _ = load_for_inference(cfg)
+    model, tokenizer, _ = load_for_inference(cfg, rows=len(prompts))
     if cfg.speculative and model.cfg.n_mtp_layers == 0:
         raise ValueError(f"--speculative: {cfg.ckpt} has no MTP module (n_mtp_layers = 0)")
     ids = [tokenizer.encode(p) for p in prompts]
