@@ -78,15 +78,17 @@ def plan(cfg: SpeedrunConfig) -> dict:
     scale = cfg.budget * (8 if cfg.gpu else 1)
     return {"pretrain": max(2, round(PLAN["pretrain"] * scale)),
             "student_pretrain": max(2, round(PLAN["student_pretrain"] * scale)),
-            "rl_seconds": max(5, round(PLAN["rl_seconds"] * scale)), "rl_steps": max(2, round(1000 * scale)),
+            "rl_steps": max(2, round(PLAN["rl_steps"] * scale)),
             "sample_n": max(8, round(PLAN["sample_n"] * scale)), "sft_epochs": PLAN["sft_epochs"],
-            "cold_n": max(16, round(PLAN["cold_n"] * scale)), "cold_seconds": max(5, round(PLAN["cold_seconds"] * scale)),
+            "cold_n": max(16, round(PLAN["cold_steps"] * 8 * scale)),  # one epoch at batch 8
             "batch": 16 * (4 if cfg.gpu else 1)}
 
 
-# seconds matter: the cold start at 120 s instead of 150 s took the same base to 27% instead of ~50%
-PLAN = {"pretrain": 200, "student_pretrain": 30, "cold_n": 10000, "cold_seconds": 150, "rl_seconds": 90,
-        "sample_n": 1200, "sft_epochs": 5}
+# Steps, not seconds: the cold start and GRPO used to stop at a wall time (150 s, 90 s), so a slower machine
+# trained less. A 150-s cold start of the same base ran 179 steps on an idle machine (49-58% held-out) and 122
+# with a third of the CPU stolen by the hypervisor (15%); at 120 s it gave 27%. 180 steps is the idle figure.
+PLAN = {"pretrain": 200, "student_pretrain": 30, "cold_steps": 180, "rl_steps": 40, "sample_n": 1200,
+        "sft_epochs": 5}
 
 
 def _run(label: str, args: list[str], log: Path) -> float:
@@ -190,11 +192,11 @@ def _train(cfg: SpeedrunConfig, out: Path, steps: dict, stage, timings: dict) ->
         rows = worked_solutions(cfg.task, steps["cold_n"], seed=cfg.seed, **cfg.task_args)
         cold.write_text("".join(json.dumps(r) + "\n" for r in rows))
     stage("coldstart", ["sft", "--init", str(out / "base"), "--data", str(cold), "--out", str(out / "coldstart"),
-                        "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--max-seconds",
-                        str(steps["cold_seconds"]), *seed], bool(ckpt.step_dirs(out / "coldstart")))
-    rl = ["--steps", str(steps["rl_steps"]), "--eval-every", "0", *RL_ARGS, *task, *seed]  # evaluated below
-    stage("grpo", ["grpo", "--init", str(out / "coldstart"), "--out", str(out / "rl"), "--max-seconds",
-                   str(steps["rl_seconds"]), *rl], bool(ckpt.step_dirs(out / "rl")))
+                        "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", *seed],
+          bool(ckpt.step_dirs(out / "coldstart")))
+    rl = ["--eval-every", "0", *RL_ARGS, *task, *seed]  # evaluated below
+    stage("grpo", ["grpo", "--init", str(out / "coldstart"), "--out", str(out / "rl"), "--steps",
+                   str(steps["rl_steps"]), *rl], bool(ckpt.step_dirs(out / "rl")))
     # rejection sampling at the evaluation temperature; k = 2, since a problem's correct traces are mostly the
     # same text (one worked solution) and duplicates are dropped
     stage("sample", ["sample", "--ckpt", str(out / "rl"), "--out", str(out / "traces.jsonl"), "--n",
@@ -213,7 +215,8 @@ def _train(cfg: SpeedrunConfig, out: Path, steps: dict, stage, timings: dict) ->
     # teacher's traces + SFT), with the teacher's RL settings; --steps only bounds it, --max-seconds ends it.
     budget_s = timings.get("sample", 0) + timings.get("distill", 0)
     stage("student-grpo", ["grpo", "--init", str(out / "student-base"), "--out", str(out / "student-rl"),
-                           "--max-seconds", f"{max(budget_s, 5):.0f}", *rl], bool(ckpt.step_dirs(out / "student-rl")))
+                           "--steps", "100000", "--max-seconds", f"{max(budget_s, 5):.0f}", *rl],
+          bool(ckpt.step_dirs(out / "student-rl")))
 
 
 # GRPO settings of both RL stages (docs/rl.md): fresh problems every step, 5 warm-up steps then a constant rate,
