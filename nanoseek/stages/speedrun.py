@@ -80,14 +80,15 @@ def plan(cfg: SpeedrunConfig) -> dict:
             "student_pretrain": max(2, round(PLAN["student_pretrain"] * scale)),
             "rl_steps": max(2, round(PLAN["rl_steps"] * scale)),
             "sample_n": max(8, round(PLAN["sample_n"] * scale)), "sft_epochs": PLAN["sft_epochs"],
-            "cold_n": max(16, round(PLAN["cold_steps"] * 8 * scale)),  # one epoch at batch 8
+            "cold_n": max(16, round(PLAN["cold_n"] * scale)),  # one epoch (packed rows: ~180 steps at batch 8)
             "batch": 16 * (4 if cfg.gpu else 1)}
 
 
-# Steps, not seconds: the cold start and GRPO used to stop at a wall time (150 s, 90 s), so a slower machine
-# trained less. A 150-s cold start of the same base ran 179 steps on an idle machine (49-58% held-out) and 122
-# with a third of the CPU stolen by the hypervisor (15%); at 120 s it gave 27%. 180 steps is the idle figure.
-PLAN = {"pretrain": 200, "student_pretrain": 30, "cold_steps": 180, "rl_steps": 40, "sample_n": 1200,
+# Work, not seconds: the cold start and GRPO used to stop at a wall time (150 s, 90 s), so a slower machine
+# trained less. A 150-s cold start of the same base ran 179 steps (its whole epoch of 10,000 solutions) on an
+# idle machine (49-58% held-out) and 122 with a third of the CPU stolen by the hypervisor (15%); at 120 s it
+# gave 27%. Now: one epoch of the cold-start set, and 40 GRPO steps (what 90 s ran on an idle machine).
+PLAN = {"pretrain": 200, "student_pretrain": 30, "cold_n": 10000, "rl_steps": 40, "sample_n": 1200,
         "sft_epochs": 5}
 
 
