@@ -52,7 +52,7 @@ class SpeedrunConfig:
     (the held-out problems every evaluation scored)."""
 
     out: str = option(help="run directory (report.md, results.json and heldout.jsonl are written here)")
-    budget: float = option(1.0, help="scale every stage's steps and seconds (2 = twice as long)", above=0)
+    budget: float = option(1.0, help="scale every stage's steps and examples (2 = twice as long)", above=0)
     preset: str = option("small", help="teacher preset", choices=tuple(PRESETS))
     student: str = option("small-dense", help="student preset for distillation", choices=tuple(PRESETS))
     task: str = option("chain_sum", help="RL / distillation task family (one with worked solutions for the "
@@ -72,7 +72,7 @@ class SpeedrunConfig:
 
 
 def plan(cfg: SpeedrunConfig) -> dict:
-    """Steps and seconds per stage: sized for under 20 minutes on 2 CPU cores at budget 1 (the GPU preset
+    """Steps and examples per stage: sized for under 20 minutes on 2 CPU cores at budget 1 (the GPU preset
     multiplies). Most of the budget goes to the teacher's pretraining: every later stage is only as good as the
     base model (a base that solves nothing gives RL nothing to reward)."""
     scale = cfg.budget * (8 if cfg.gpu else 1)
