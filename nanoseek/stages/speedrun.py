@@ -169,7 +169,9 @@ def _train(cfg: SpeedrunConfig, out: Path, steps: dict, stage, timings: dict) ->
     # a 6-step warm-up then a constant rate (no cosine decay): the cold start is the decay phase. An annealed base
     # re-warmed to the cold start's 1e-3 diverged (loss 0.6 -> 1.6, 4.9% held-out vs 29.4% from a peak-rate one).
     # The task skill is sensitive to the trajectory: with the same data, 180 steps (4- or 18-step warm-up) left
-    # a base that a 150-s cold start took to 7-11%, this 200-step one to 49-58% (docs/results/r1-zero.md)
+    # a base that a 150-s cold start took to 7-11%, this 200-step one to 49-58% (docs/results/r1-zero.md); with
+    # the fp32 residual stream of bf16 training (a correctness fix) the same plan reached only 10%
+    # (docs/results/speedrun.md): the plan is not robust yet
     stage("pretrain", ["pretrain", "--preset", cfg.preset, "--out", str(out / "base"), "--steps",
                        str(steps["pretrain"]), "--batch-size", b, "--warmup", "0.03", "--decay-start", "1",
                        "--decay-end", "1",
