@@ -91,7 +91,7 @@ def plan(cfg: SpeedrunConfig) -> dict:
 # becomes" (on training questions as badly: the copy had not been learned, not a memorised split). The same
 # base taken to 300 steps, then the same cold start: 67.6% (docs/results/speedrun.md).
 PLAN = {"pretrain": 300, "student_pretrain": 30, "cold_n": 10000, "rl_steps": 40, "sample_n": 1200,
-        "sft_epochs": 5}
+        "sft_epochs": 20}
 
 
 def _run(label: str, args: list[str], log: Path) -> float:
@@ -209,7 +209,9 @@ def _train(cfg: SpeedrunConfig, out: Path, steps: dict, stage, timings: dict) ->
     if n_traces == 0:  # nothing verified-correct to distil: say so in the report rather than train on nothing
         print("[speedrun] distill: skipped, rejection sampling kept no correct traces", file=sys.stderr)
     # distillation at 3e-3: on 1,190 traces and the 30-step student, 1e-3 gave 1.5% (18% well-formed), 3e-3 4.8%
-    # (100% well-formed); logit distillation from the RL teacher on the same traces (--teacher) gave 1.0%
+    # (100% well-formed); logit distillation from the RL teacher on the same traces (--teacher) gave 1.0%. 20
+    # epochs: on the 1,010 traces of a 70% teacher, 5 epochs (95 steps) gave 6.4%, 10 gave 10.6% (the first sum
+    # still wrong in 164 of 200 greedy answers: bench/chain_sum_errors.py), 20 gave 44.9%
     stage("distill", ["sft", "--init", str(out / "student-base"), "--data", str(out / "traces.jsonl"), "--out",
                       str(out / "distilled"), "--epochs", str(steps["sft_epochs"]), "--batch-size", "8",
                       "--lr", "3e-3", *seed], bool(ckpt.step_dirs(out / "distilled")) or n_traces == 0)
