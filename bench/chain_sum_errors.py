@@ -32,12 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoseek.engine import Engine, SamplingParams  # noqa: E402
 from nanoseek.runtime import prepare_inference, resolve, set_threads  # noqa: E402
 from nanoseek.stages.common import load_checkpoint  # noqa: E402
-from nanoseek.tasks import get_task  # noqa: E402
+from nanoseek.tasks import extract_answer, get_task  # noqa: E402
 from nanoseek.template import STOP  # noqa: E402
 
 SPEEDRUN_TASK = {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}
 _STEP = re.compile(r"(-?\d+) ([+-]) (\d+) = (-?\d+)(?:, so it becomes ([-+\d ]+))?\.")
-_ANSWER = re.compile(r"<answer>\s*(-?\d+)\s*</answer>")
 
 
 def expression(question: str) -> list:
@@ -47,8 +46,7 @@ def expression(question: str) -> list:
 
 def classify(question: str, completion: str, answer: str) -> str:
     """'ok', or the first broken step: 'step1', 'copy', 'step' or 'form' (module docstring)."""
-    final = _ANSWER.search(completion)
-    if final and final.group(1) == answer:
+    if extract_answer(completion) == answer:  # the verifier's own reading of the answer
         return "ok"
     tokens = expression(question)
     value, rest = tokens[0], tokens[1:]

@@ -88,9 +88,10 @@ def plan(cfg: SpeedrunConfig) -> dict:
 # Work, not seconds: the cold start and GRPO used to stop at a wall time (150 s, 90 s), so a slower machine
 # trained less; now one epoch of the cold-start set and 40 GRPO steps. 300 pretraining steps, not 200: with the
 # fp32 residual stream of bf16 training, 200 steps then the cold start reached only 10% held-out pass@1, and
-# greedy decoding showed why: the sums were right but 85 of 92 failures wrote the wrong third term after "so it
-# becomes" (on training questions as badly: the copy had not been learned, not a memorised split). The same
-# base taken to 300 steps, then the same cold start: 67.6% (docs/results/speedrun.md).
+# greedy decoding showed why (bench/chain_sum_errors.py): the sums were right, but 160 of 200 held-out answers
+# wrote the wrong third term after "so it becomes" (159 of 200 training questions: the copy had not been
+# learned, the split was not memorised). The same base taken to 300 steps, then the same cold start: 67.6%
+# (docs/results/r1-zero.md).
 PLAN = {"pretrain": 300, "student_pretrain": 30, "cold_n": 10000, "rl_steps": 40, "sample_n": 1200,
         "sft_epochs": 20}
 
