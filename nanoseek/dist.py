@@ -19,7 +19,8 @@ a DP × EP mesh, collective timeouts that end a run with one line, and DCP check
   its own process groups, so it can never be matched against an FSDP collective; host-side waits (rank 0 alone
   building data or writing files) use a gloo group with a long timeout.
 - Bit-identical to one process on CPU (same losses, loads and parameters as one process training on the same
-  batch chunks as micro-batches): gradients of the chunks are added in chunk order everywhere.
+  batch chunks as micro-batches): gradients of the chunks are added in chunk order everywhere. In bf16 mixed
+  precision too: FSDP2 makes the bf16 compute copies that runtime.MixedPrecision makes in one process.
 - Failures: every collective has a timeout (`--dist-timeout`); a timed-out, mismatched or broken collective
   (a dead peer) raises CollectiveError with one line naming the rank and the collective. On NCCL, blocking
   wait (TORCH_NCCL_BLOCKING_WAIT=1) makes the timeout raise in Python instead of aborting the process.
@@ -41,6 +42,7 @@ import torch.distributed as dist
 
 from .errors import StageError
 from .model import Experts, Transformer
+from .runtime import fp32_params, keeps_fp32
 
 HOST_WAIT_S = 3600.0  # timeout of waits for rank 0 alone (building the data, writing the full model)
 
@@ -241,18 +243,19 @@ class _AllToAll(torch.autograd.Function):
 
 
 class _Tap(torch.autograd.Function):
-    """Identity on the expert weights used for one source rank's rows; the backward hands that source's weight
-    gradients to the dispatcher's running sum instead of to autograd's accumulation."""
+    """The expert weights used for one source rank's rows, in the compute dtype (under bf16 mixed precision a
+    bf16 copy of the fp32 weights, which FSDP does not manage here); the backward hands that source's weight
+    gradients, in fp32, to the dispatcher's running sum instead of to autograd's accumulation."""
 
     @staticmethod
-    def forward(ctx, dispatcher: "ExpertDispatch", w1, w2, w3):
+    def forward(ctx, dispatcher: "ExpertDispatch", dtype, w1, w2, w3):
         ctx.dispatcher = dispatcher
-        return w1.view_as(w1), w2.view_as(w2), w3.view_as(w3)
+        return tuple(w.view_as(w) if w.dtype == dtype else w.to(dtype) for w in (w1, w2, w3))
 
     @staticmethod
     def backward(ctx, g1, g2, g3):
-        ctx.dispatcher.add_grads((g1, g2, g3))
-        return None, None, None, None
+        ctx.dispatcher.add_grads(tuple(g.float() for g in (g1, g2, g3)))
+        return None, None, None, None, None
 
 
 class ExpertDispatch:
@@ -305,7 +308,8 @@ class ExpertDispatch:
         # One ffn per source rank, built last-to-first: autograd runs the most recently built branch first, so the
         # sources' weight gradients reach add_grads in rank order (= batch-chunk order within the EP group).
         parts, weights = got.split(recv), (experts.w1, experts.w2, experts.w3)
-        ys = [experts.ffn(parts[s], recv_counts[s], _Tap.apply(self, *weights)) for s in reversed(range(W))][::-1]
+        dtype = weights[0].dtype if keeps_fp32(experts) else xs.dtype  # FP8 experts quantise from fp32
+        ys = [experts.ffn(parts[s], recv_counts[s], _Tap.apply(self, dtype, *weights)) for s in reversed(range(W))][::-1]
         return _AllToAll.apply(torch.cat(ys), send, recv, self, "combine")  # (N·K, D) in the caller's slot order
 
 
@@ -348,11 +352,17 @@ def expert_traffic(model: Transformer) -> int:
     return sum(m.dispatch.sent_bytes for m in model.modules() if isinstance(m, Experts) and m.dispatch is not None)
 
 
-def parallelize(model: Transformer, info: DistInfo) -> Transformer:
-    """Expert parallelism (if --ep), then FSDP2 over all non-expert parameters. Same init on every rank first."""
+def parallelize(model: Transformer, info: DistInfo, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Expert parallelism (if --ep), then FSDP2 over all non-expert parameters. Same init on every rank first.
+
+    dtype bf16 is mixed precision as in one process (runtime.MixedPrecision): FSDP2 all-gathers bf16 copies of the
+    fp32 shards for the forward (`MixedPrecisionPolicy(param_dtype=bf16)`) and reduces their gradients in fp32,
+    while the parameters that stay fp32 in every precision (runtime.keeps_fp32: router, norms, embedding, FP8
+    layers) are their own FSDP units with no cast. Block inputs are not cast, so the residual stream stays fp32.
+    Expert-parallel weights are outside FSDP: the dispatch casts them for its GEMMs (`_Tap`)."""
     if not info.enabled:
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if info.ep > 1:
         for name, m in model.named_modules():
@@ -362,11 +372,30 @@ def parallelize(model: Transformer, info: DistInfo) -> Transformer:
                 for p in ("w1", "w2", "w3"):
                     setattr(m, p, torch.nn.Parameter(getattr(m, p).detach()[lo:lo + El].clone()))
                 m.dispatch = ExpertDispatch(name, m.n_experts, info)
-    ignored = set(expert_params(model)) | {p for p in model.parameters() if not _shards_aligned(p, info.world)}
-    for module in list(model.layers) + list(model.mtp) + [model]:
-        fully_shard(module, mesh=info.mesh, ignored_params=ignored or None)
-        module.set_custom_reduce_scatter(ChunkOrderedReduceScatter([info.rank_of_chunk(c) for c in range(info.world)]))
+    experts = set(expert_params(model))
+    ignored = experts | {p for p in model.parameters() if not _shards_aligned(p, info.world)}
+    units, keep = list(model.layers) + list(model.mtp) + [model], []
+    policy = MixedPrecisionPolicy()  # fp32: no cast
+    if dtype != torch.float32:
+        # the embedding runs twice per forward (main model and MTP), which a nested FSDP unit does not support:
+        # it stays whole on every rank, in fp32, like the unaligned parameters
+        ignored |= set(model.embed.parameters())
+        stay = fp32_params(model)
+        unmanaged = [n for n, p in model.named_parameters() if p in ignored and id(p) not in stay and p not in experts]
+        if unmanaged:  # FSDP would not cast them, and the forward would mix dtypes
+            raise ValueError(f"--precision bf16 with {info.world} processes: parameter {unmanaged[0]} cannot be "
+                             "sharded evenly; use --precision fp32 or another world size")
+        keep = [m for m in model.modules() if m is not model and keeps_fp32(m)
+                and any(p not in ignored for p in m.parameters(recurse=False))]
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    order = [info.rank_of_chunk(c) for c in range(info.world)]
+    for module in keep + units:  # inner units first: an outer unit leaves their parameters to them
+        fully_shard(module, mesh=info.mesh, ignored_params=ignored or None,
+                    mp_policy=MixedPrecisionPolicy() if module in keep else policy)
+        module.set_custom_reduce_scatter(ChunkOrderedReduceScatter(order))
     return model
+
+
 
 
 ALIGN = 64  # elements: a multiple of every CPU vector width (fp32 AVX-512: 16; bf16: 32)
@@ -445,6 +474,16 @@ def barrier(info: DistInfo) -> None:
     if info.enabled:
         with labelled("barrier"):
             dist.barrier(group=info.host_group)
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's obj on every rank (any picklable value; the others pass anything)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    with labelled("broadcast from rank 0"):
+        dist.broadcast_object_list(box, src=0, group=info.host_group)
+    return box[0]
 
 
 def all_reduce_(tensors: list[torch.Tensor], info: DistInfo) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .packed_attention import segment_attention
 
 
 # The dtype the layers' matmuls compute in while a mixed-precision model runs (fp32 embedding table, bf16 other
@@ -260,11 +261,15 @@ class MLA(nn.Module):
         k_nope, v = self.wkv_b(kv).view(B, S, H, P + V).split([P, V], dim=-1)  # (B, S, H, P), (B, S, H, V)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, P+R)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], dim=-1)  # (B, S, H, P+R)
+        T = q.shape[1]
+        if q_pos is None and T == S and segments is not None and q.device.type == "cpu":  # packed samples
+            o = segment_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), segments,
+                                  self.softmax_scale)  # (B, H, T, V)
+            return o.transpose(1, 2)
         if V < self.qk_head_dim:
             # CPU flash attention needs equal qk and v head dims; zero columns cost far less than the
             # fallback math kernel (3x slower at our sizes) and are sliced off below.
             v = F.pad(v, (0, self.qk_head_dim - V))
-        T = q.shape[1]
         if q_pos is None and T == S and segments is None:
             mask, causal = None, True
         else:
@@ -303,14 +308,18 @@ class MLA(nn.Module):
 
     def _latent_causal(self, q, k, kv, segments: torch.Tensor | None) -> torch.Tensor:
         """Causal latent attention over a whole sequence, (B, T, H, C). On CPU, when the probabilities fit a memory
-        budget, `_CausalLatentAttention` (blockwise, probabilities kept for the backward); otherwise, and for packed
-        samples, F.scaled_dot_product_attention with one key/value head shared by the H query heads (enable_gqa)
-        and the value zero-padded to the key width C+R (the CPU flash kernel needs equal widths)."""
+        budget, `_CausalLatentAttention` (blockwise, probabilities kept for the backward), and for packed samples
+        `segment_attention`; otherwise F.scaled_dot_product_attention with one key/value head shared by the H
+        query heads (enable_gqa) and the value zero-padded to the key width C+R (the CPU flash kernel needs equal
+        widths)."""
         B, T, H, _ = q.shape
         C, R = kv.shape[-1], k.shape[-1] - kv.shape[-1]
         if segments is None and q.device.type == "cpu" and B * H * T * T <= _SAVED_PROBS_LIMIT:
             o = _CausalLatentAttention.apply(q.flatten(1, 2) * self.softmax_scale, k, kv, H, 64)
             return o.view(B, T, H, C)
+        if segments is not None and q.device.type == "cpu":  # packed samples: only the keys a block can see
+            o = segment_attention(q.transpose(1, 2), k.unsqueeze(1), kv.unsqueeze(1), segments, self.softmax_scale)
+            return o.transpose(1, 2)  # (B, T, H, C)
         mask = None
         if segments is not None:  # packed samples never see each other: causal and same segment, (B, 1, T, S)
             causal = torch.ones(T, T, dtype=torch.bool, device=kv.device).tril()

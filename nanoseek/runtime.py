@@ -153,15 +153,16 @@ def _seconds_per_matmul(M: int, K: int, N: int, dtype: torch.dtype, budget: floa
 # ----------------------------------------------------------------------------- models in a precision
 
 
-def _fp32_params(model: nn.Module) -> set[int]:
-    """Parameters that stay fp32 in every precision: modules marking `keep_fp32_weights` (the router, whose
-    scores and selection must not move with rounding; FP8 layers, which quantise from the fp32 master) and the
-    embedding in training (its sparse gradient sums many rows; its output is cast, which equals a bf16 lookup)."""
-    keep = set()
-    for m in model.modules():
-        if getattr(m, "keep_fp32_weights", False) or isinstance(m, nn.Embedding):
-            keep.update(id(p) for p in m.parameters(recurse=False))
-    return keep
+def keeps_fp32(module: nn.Module) -> bool:
+    """Whether a module's own weights stay fp32 in every precision: modules marking `keep_fp32_weights` (the
+    router, whose scores and selection must not move with rounding; norms; FP8 layers, which quantise from the
+    fp32 master) and the embedding (its rows start the fp32 residual stream; its sparse gradient sums many rows)."""
+    return getattr(module, "keep_fp32_weights", False) or isinstance(module, nn.Embedding)
+
+
+def fp32_params(model: nn.Module) -> set[int]:
+    """ids of the parameters that stay fp32 in every precision (those of `keeps_fp32` modules)."""
+    return {id(p) for m in model.modules() if keeps_fp32(m) for p in m.parameters(recurse=False)}
 
 
 class MixedPrecision:
@@ -174,7 +175,7 @@ class MixedPrecision:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         self.model, self.dtype = model, dtype
-        keep = _fp32_params(model)
+        keep = fp32_params(model)
         self.names = [n for n, p in model.named_parameters() if id(p) not in keep and p.is_floating_point()]
 
     def compute_weights(self) -> dict[str, torch.Tensor]:
@@ -195,12 +196,12 @@ def prepare_for_training(model: nn.Module, rt: Runtime):
 def prepare_inference(model: nn.Module, rt: Runtime) -> nn.Module:
     """Cast a model in place for inference in `rt`'s precision and move it to `rt.device`.
 
-    bf16: every weight except the router's, the norms' and the embedding table (see `_fp32_params`), so
+    bf16: every weight except the router's, the norms' and the embedding table (see `fp32_params`), so
     inference computes exactly what the MixedPrecision training forward computes, fp32 residual stream included
     (Transformer.mixed_precision); the routing bias and the RoPE table stay fp32 (Gate._apply,
     Transformer._apply). The engine then allocates its latent cache in bf16 (the head's dtype)."""
     model.to(rt.device)
-    keep = _fp32_params(model)
+    keep = fp32_params(model)
     with torch.no_grad():
         for p in model.parameters():
             if id(p) not in keep and p.is_floating_point():

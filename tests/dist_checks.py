@@ -4,7 +4,8 @@ Every layout of the world size (data parallel, expert parallel over all ranks, D
 trains the tiny model on the default batch shape, and must reproduce bit for bit one process that trains on the
 same batch chunks as micro-batches: the same losses and expert loads at every step and the same final parameters.
 Also with a routing bias that sends every token to rank 0's experts (the other ranks receive no slot: the case
-that deadlocked FSDP2's backward), and with FP8 experts. Then rank 0 issues a collective that no other rank
+that deadlocked FSDP2's backward), with FP8 experts, and in bf16 mixed precision (FSDP2's bf16 all-gather against
+one process's runtime.MixedPrecision). Then rank 0 issues a collective that no other rank
 joins: it must stop with one line naming itself and the collective once the timeout expires (exit status 1).
 
     torchrun --standalone --nproc_per_node=4 tests/dist_checks.py --steps 6
@@ -25,24 +26,28 @@ from nanoseek.config import get_preset
 from nanoseek.fp8 import convert_to_fp8
 from nanoseek.model import Experts, Gate, Transformer
 from nanoseek.optim import build_optimizer
+from nanoseek.runtime import MixedPrecision
 from nanoseek.stages.pretrain import PretrainConfig, _Trainer
 
 BATCH, SEQ = 16, 64  # the default --batch-size and the tiny preset's sequence length
 HANG_TIMEOUT_S = 3
 
 
-def train(info: ddp.DistInfo, steps: int, fp8: bool = False, favour: int = 0, micro: int = 0):
-    """Per-step (loss, grad_norm, maxvio) and the final full state dict (rank 0; None elsewhere)."""
+def train(info: ddp.DistInfo, steps: int, fp8: bool = False, favour: int = 0, micro: int = 0, bf16: bool = False):
+    """Per-step (loss, grad_norm, maxvio) and the final full state dict (rank 0; None elsewhere). bf16: mixed
+    precision (one process: runtime.MixedPrecision; several: FSDP2's bf16 all-gather of the fp32 shards)."""
     torch.manual_seed(0)
     model = Transformer(get_preset("tiny"))
     for gate in (m for m in model.modules() if isinstance(m, Gate)):
         gate.bias[:favour] = 10.0  # experts 0..favour-1 win every selection
     if fp8:
         convert_to_fp8(model)
-    model = ddp.parallelize(model, info)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = ddp.parallelize(model, info, dtype)
+    forward = model if info.enabled or not bf16 else MixedPrecision(model, dtype)
     cfg = PretrainConfig(out="unused", preset="tiny", steps=steps, batch_size=BATCH, micro_batch=micro)
     opt = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
-    trainer = _Trainer(cfg, model, model, opt, torch.device("cpu"), SEQ, info)
+    trainer = _Trainer(cfg, model, forward, opt, torch.device("cpu"), SEQ, info)
     gen = torch.Generator().manual_seed(1)
     rows, out = BATCH // info.world, []
     for step in range(steps):
@@ -93,11 +98,11 @@ def main() -> None:
     layouts = [("data parallel", 1), (f"expert parallel {world}", world)] + (
         [(f"DP x EP {world // 2}x2", 2)] if world >= 4 else [])
     cases = [("", {}, args.steps), (", all tokens to rank 0's experts", {"favour": 2}, max(2, args.steps // 2)),
-             (", FP8 experts", {"fp8": True}, 2)]
+             (", FP8 experts", {"fp8": True}, 2), (", bf16 mixed precision", {"bf16": True}, 2)]
     info = None
     for suffix, kw, steps in cases:
         ref = None
-        for name, ep in layouts if not kw else layouts[1:]:
+        for name, ep in layouts if not kw or "bf16" in kw else layouts[1:]:
             info = ddp.setup(torch.device("cpu"), ep, timeout_s=60)
             got = train(info, steps, **kw)
             if info.main:

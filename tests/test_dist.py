@@ -1,6 +1,7 @@
 """torch.distributed on CPU (gloo): every layout (data parallel, expert parallel, DP × EP) trains bit for bit like one
-process, a collective that never completes ends the run with one line and a non-zero exit, and a run that loses a
-rank to SIGKILL stops with one line and resumes from its last DCP checkpoint in one process, exactly."""
+process (in fp32 and in bf16 mixed precision), a collective that never completes ends the run with one line and a
+non-zero exit, and a run that loses a rank to SIGKILL stops with one line and resumes from its last DCP checkpoint
+in one process, exactly."""
 
 import json
 import os
@@ -34,11 +35,11 @@ def corpus(tmp_path_factory):
     return path
 
 
-def args(corpus, out, steps):
+def args(corpus, out, steps, precision="fp32"):
     """The default batch shape (16 sequences of the tiny preset's 64 tokens), 8 sequences per forward pass."""
     return ["pretrain", "--preset", "tiny", "--data", str(corpus), "--vocab-size", "300", "--steps", str(steps),
             "--micro-batch", "8", "--save-every", "2", "--keep", "2", "--eval-every", "4", "--eval-batches", "1",
-            "--threads", "1", "--dist-timeout", "60", "--precision", "fp32", "--out", str(out)]
+            "--threads", "1", "--dist-timeout", "60", "--precision", precision, "--out", str(out)]
 
 
 def records(run: Path) -> list[dict]:
@@ -46,8 +47,9 @@ def records(run: Path) -> list[dict]:
 
 
 def test_layouts_train_like_one_process_and_a_lone_collective_times_out_with_one_line(tmp_path):
-    """4 processes: DP, EP 4, DP × EP 2×2 (also with every token routed to rank 0's experts, and FP8 experts) give
-    one process's losses, expert loads and parameters bit for bit; then rank 0's lone collective times out."""
+    """4 processes: DP, EP 4, DP × EP 2×2 (also with every token routed to rank 0's experts, with FP8 experts, and
+    in bf16 mixed precision) give one process's losses, expert loads and parameters bit for bit; then rank 0's
+    lone collective times out."""
     script = Path(__file__).with_name("dist_checks.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "--log-dir",
            str(tmp_path / "logs"), "--redirects", "3", str(script), "--steps", "3"]
@@ -56,7 +58,7 @@ def test_layouts_train_like_one_process_and_a_lone_collective_times_out_with_one
     out, err = (rank0 / "stdout.log").read_text(), (rank0 / "stderr.log").read_text()
     assert done.returncode != 0, "the hang check must end the run with a non-zero exit"
     passed = [line for line in out.splitlines() if line.startswith("ok ")]
-    assert len(passed) == 7, out + err[-3000:]
+    assert len(passed) == 10, out + err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(r"dist_checks: rank 0 of 4: collective all_to_all_single \(expert slot counts, "
@@ -71,11 +73,12 @@ def _free_port() -> int:
 
 
 def test_killed_rank_stops_the_run_with_one_line_and_it_resumes_exactly_in_one_process(corpus, tmp_path):
+    """In bf16 mixed precision: FSDP's bf16 copies on two ranks, then one process's own, train alike."""
     ref, run = tmp_path / "one", tmp_path / "ep"
-    assert main(args(corpus, ref, 12)) == 0  # one process, the batch in two micro-batches
+    assert main(args(corpus, ref, 12, "bf16")) == 0  # one process, the batch in two micro-batches
     env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     logs = [open(tmp_path / f"rank{r}.err", "w+") for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "nanoseek", *args(corpus, run, 12), "--ep", "2"],
+    procs = [subprocess.Popen([sys.executable, "-m", "nanoseek", *args(corpus, run, 12, "bf16"), "--ep", "2"],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,
                               stderr=logs[r]) for r in range(2)]
     deadline = time.monotonic() + 300
@@ -92,6 +95,7 @@ def test_killed_rank_stops_the_run_with_one_line_and_it_resumes_exactly_in_one_p
                         r"step \d+: .+ — a peer died, hung or issued its collectives in another order "
                         r"\(--dist-timeout 60 s\)", last), last
     assert len(records(run)) < 12 and (ckpt.step_dirs(run)[-1] / "train_state" / "dcp").is_dir()
+    assert json.loads((run / "runtime.json").read_text())["precision"] == "bf16"
 
     assert main(["pretrain", "--out", str(run), "--resume"]) == 0  # one process: DCP reshards the experts
     assert [(r["step"], r["loss"], r["maxvio"], r.get("heldout_loss")) for r in records(run)] == [

@@ -37,7 +37,7 @@ from ..model import Gate, RouterLog, Transformer
 from ..sparse import IndexerLog
 from ..optim import (batch_size_at, build_optimizer, expert_loads, lr_at, max_violation, mtp_lambda_at,
                      update_routing_bias)
-from ..runtime import matmul_peak, pick_device, prepare_for_training, resolve, set_threads
+from ..runtime import Runtime, matmul_peak, pick_device, prepare_for_training, resolve, set_threads
 from ..stats import train_flops_per_token
 from ..tokenizer import MIN_VOCAB
 from .common import MetricsLog, StopRequest, clear_run, prepare_data, write_run_json
@@ -176,13 +176,14 @@ def _run(cfg: PretrainConfig, out: Path, info: "ddp.DistInfo", where: "ddp.Where
     model = build_model(mcfg).to(device)  # identical on every rank: same seed
     if cfg.fp8:
         convert_to_fp8(model, cfg.fp8_recipe)
-    model = ddp.parallelize(model, info)
+    model = ddp.parallelize(model, info, rt.dtype)  # several processes: FSDP casts the weights for bf16
     optimizer = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, moments=cfg.optim_moments)
     log = MetricsLog(out / "metrics.jsonl") if info.main else None
     state = {"step": 0, "tokens": 0, "bad_steps": 0}
     if cfg.resume:
         state = _restore(out, model, optimizer, loader, log, info)
-    forward = prepare_for_training(model, rt)  # bf16: compute copies of the fp32 master weights
+    # bf16: compute copies of the fp32 master weights (made by FSDP itself with several processes)
+    forward = model if info.enabled else prepare_for_training(model, rt)
     forward = torch.compile(forward) if cfg.compile else forward
     trainer = _Trainer(cfg, model, forward, optimizer, device, seq_len, info, peak_dtype=rt.dtype)
     tok_file = out / "data" / "tokenizer.json"
@@ -224,14 +225,14 @@ def _run(cfg: PretrainConfig, out: Path, info: "ddp.DistInfo", where: "ddp.Where
 
 
 def _runtime(cfg: PretrainConfig, device: torch.device, info: "ddp.DistInfo"):
-    """The precision of this run. With several processes every rank must compute alike, and the bf16 compute
-    copies are not wired into FSDP yet: auto then means fp32, and an explicit bf16 is an error."""
-    if info.enabled and cfg.precision != "fp32":
-        if cfg.precision == "bf16":
-            raise ValueError("--precision bf16 is not supported with several processes yet; use --precision fp32")
-        return resolve(str(device), "fp32")
+    """The precision of this run. With several processes every rank must compute alike: rank 0's choice (its
+    probe, for auto on a CPU) is the one every rank uses."""
     mcfg = get_preset(cfg.preset, **cfg.model_overrides)
-    return resolve(str(device), cfg.precision, dims=mcfg)
+    rt = resolve(str(device), cfg.precision, dims=mcfg) if info.main else None
+    if info.enabled:  # the choice and its probe figures travel; each rank keeps its own device
+        precision, probe = ddp.broadcast_object((rt.precision, rt.probe) if rt else None, info)
+        rt = Runtime(device, precision, probe, cfg.precision)
+    return rt
 
 
 # ----------------------------------------------------------------------------- one step

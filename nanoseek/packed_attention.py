@@ -1,0 +1,53 @@
+"""Causal attention over packed samples (SFT rows), touching only the keys each block of queries can see.
+
+A packed row holds several samples one after another; `segments` (B, T) numbers them (padding has its own id), and
+a query attends to the earlier keys of its own sample only (DeepSeek-V3 §4.1: sample masking). One masked
+`F.scaled_dot_product_attention` over the whole row computes every T × T score and masks most of them: with
+~75-token samples in 512-token rows most of the work is masked out, and on CPU its backward was 29-30% of an SFT
+step of the speedrun's models. `segment_attention` runs the queries in blocks of `block` positions, each against
+only the keys from the earliest sample start any row of the block reaches up to the block's last position. The
+skipped keys would contribute exactly zero, so it equals the full masked attention up to rounding (tests compare
+the two, values and gradients). Plain matmuls and softmax, not SDPA: on these small blocks in bf16 the CPU flash
+kernel was no faster than on the whole masked row, the plain form 2-3× faster (bench numbers in
+docs/results/precision.md). Probabilities are rounded to the value dtype, as in `model._CausalLatentAttention`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def segment_starts(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T): the position where each position's segment starts (segments are contiguous runs)."""
+    T = segments.shape[1]
+    pos = torch.arange(T, device=segments.device).expand_as(segments)
+    new = torch.ones_like(segments, dtype=torch.bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return torch.where(new, pos, 0).cummax(dim=1).values
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor, scale: float,
+                      block: int = 64) -> torch.Tensor:
+    """Causal, same-segment attention: q (B, H, T, d), k (B, Hk, T, d), v (B, Hk, T, dv) with Hk = H or 1 (one key
+    and value head shared by all query heads, as in absorbed MLA), segments (B, T), each segment a contiguous run
+    of positions. Returns (B, H, T, dv): what SDPA with the full causal-and-same-segment mask returns."""
+    B, H, T, _ = q.shape
+    Hk = k.shape[1]
+    if Hk not in (1, H):
+        raise ValueError(f"segment_attention: {Hk} key heads for {H} query heads (must be {H} or 1)")
+    starts = segment_starts(segments)
+    pos = torch.arange(T, device=q.device)
+    q = q * scale
+    outs = []
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
+        n = t1 - t0
+        k0 = int(starts[:, t0].min())  # no query of the block, in any row, sees a key before k0
+        visible = (pos[k0:t1] <= pos[t0:t1, None]) & (segments[:, t0:t1, None] == segments[:, None, k0:t1])
+        qb, hidden = q[:, :, t0:t1], ~visible.unsqueeze(1)  # (B, 1, n, keys)
+        if Hk == 1:  # the heads of a position share the keys: one (H·n × keys) matrix per row
+            qb, hidden = qb.reshape(B, 1, H * n, -1), hidden.expand(B, H, n, t1 - k0).reshape(B, 1, H * n, -1)
+        scores = qb @ k[:, :, k0:t1].transpose(-1, -2)
+        probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1).to(v.dtype)
+        outs.append((probs @ v[:, :, k0:t1]).view(B, H, n, -1))
+    return torch.cat(outs, dim=2)
