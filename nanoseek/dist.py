@@ -309,7 +309,8 @@ class ExpertDispatch:
         # sources' weight gradients reach add_grads in rank order (= batch-chunk order within the EP group).
         parts, weights = got.split(recv), (experts.w1, experts.w2, experts.w3)
         dtype = weights[0].dtype if keeps_fp32(experts) else xs.dtype  # FP8 experts quantise from fp32
-        ys = [experts.ffn(parts[s], recv_counts[s], _Tap.apply(self, dtype, *weights)) for s in reversed(range(W))][::-1]
+        ys = [experts.ffn(parts[s], recv_counts[s], _Tap.apply(self, dtype, *weights))
+              for s in reversed(range(W))][::-1]
         return _AllToAll.apply(torch.cat(ys), send, recv, self, "combine")  # (N·K, D) in the caller's slot order
 
 

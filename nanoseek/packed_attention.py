@@ -8,13 +8,14 @@ step of the speedrun's models. `segment_attention` runs the queries in blocks of
 only the keys from the earliest sample start any row of the block reaches up to the block's last position. The
 skipped keys would contribute exactly zero, so it equals the full masked attention up to rounding (tests compare
 the two, values and gradients). Plain matmuls and softmax, not SDPA: on these small blocks in bf16 the CPU flash
-kernel was no faster than on the whole masked row, the plain form 2-3× faster (bench numbers in
-docs/results/precision.md). Probabilities are rounded to the value dtype, as in `model._CausalLatentAttention`.
+kernel was no faster than on the whole masked row, the plain form 2-3× faster (the SFT step: docs/results/sft_step.md).
+Probabilities are rounded to the value dtype, as in `model._CausalLatentAttention`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def segment_starts(segments: torch.Tensor) -> torch.Tensor:
@@ -51,3 +52,15 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
         probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1).to(v.dtype)
         outs.append((probs @ v[:, :, k0:t1]).view(B, H, n, -1))
     return torch.cat(outs, dim=2)
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """The reference: one SDPA call over the whole row with the full causal-and-same-segment mask (same shapes).
+    v is zero-padded to the key width, as the model did before (the CPU flash kernel needs equal widths)."""
+    T, dv = q.shape[2], v.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    mask = (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
+    o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, max(0, q.shape[-1] - dv))), attn_mask=mask, scale=scale,
+                                       enable_gqa=k.shape[1] != q.shape[1])
+    return o[..., :dv]

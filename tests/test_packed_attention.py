@@ -1,10 +1,9 @@
-"""segment_attention (packed SFT rows, blockwise over the visible keys) against one SDPA call with the full mask."""
+"""segment_attention (packed SFT rows, blockwise over the visible keys) against masked_sdpa (one SDPA, full mask)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from nanoseek.packed_attention import segment_attention, segment_starts
+from nanoseek.packed_attention import masked_sdpa, segment_attention, segment_starts
 
 
 def _segments(lengths: list[list[int]], T: int) -> torch.Tensor:
@@ -14,13 +13,6 @@ def _segments(lengths: list[list[int]], T: int) -> torch.Tensor:
         ids = [s for s, n in enumerate(row) for _ in range(n)]
         rows.append(ids + [-1] * (T - len(ids)))
     return torch.tensor(rows)
-
-
-def _reference(q, k, v, segments, scale):
-    T = q.shape[2]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] == 1)
 
 
 def test_segment_starts():
@@ -44,7 +36,7 @@ def test_equals_full_mask_attention_values_and_gradients(key_heads, dtype, tol):
     grad_out = torch.randn(4, H, T, dv).to(dtype)
     got, want = [], []
     for fn, out in ((lambda: segment_attention(q, k, v, seg, 0.2, block=16), got),
-                    (lambda: _reference(q, k, v, seg, 0.2), want)):
+                    (lambda: masked_sdpa(q, k, v, seg, 0.2), want)):
         o = fn()
         grads = torch.autograd.grad(o, (q, k, v), grad_out)
         out.extend([o, *grads])
