@@ -358,9 +358,10 @@ def parallelize(model: Transformer, info: DistInfo, dtype: torch.dtype = torch.f
 
     dtype bf16 is mixed precision as in one process (runtime.MixedPrecision): FSDP2 all-gathers bf16 copies of the
     fp32 shards for the forward (`MixedPrecisionPolicy(param_dtype=bf16)`) and reduces their gradients in fp32,
-    while the parameters that stay fp32 in every precision (runtime.keeps_fp32: router, norms, embedding, FP8
-    layers) are their own FSDP units with no cast. Block inputs are not cast, so the residual stream stays fp32.
-    Expert-parallel weights are outside FSDP: the dispatch casts them for its GEMMs (`_Tap`)."""
+    while the parameters that stay fp32 in every precision (runtime.keeps_fp32: router, norms, FP8 layers) are
+    their own FSDP units with no cast, and the embedding stays whole on every rank. Block inputs are not cast,
+    so the residual stream stays fp32. Expert-parallel weights are outside FSDP: the dispatch casts them for its
+    GEMMs (`_Tap`)."""
     if not info.enabled:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -395,8 +396,6 @@ def parallelize(model: Transformer, info: DistInfo, dtype: torch.dtype = torch.f
                     mp_policy=MixedPrecisionPolicy() if module in keep else policy)
         module.set_custom_reduce_scatter(ChunkOrderedReduceScatter(order))
     return model
-
-
 
 
 ALIGN = 64  # elements: a multiple of every CPU vector width (fp32 AVX-512: 16; bf16: 32)
