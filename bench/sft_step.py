@@ -70,7 +70,7 @@ def race(preset: str, args) -> tuple[dict, str, float]:
     forward, opt = prepare_for_training(model, rt), build_optimizer(model, 1e-4, weight_decay=0.0)
     data = packed_batches(cfg.vocab_size, cfg.max_seq_len, args.rows, 4, args.seed)
     fill = statistics.mean(float((b["segments"] >= 0).float().mean()) for b in data) * cfg.max_seq_len
-    forms = {"segment": segment_attention, "masked": lambda q, k, v, seg, scale: masked_sdpa(q, k, v, seg, scale)}
+    forms = {"segment": segment_attention, "masked": masked_sdpa}
     step, times = step_fn(model, forward, opt), {name: [] for name in forms}
     try:
         for i in range(args.steps + 1):

@@ -190,10 +190,13 @@ class MixedPrecision:
 
 
 def prepare_for_training(model: nn.Module, rt: Runtime):
-    """The forward a training step calls: the model itself in fp32, a MixedPrecision view of it in bf16.
+    """The forward a training step calls: the model itself in fp32, a MixedPrecision view of it in bf16. A model
+    sharded by FSDP2 (dist.parallelize) is returned as it is: FSDP makes its bf16 compute copies itself.
 
     The model's parameters stay fp32 either way (build the optimizer on `model`, save `model`)."""
-    return model if rt.precision == "fp32" else MixedPrecision(model, rt.dtype)
+    from torch.distributed.fsdp import FSDPModule
+
+    return model if rt.precision == "fp32" or isinstance(model, FSDPModule) else MixedPrecision(model, rt.dtype)
 
 
 def prepare_inference(model: nn.Module, rt: Runtime) -> nn.Module:

@@ -26,7 +26,7 @@ from nanoseek.config import get_preset
 from nanoseek.fp8 import convert_to_fp8
 from nanoseek.model import Experts, Gate, Transformer
 from nanoseek.optim import build_optimizer
-from nanoseek.runtime import MixedPrecision
+from nanoseek.runtime import Runtime, prepare_for_training
 from nanoseek.stages.pretrain import PretrainConfig, _Trainer
 
 BATCH, SEQ = 16, 64  # the default --batch-size and the tiny preset's sequence length
@@ -44,7 +44,7 @@ def train(info: ddp.DistInfo, steps: int, fp8: bool = False, favour: int = 0, mi
         convert_to_fp8(model)
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = ddp.parallelize(model, info, dtype)
-    forward = model if info.enabled or not bf16 else MixedPrecision(model, dtype)
+    forward = prepare_for_training(model, Runtime(torch.device("cpu"), "bf16" if bf16 else "fp32"))
     cfg = PretrainConfig(out="unused", preset="tiny", steps=steps, batch_size=BATCH, micro_batch=micro)
     opt = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     trainer = _Trainer(cfg, model, forward, opt, torch.device("cpu"), SEQ, info)

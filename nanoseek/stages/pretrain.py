@@ -182,8 +182,7 @@ def _run(cfg: PretrainConfig, out: Path, info: "ddp.DistInfo", where: "ddp.Where
     state = {"step": 0, "tokens": 0, "bad_steps": 0}
     if cfg.resume:
         state = _restore(out, model, optimizer, loader, log, info)
-    # bf16: compute copies of the fp32 master weights (made by FSDP itself with several processes)
-    forward = model if info.enabled else prepare_for_training(model, rt)
+    forward = prepare_for_training(model, rt)  # bf16: compute copies of the fp32 master weights
     forward = torch.compile(forward) if cfg.compile else forward
     trainer = _Trainer(cfg, model, forward, optimizer, device, seq_len, info, peak_dtype=rt.dtype)
     tok_file = out / "data" / "tokenizer.json"
