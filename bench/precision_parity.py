@@ -7,6 +7,7 @@ each seed trains both precisions, and the spread between the fp32 runs of differ
 correct trainings differ anyway. Finished runs are reused; unfinished ones resume.
 
     python bench/precision_parity.py --runs runs/precision --out docs/results/precision-parity.md [--seeds 0 1]
+    python bench/precision_parity.py --preset small-v4 --runs runs/precision-v4 --out docs/results/precision-parity-v4.md
 
 Last line (means over the seeds): fp32_loss=… bf16_loss=… loss_diff=… fp32_heldout=… bf16_heldout=…
 heldout_diff=… bf16_speedup=… [fp32_seed_spread=…]
@@ -32,7 +33,7 @@ def train(precision: str, seed: int, args) -> Path:
     out = Path(args.runs) / (precision if seed == 0 else f"{precision}-seed{seed}")
     if step_dirs(out) and step_dirs(out)[-1].name == f"step_{args.steps:06d}":
         return out
-    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--preset", "small", "--out", str(out),
+    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--preset", args.preset, "--out", str(out),
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--eval-every", str(args.eval_every),
            "--eval-batches", "8", "--save-every", str(args.save_every), "--threads", str(args.threads),
            "--precision", precision, "--seed", str(seed)]
@@ -45,6 +46,7 @@ def train(precision: str, seed: int, args) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="small", help="model preset (small-v4: V4's hyper-connection streams)")
     ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--eval-every", type=int, default=20)
@@ -66,8 +68,8 @@ def main() -> None:
     spread = {k: max(r[k] for r in fp32) / min(r[k] for r in fp32) - 1 for k in keys} if len(fp32) > 1 else None
     figs = Path(args.out).with_suffix("")
     labels = {f"{'fp32' if p == 'fp32' else 'bf16 mixed precision'}, seed {s}": d for (p, s), d in dirs.items()}
-    plots = [plot_runs(labels, "loss", figs / "train_loss.png", f"small, {args.steps} steps: training loss", 5),
-             plot_runs(labels, "heldout_loss", figs / "heldout_loss.png", f"small, {args.steps} steps: held-out loss")]
+    plots = [plot_runs(labels, "loss", figs / "train_loss.png", f"{args.preset}, {args.steps} steps: training loss", 5),
+             plot_runs(labels, "heldout_loss", figs / "heldout_loss.png", f"{args.preset}, {args.steps} steps: held-out loss")]
     write_markdown(args, rows, diffs, mean, spread, speedup, plots)
     avg = {(p, k): sum(rows[p, s][k] for s in args.seeds) / len(args.seeds) for p in ("fp32", "bf16") for k in keys}
     print(f"fp32_loss={avg['fp32', 'final_loss']:.4f} bf16_loss={avg['bf16', 'final_loss']:.4f} "
@@ -82,7 +84,7 @@ def write_markdown(args, rows: dict, diffs: dict, mean: dict, spread: dict | Non
     ok = all(abs(d[k]) <= TOLERANCE for d in diffs.values() for k in ("final_loss", "heldout_loss"))
     first = rows["fp32", args.seeds[0]]
     lines = [
-        "# bf16 mixed precision: loss parity with fp32 (`small` preset)", "",
+        f"# bf16 mixed precision: loss parity with fp32 (`{args.preset}` preset)", "",
         f"Command: `python {' '.join(sys.argv)}`", "",
         f"Runs of {args.steps} steps × {args.batch_size} sequences × 512 tokens ({first.get('tokens', 0):,} tokens) "
         f"on the embedded corpus, for each seed ({', '.join(map(str, args.seeds))}) one "

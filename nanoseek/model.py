@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .packed_attention import segment_attention
+from .packed_attention import CausalLatentAttention, segment_attention
 
 
 # The dtype the layers' matmuls compute in while a mixed-precision model runs (fp32 embedding table, bf16 other
@@ -308,14 +308,14 @@ class MLA(nn.Module):
 
     def _latent_causal(self, q, k, kv, segments: torch.Tensor | None) -> torch.Tensor:
         """Causal latent attention over a whole sequence, (B, T, H, C). On CPU, when the probabilities fit a memory
-        budget, `_CausalLatentAttention` (blockwise, probabilities kept for the backward), and for packed samples
+        budget, `CausalLatentAttention` (blockwise, probabilities kept for the backward), and for packed samples
         `segment_attention`; otherwise F.scaled_dot_product_attention with one key/value head shared by the H
         query heads (enable_gqa) and the value zero-padded to the key width C+R (the CPU flash kernel needs equal
         widths)."""
         B, T, H, _ = q.shape
         C, R = kv.shape[-1], k.shape[-1] - kv.shape[-1]
         if segments is None and q.device.type == "cpu" and B * H * T * T <= _SAVED_PROBS_LIMIT:
-            o = _CausalLatentAttention.apply(q.flatten(1, 2) * self.softmax_scale, k, kv, H, 64)
+            o = CausalLatentAttention.apply(q.flatten(1, 2) * self.softmax_scale, k, kv, H, 64)
             return o.view(B, T, H, C)
         if segments is not None and q.device.type == "cpu":  # packed samples: only the keys a block can see
             o = segment_attention(q.transpose(1, 2), k.unsqueeze(1), kv.unsqueeze(1), segments, self.softmax_scale)
@@ -358,55 +358,6 @@ class MLA(nn.Module):
 
 
 _SAVED_PROBS_LIMIT = 1 << 26  # B·H·T² up to 64M probabilities (128 MB in bf16, half that kept) per layer
-
-
-class _CausalLatentAttention(torch.autograd.Function):
-    """softmax(q kᵀ) v for q (B, T·H, C+R) (rows (t, h), already scaled), k (B, T, C+R), v (B, T, C), causal
-    per position t = row // H: the H heads share the keys and values, so each block of query positions is one
-    (rows × visible keys) matrix against only the keys it can see (the masked half of the square is skipped).
-
-    Scores come from bf16 GEMMs, the softmax runs in fp32 and rounds the probabilities P to the value dtype, as
-    the blockwise reference does. The backward reuses the kept P instead of recomputing the scores (flash-style
-    kernels trade that memory for a second pass): dV = Pᵀ dO, dS = P ⊙ (dO vᵀ − rowsum(dO ⊙ O)), dq = dS k,
-    dk = dSᵀ q. Masked probabilities are exactly 0, so dS needs no mask. Blocks of 64 positions measured fastest
-    on CPU (small score tiles stay in cache; 128 and flash attention were 1.4-1.9× slower here).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, heads: int, block: int):
-        T = k.shape[1]
-        rows = torch.arange(block * heads, device=q.device) // heads
-        future = torch.arange(block, device=q.device) > rows[:, None]  # (block·H, block): the diagonal tile's mask
-        probs, outs = [], []
-        for t0 in range(0, T, block):
-            t1 = min(T, t0 + block)
-            scores = q[:, t0 * heads:t1 * heads] @ k[:, :t1].transpose(1, 2)  # (B, rows, t1)
-            scores[..., t0:t1].masked_fill_(future[: (t1 - t0) * heads, : t1 - t0], float("-inf"))
-            p = scores.softmax(dim=-1).to(v.dtype)  # (torch accumulates bf16 softmax in fp32, rounds once)
-            probs.append(p)
-            outs.append(p @ v[:, :t1])  # (B, rows, C)
-        o = torch.cat(outs, dim=1)
-        ctx.save_for_backward(q, k, v, o, *probs)
-        ctx.heads, ctx.block = heads, block
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, *probs = ctx.saved_tensors
-        heads, block, T = ctx.heads, ctx.block, k.shape[1]
-        delta = (do.float() * o.float()).sum(-1, keepdim=True)  # (B, T·H, 1): rowsum(dO ⊙ O) = Σ P ⊙ dP
-        dq = torch.empty_like(q)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        for i, t0 in enumerate(range(0, T, block)):
-            t1 = min(T, t0 + block)
-            r = slice(t0 * heads, t1 * heads)
-            p, do_r = probs[i], do[:, r]
-            ds = torch.sub(do_r @ v[:, :t1].transpose(1, 2), delta[:, r]).mul_(p).to(q.dtype)  # (B, rows, t1)
-            torch.bmm(ds, k[:, :t1], out=dq[:, r])
-            dk[:, :t1] += ds.transpose(1, 2) @ q[:, r]
-            dv[:, :t1] += p.transpose(1, 2) @ do_r
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 # ----------------------------------------------------------------------------- feed-forward

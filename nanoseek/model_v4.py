@@ -38,7 +38,12 @@ def sinkhorn(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
 
 class HyperConnection(nn.Module):
-    """One mHC site: maps the streams to the collapse A (pre), the spread C (post) and the mixer B (comb)."""
+    """One mHC site: maps the streams to the collapse A (pre), the spread C (post) and the mixer B (comb).
+
+    Its weights stay fp32 under mixed precision (`keep_fp32_weights`), as the router's: the coefficients are
+    computed in fp32 and Sinkhorn's projection should not start from rounded weights."""
+
+    keep_fp32_weights = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -69,6 +74,8 @@ class HyperConnection(nn.Module):
 
 class HyperHead(nn.Module):
     """The final collapse of the streams: Σ_n (sigmoid(a_n) + eps) · X_n, a from the RMSNorm'd streams."""
+
+    keep_fp32_weights = True  # as HyperConnection's
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -220,7 +227,8 @@ class MTPV4(BlockV4):
     def forward(self, x, emb, tokens, table, router_log=None, cache=None, positions=None, attn_impl=None):
         """x (B, T, N, D) the previous depth's streams, emb (B, T, D) the embeddings of the tokens k ahead ->
         (streams (B, T, N, D), final-normed hidden (B, T, D))."""
-        x = self.e_proj(self.enorm(emb)).unsqueeze(2) + self.h_proj(self.hnorm(x))
+        # the new streams in the embedding rows' dtype: fp32 under mixed precision (TransformerV4.embedding)
+        x = self.e_proj(self.enorm(emb)).to(emb.dtype).unsqueeze(2) + self.h_proj(self.hnorm(x))
         x = super().forward(x, tokens, table, router_log, cache, positions, attn_impl)
         return x, self.norm(self.hc_head(x))
 
@@ -292,37 +300,41 @@ class TransformerV4(Transformer):
     # ------------------------------------------------------------------ full sequences
 
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token rows in the compute dtype: the table stays fp32 in bf16 training (runtime.prepare_for_training)
-        while every other weight is a bf16 copy, so the rows are cast after the lookup, as in model.py."""
-        return self.embed(tokens).to(self.head.weight.dtype)
+        """The rows that start the streams. In a mixed-precision model (fp32 table, bf16 blocks: see
+        Transformer.mixed_precision) they stay fp32, so the streams are fp32 sums of the blocks' bf16 outputs,
+        as V3's residual stream; otherwise they are cast to the layers' dtype."""
+        return self.embed_tokens(tokens)
 
     def streams(self, tokens: torch.Tensor, router_log=None, attn_impl: str | None = None) -> torch.Tensor:
         """The residual streams after the last block, (B, T, N, D)."""
         if tokens.shape[1] > self.freqs_main.shape[0]:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.freqs_main.shape[0]}")
-        x = self.embedding(tokens).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)
-        for layer in self.layers:
-            x = layer(x, tokens, self.table(layer.attn.kind), router_log, attn_impl=attn_impl)
-        return x
+        with self.mixed_precision():
+            x = self.embedding(tokens).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)
+            for layer in self.layers:
+                x = layer(x, tokens, self.table(layer.attn.kind), router_log, attn_impl=attn_impl)
+            return x
 
     def hidden(self, tokens: torch.Tensor, router_log=None, positions=None, segments=None) -> torch.Tensor:
         """The main model's final-normed hidden states (B, T, D)."""
         if positions is not None or segments is not None:
             raise ValueError("V4 attention compresses across the whole row: packed samples (positions/segments) "
                              "are not supported; train V4 on unpacked rows")
-        return self.norm(self.hc_head(self.streams(tokens, router_log)))
+        with self.mixed_precision():
+            return self.norm(self.hc_head(self.streams(tokens, router_log)))
 
     def forward(self, tokens: torch.Tensor, return_mtp: bool = False, router_log=None, head=None):
         """As Transformer.forward: logits (B, T, vocab), with return_mtp also [MTP logits (B, T-k, vocab)]."""
-        x = self.streams(tokens, router_log)
         project = (lambda h, k: self.head(h)) if head is None else (lambda h, k: head(h, self.head.weight, k))
-        out = project(self.norm(self.hc_head(x)), 0)
-        if not return_mtp:
-            return out
-        mtp, table = [], self.table("sliding")
-        for k, module in enumerate(self.mtp, start=1):
-            x, h = module(x[:, :-1], self.embedding(tokens[:, k:]), tokens[:, k:], table, router_log)
-            mtp.append(project(h, k))
+        with self.mixed_precision():
+            x = self.streams(tokens, router_log)
+            out = project(self.norm(self.hc_head(x)), 0)
+            if not return_mtp:
+                return out
+            mtp, table = [], self.table("sliding")
+            for k, module in enumerate(self.mtp, start=1):
+                x, h = module(x[:, :-1], self.embedding(tokens[:, k:]), tokens[:, k:], table, router_log)
+                mtp.append(project(h, k))
         return out, mtp
 
     def mtp_hidden(self, h, tokens, router_log=None):
@@ -340,17 +352,21 @@ class TransformerV4(Transformer):
         """Residual streams (B, T, N, D) of tokens at `positions` (B, T), reading and extending the caches."""
         if int(positions.max()) >= self.freqs_main.shape[0]:
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.freqs_main.shape[0]}")
-        x = self.embedding(tokens).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)
-        for layer, cache in zip(self.layers, caches):
-            x = layer(x, tokens, self.table(layer.attn.kind), cache=cache, positions=positions, attn_impl=attn_impl)
-        return x
+        with self.mixed_precision():
+            x = self.embedding(tokens).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)
+            for layer, cache in zip(self.layers, caches):
+                x = layer(x, tokens, self.table(layer.attn.kind), cache=cache, positions=positions,
+                          attn_impl=attn_impl)
+            return x
 
     def hidden_cached(self, tokens, positions, caches, attn_impl=None) -> torch.Tensor:
         """Final-normed hidden states (B, T, D) of tokens at `positions` (B, T), reading and extending the caches."""
-        return self.norm(self.hc_head(self.streams_cached(tokens, positions, caches, attn_impl)))
+        with self.mixed_precision():
+            return self.norm(self.hc_head(self.streams_cached(tokens, positions, caches, attn_impl)))
 
     def mtp_cached(self, depth: int, x: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor, cache):
         """MTP depth `depth` at `positions`: x the previous depth's streams (B, T, N, D) (streams_cached for
         depth 1), next_tokens the tokens `depth` ahead. Returns (streams, final-normed hidden (B, T, D))."""
-        return self.mtp[depth - 1](x, self.embedding(next_tokens), next_tokens, self.table("sliding"), cache=cache,
-                                   positions=positions)
+        with self.mixed_precision():
+            return self.mtp[depth - 1](x, self.embedding(next_tokens), next_tokens, self.table("sliding"),
+                                       cache=cache, positions=positions)

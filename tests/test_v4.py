@@ -461,3 +461,36 @@ def test_v4_trains_in_bf16_mixed_precision():
     loss.backward()
     assert abs(loss.item() - ref.item()) < 1e-2 * ref.item()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_v4_streams_stay_fp32_while_the_blocks_compute_in_bf16():
+    """As V3's residual stream (docs/precision.md): under mixed precision, in training and in inference, the
+    hyper-connection streams and their mixing weights stay fp32 (a bf16 stream rounds away updates below 2^-8 of
+    its size), what attention and the MoE see is bf16, and the final norm hands the head bf16."""
+    import copy
+
+    from nanoseek.model_v4 import HyperConnection, HyperHead, MTPV4
+    from nanoseek.runtime import MixedPrecision, prepare_inference, resolve
+
+    cfg = get_preset("tiny-v4")
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
+    inference = prepare_inference(copy.deepcopy(model), resolve("cpu", "bf16"))
+    assert all(p.dtype == torch.float32 for m in inference.modules() if isinstance(m, (HyperConnection, HyperHead))
+               for p in m.parameters())
+    for forward, owner in ((MixedPrecision(model, torch.bfloat16), model), (inference, inference)):
+        seen = []
+        hooks = [owner.layers[1].register_forward_pre_hook(lambda m, a: seen.append(("streams", a[0].dtype))),
+                 owner.layers[1].attn.register_forward_pre_hook(lambda m, a: seen.append(("attn", a[0].dtype))),
+                 owner.layers[1].ffn.register_forward_pre_hook(lambda m, a: seen.append(("moe", a[0].dtype))),
+                 owner.norm.register_forward_hook(lambda m, a, out: seen.append(("final", out.dtype))),
+                 owner.mtp[0].register_forward_hook(lambda m, a, out: seen.append(("mtp streams", out[0].dtype)))]
+        with torch.no_grad():
+            forward(tokens, return_mtp=True)
+        for h in hooks:
+            h.remove()
+        assert seen == [("streams", torch.float32), ("attn", torch.bfloat16), ("moe", torch.bfloat16),
+                        ("final", torch.bfloat16), ("mtp streams", torch.float32)], seen
+        assert isinstance(owner.mtp[0], MTPV4)
+    with torch.no_grad():  # outside a mixed-precision model nothing changes
+        assert model(tokens).dtype == torch.float32
