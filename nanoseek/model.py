@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .packed_attention import CausalLatentAttention, segment_attention
+from .packed_attention import CausalLatentAttention, masked_sdpa, segment_attention
 
 
 # The dtype the layers' matmuls compute in while a mixed-precision model runs (fp32 embedding table, bf16 other
@@ -317,16 +317,13 @@ class MLA(nn.Module):
         if segments is None and q.device.type == "cpu" and B * H * T * T <= _SAVED_PROBS_LIMIT:
             o = CausalLatentAttention.apply(q.flatten(1, 2) * self.softmax_scale, k, kv, H, 64)
             return o.view(B, T, H, C)
-        if segments is not None and q.device.type == "cpu":  # packed samples: only the keys a block can see
-            o = segment_attention(q.transpose(1, 2), k.unsqueeze(1), kv.unsqueeze(1), segments, self.softmax_scale)
+        if segments is not None:  # packed samples: on CPU only the keys a block can see, else one masked SDPA
+            attend = segment_attention if q.device.type == "cpu" else masked_sdpa
+            o = attend(q.transpose(1, 2), k.unsqueeze(1), kv.unsqueeze(1), segments, self.softmax_scale)
             return o.transpose(1, 2)  # (B, T, H, C)
-        mask = None
-        if segments is not None:  # packed samples never see each other: causal and same segment, (B, 1, T, S)
-            causal = torch.ones(T, T, dtype=torch.bool, device=kv.device).tril()
-            mask = (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.unsqueeze(1), F.pad(kv, (0, R)).unsqueeze(1), attn_mask=mask,
-            is_causal=mask is None, scale=self.softmax_scale, enable_gqa=True,
+            q.transpose(1, 2), k.unsqueeze(1), F.pad(kv, (0, R)).unsqueeze(1), is_causal=True,
+            scale=self.softmax_scale, enable_gqa=True,
         )  # (B, H, T, C+R)
         return o[..., :C].transpose(1, 2)
 
