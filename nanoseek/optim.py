@@ -18,9 +18,12 @@ import torch
 def lr_at(step: int, total: int, peak: float, warmup: float = 0.02, decay_start: float = 0.676,
           decay_end: float = 0.966, min_ratio: float = 0.1) -> float:
     """Learning rate for 0-based `step` of `total` (all phases as fractions of the run)."""
+    # The warm-up is a whole number of steps, and the ramp ends exactly at the peak: testing `step / total <
+    # warmup` against a rounded step count overshot it (160 steps at 2%: 3 steps, but step 3 got 4/3 × peak).
+    n_warmup = max(round(warmup * total), 1) if warmup > 0 else 0
+    if step < n_warmup:
+        return peak * (step + 1) / n_warmup
     x = step / max(total, 1)
-    if x < warmup:
-        return peak * (step + 1) / max(round(warmup * total), 1)
     if x < decay_start:
         return peak
     if x < decay_end:

@@ -174,6 +174,10 @@ def test_lr_schedule_shape():
     assert all(v == 1.0 for v in lrs[20:600])
     assert all(a >= b for a, b in zip(lrs[600:900], lrs[601:900]))
     assert lrs[750] == pytest.approx(0.55, abs=0.01) and all(v == pytest.approx(0.1) for v in lrs[900:])
+    # the warm-up never exceeds the peak, whatever the rounding of warmup × total (160 × 2% = 3.2 steps)
+    short = [lr_at(s, 160, peak, warmup=0.02) for s in range(10)]
+    assert short[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and max(short) == 1.0
+    assert lr_at(0, 10, peak, warmup=0.0) == 1.0
     assert mtp_lambda_at(0, 100) == 0.3 and mtp_lambda_at(99, 100) == 0.1
     assert batch_size_at(0, 100, 16, start=4, ramp=0.5) == 4 and batch_size_at(25, 100, 16, 4, 0.5) == 10
     assert batch_size_at(60, 100, 16, 4, 0.5) == 16
