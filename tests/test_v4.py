@@ -429,21 +429,29 @@ def test_mtp_cached_equals_full_mtp():
 
 
 @pytest.mark.parametrize("preset", ["tiny-v4", "tiny-v32"])
-def test_changing_a_token_never_changes_earlier_logits(preset):
+def test_changing_a_token_never_changes_earlier_logits(preset, gemm_rows_independent):
     """Causality of the full forward (training path), MTP included: windows, compressed blocks and the indexer
-    never look ahead."""
+    never look ahead. Earlier logits must stay bit for bit the same where this CPU's GEMM rows do not depend on
+    how many rows are multiplied together (conftest.gemm_rows_independent); elsewhere the changed token can
+    resize an expert's group, which moves that group's other rows in the last bits (measured: ≤ 1e-6 of the
+    logits' scale), so they must stay within 1e-5 of it, far below what any look-ahead changes (checked below)."""
     torch.manual_seed(0)
     model = build_model(get_preset(preset, max_seq_len=96, attn_impl="absorb")).eval()
     model.init_weights(std=0.1)
     tokens = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(7))
+
+    def same(a, b):
+        return torch.equal(a, b) if gemm_rows_independent else bool((a - b).abs().max() <= 1e-5 * b.abs().max())
+
     with torch.no_grad():
         ref, (ref_mtp,) = model(tokens, return_mtp=True)
         for j in (5, 17, 40, 63):
             other = tokens.clone()
             other[0, j] = (other[0, j] + 1) % 256
             out, (mtp,) = model(other, return_mtp=True)
-            assert torch.equal(out[:, :j], ref[:, :j]) and not torch.equal(out[:, j:], ref[:, j:])
-            assert torch.equal(mtp[:, : j - 1], ref_mtp[:, : j - 1])  # MTP position i reads token i + 1
+            assert same(out[:, :j], ref[:, :j])
+            assert (out[:, j:] - ref[:, j:]).abs().max() > 1e-3 * ref.abs().max()  # the change itself shows
+            assert same(mtp[:, : j - 1], ref_mtp[:, : j - 1])  # MTP position i reads token i + 1
 
 
 def test_v4_trains_in_bf16_mixed_precision():
