@@ -74,12 +74,9 @@ class CausalLatentAttention(torch.autograd.Function):
 
     Scores come from bf16 GEMMs, the softmax runs in fp32 and rounds the probabilities P to the value dtype, as
     the blockwise reference does. The backward reuses the kept P instead of recomputing the scores (flash-style
-    kernels trade that memory for a second pass): dV = Pᵀ dO, dS = P ⊙ (dP − rowsum(P ⊙ dP)) with dP = dO vᵀ,
-    dq = dS k, dk = dSᵀ q. dS is torch's fused softmax backward (one pass, fp32 inside, one rounding): the same
-    formula as three separate sub/mul/cast passes over fp32 intermediates, and measured 1.3-1.5× faster for the
-    whole backward on a Zen 4 CPU (docs/results/precision.md). Masked probabilities are exactly 0, so dS needs
-    no mask. Blocks of 64 positions measured fastest on CPU (small score tiles stay in cache; 128 and flash
-    attention were 1.4-1.9× slower here).
+    kernels trade that memory for a second pass): dV = Pᵀ dO, dS = P ⊙ (dO vᵀ − rowsum(dO ⊙ O)), dq = dS k,
+    dk = dSᵀ q. Masked probabilities are exactly 0, so dS needs no mask. Blocks of 64 positions measured fastest
+    on CPU (small score tiles stay in cache; 128 and flash attention were 1.4-1.9× slower here).
     """
 
     @staticmethod
@@ -96,14 +93,15 @@ class CausalLatentAttention(torch.autograd.Function):
             probs.append(p)
             outs.append(p @ v[:, :t1])  # (B, rows, C)
         o = torch.cat(outs, dim=1)
-        ctx.save_for_backward(q, k, v, *probs)
+        ctx.save_for_backward(q, k, v, o, *probs)
         ctx.heads, ctx.block = heads, block
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, *probs = ctx.saved_tensors
+        q, k, v, o, *probs = ctx.saved_tensors
         heads, block, T = ctx.heads, ctx.block, k.shape[1]
+        delta = (do.float() * o.float()).sum(-1, keepdim=True)  # (B, T·H, 1): rowsum(dO ⊙ O) = Σ P ⊙ dP
         dq = torch.empty_like(q)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -111,7 +109,7 @@ class CausalLatentAttention(torch.autograd.Function):
             t1 = min(T, t0 + block)
             r = slice(t0 * heads, t1 * heads)
             p, do_r = probs[i], do[:, r]
-            ds = torch._softmax_backward_data(do_r @ v[:, :t1].transpose(1, 2), p, -1, p.dtype)  # (B, rows, t1)
+            ds = torch.sub(do_r @ v[:, :t1].transpose(1, 2), delta[:, r]).mul_(p).to(q.dtype)  # (B, rows, t1)
             torch.bmm(ds, k[:, :t1], out=dq[:, r])
             dk[:, :t1] += ds.transpose(1, 2) @ q[:, r]
             dv[:, :t1] += p.transpose(1, 2) @ do_r
