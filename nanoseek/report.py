@@ -130,6 +130,36 @@ def _stage_row(out: Path, name: str, label: str, timing_key: str, timings: dict)
             f"{ev.get('mean_response_tokens', float('nan')):.0f} |")
 
 
+def _runtime_of(out: Path, name: str) -> dict | None:
+    """The precision choice a stage recorded: pretraining's runtime.json, the other stages' run.json "runtime"."""
+    path = out / name / "runtime.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    path = out / name / "run.json"
+    return json.loads(path.read_text()).get("runtime") if path.exists() else None
+
+
+def precision_line(out: Path) -> str:
+    """One line: every training stage's and evaluation's compute precision and the probe's bf16/fp32 speedup
+    behind an `auto` choice (runtime.resolve), from the files the stages wrote."""
+    parts = []
+    for name in ("base", "student-base", "coldstart", "rl", "distilled", "student-rl"):
+        rt = _runtime_of(out, name)
+        if rt:
+            speedup = rt.get("probe", {}).get("speedup")
+            parts.append(f"{TRAINED_BY[name]} {rt['precision']}" + (f" (probe {speedup}×)" if speedup else ""))
+    evals = [json.loads(p.read_text()).get("runtime") for p in sorted(out.glob("eval/*.json"))]
+    evals = [e for e in evals if e]
+    if evals:
+        speedups = ", ".join(str(e["probe"]["speedup"]) for e in evals if e.get("probe", {}).get("speedup"))
+        parts.append(f"evaluations {'/'.join(sorted({e['precision'] for e in evals}))}"
+                     + (f" (probe {speedups}× at their decoding rows)" if speedups else ""))
+    if not parts:
+        return ""
+    return ("Compute precision (`--precision auto`: bf16 where a probe of this machine's matmuls measures it at "
+            "least 2× faster than fp32): " + "; ".join(parts) + ".")
+
+
 TRAINED_BY = {"base": "pretrain", "coldstart": "coldstart", "rl": "grpo", "student-base": "student-pretrain",
               "distilled": "distill", "student-rl": "student-grpo"}  # checkpoint directory -> its speedrun stage
 
@@ -169,6 +199,8 @@ def write_speedrun_report(out: str | Path, cfg: dict, stages: list[tuple[str, st
         "is in any training source), 4 samples each at temperature 0.6, top-p 0.95. results.json has the same "
         "numbers.", "",
     ]
+    precision = precision_line(out)
+    lines += [precision, ""] if precision else []
     n_traces = len((out / "traces.jsonl").read_text().splitlines()) if (out / "traces.jsonl").exists() else 0
     lines += [f"Rejection sampling kept {n_traces} verified-correct, well-formed traces.", ""]
     if student_rl is not None:

@@ -27,6 +27,15 @@ def test_speedrun_smoke(tmp_path):
     for label in ("teacher base", "teacher + GRPO", "student base", "student distilled", "student + GRPO"):
         assert label in report
     assert len(list((out / "figures").glob("*.png"))) == 6
+    # every stage recorded the precision it resolved (and the report says which): pretraining in runtime.json,
+    # SFT and GRPO in run.json, evaluations in their JSON
+    for stage in ("coldstart", "rl", "student-rl"):
+        assert json.loads((out / stage / "run.json").read_text())["runtime"]["precision"] in ("fp32", "bf16")
+    assert json.loads((out / "rl" / "run.json").read_text())["rollout_runtime"]["precision"] in ("fp32", "bf16")
+    assert all(json.loads(p.read_text())["runtime"]["precision"] in ("fp32", "bf16") for p in (out / "eval").glob("*"))
+    precision = next(line for line in report.splitlines() if line.startswith("Compute precision"))
+    for stage in ("pretrain", "student-pretrain", "coldstart", "grpo", "student-grpo", "evaluations"):
+        assert f"{stage} " in precision, (stage, precision)
     timings = json.loads((out / "timings.json").read_text())
     assert {"pretrain", "student-pretrain", "grpo", "sample", "student-grpo"} <= set(timings)
     results = json.loads((out / "results.json").read_text())

@@ -54,7 +54,8 @@ def run(cfg: EvalConfig) -> dict:
     r = evaluate(Engine(model, tokenizer), task, problems, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     if cfg.json:
-        print(json.dumps({"task": cfg.task, "task_args": cfg.task_args, "precision": rt.precision, **r}))
+        print(json.dumps({"task": cfg.task, "task_args": cfg.task_args, "precision": rt.precision,
+                          "runtime": rt.describe(), **r}))
     else:
         print(f"{cfg.task}: pass@1 {r['accuracy']:.1%} (mean of {r['k']} samples over {r['n']} held-out problems), "
               f"cons@{r['k']} {r['cons_at_k']:.1%}, well-formed {r['format']:.1%}, "

@@ -160,13 +160,14 @@ def run(cfg: GRPOConfig) -> Path:
 def train(model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path) -> Path:
     """The RL loop on a loaded model and any Task; returns the last checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
-    write_run_json(out, "grpo", {**dataclasses.asdict(cfg), "effective": settings})
     torch.manual_seed(cfg.seed)
     model.mtp.requires_grad_(False)  # RL trains the next-token policy; the MTP drafter stays as pretrained
     rt = resolve(cfg.device, cfg.precision, dims=model.cfg)
     model.to(rt.device)
     forward = prepare_for_training(model, rt)  # bf16 compute copies of the fp32 masters (runtime.MixedPrecision)
     rollout_rt = rt if cfg.rollout_dtype == "same" else resolve(cfg.device, cfg.rollout_dtype)
+    write_run_json(out, "grpo", {**dataclasses.asdict(cfg), "effective": settings, "runtime": rt.describe(),
+                                 "rollout_runtime": rollout_rt.describe()})
     reference = prepare_inference(copy.deepcopy(model), rt).eval().requires_grad_(False)  # the initial policy
     rollout_model = model if rollout_rt.precision == "fp32" else prepare_inference(copy.deepcopy(model), rollout_rt)
     engine = eval_engine = Engine(rollout_model, tokenizer)

@@ -174,7 +174,8 @@ def run(cfg: SFTConfig) -> Path:
     if cfg.force:  # only now that the inputs are known good
         clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_run_json(out, "sft", {**dataclasses.asdict(cfg), "examples": len(pairs), "dropped_heldout": dropped})
+    write_run_json(out, "sft", {**dataclasses.asdict(cfg), "examples": len(pairs), "dropped_heldout": dropped,
+                                "runtime": rt.describe()})
     model.mtp.requires_grad_(False)  # packed samples would leak through the MTP's look-ahead; it is not trained
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
