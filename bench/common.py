@@ -85,9 +85,9 @@ def race(steps: int, data: list[torch.Tensor], step_fns: dict) -> dict[str, list
     return times
 
 
-def runtime(args):
+def runtime(args, training: bool = False):
     """The precision of this run (after torch.set_num_threads, so the probe measures at the bench's threads)."""
-    return resolve("cpu", args.precision)
+    return resolve("cpu", args.precision, training=training)
 
 
 def hf_context(rt):

@@ -28,7 +28,7 @@ def main() -> None:
     args = parse_args(__doc__)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rt = runtime(args)
+    rt = runtime(args, training=True)
     ours, theirs, cfg, impl = twin_models(args.preset)
     data = batches(cfg, args.batch, args.seq_len)
     rel = logit_check(ours, theirs, data[0][:, :-1])

@@ -25,7 +25,12 @@ from torch import nn
 
 from .options import DEVICES, PRECISIONS  # declared once, with the flags
 
-MIN_SPEEDUP = 2.0  # bf16 must be this much faster than fp32 in the probe for `auto` to pick it on a CPU
+# How much faster bf16 matmuls must be than fp32 in the probe for `auto` to pick bf16 on a CPU. Decoding needs a
+# wide margin: a bf16 call has a fixed cost (~40-50 µs per F.linear on an AMX Xeon), which dominates few-row steps.
+# A training step multiplies thousands of rows and gains whenever its matmuls do: on an AMD EPYC (Zen 4, no AMX)
+# a 2.02× probe went with a 1.71× faster bf16 step (docs/results/precision.md), so 2.0 sat on the edge there.
+MIN_SPEEDUP = 2.0
+MIN_SPEEDUP_TRAINING = 1.5
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,8 @@ class Runtime:
         return {**out, **({"probe": self.probe} if self.probe else {})}
 
 
-def resolve(device: str = "auto", precision: str = "auto", dims=None, probe=None, rows: int = 1024) -> Runtime:
+def resolve(device: str = "auto", precision: str = "auto", dims=None, probe=None, rows: int = 1024,
+            training: bool = False) -> Runtime:
     """The Runtime for `--device` and `--precision` (ValueError naming the flag for a bad value).
 
     dims: a ModelConfig (or a list of (M, K, N) matmul shapes) the CPU probe measures; default: `small`'s.
@@ -61,6 +67,7 @@ def resolve(device: str = "auto", precision: str = "auto", dims=None, probe=None
     sequences it decodes together, because on a CPU bf16 GEMMs of a few rows are slower than fp32 ones
     (measured on an AMX Xeon: 0.16× at 1 row, 1.0× at 32, 2.4× at 128, 4.5× at 800).
     probe: a function shapes -> probe dict replacing `bf16_probe` (tests inject one instead of patching).
+    training: the stage trains (pretrain, SFT, GRPO): `auto` then needs MIN_SPEEDUP_TRAINING, else MIN_SPEEDUP.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -79,7 +86,8 @@ def resolve(device: str = "auto", precision: str = "auto", dims=None, probe=None
                        f"{1 / figures['speedup']:.3g}× slower than fp32 ({figures['bf16_gflops']} vs "
                        f"{figures['fp32_gflops']} GFLOP/s); --precision auto would choose fp32")
         return Runtime(dev, "bf16", figures, precision)
-    return Runtime(dev, "bf16" if figures["speedup"] >= MIN_SPEEDUP else "fp32", figures, precision)
+    needed = MIN_SPEEDUP_TRAINING if training else MIN_SPEEDUP
+    return Runtime(dev, "bf16" if figures["speedup"] >= needed else "fp32", figures, precision)
 
 
 _WARNED: set[str] = set()

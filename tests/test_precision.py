@@ -71,6 +71,10 @@ def random_model(seed=0, std=0.1, **kw):
 def test_auto_follows_the_probe():
     assert resolve("cpu", "auto", probe=fake_probe(0.05)).precision == "fp32"  # AVX2: emulated bf16
     assert resolve("cpu", "auto", probe=fake_probe(1.9)).precision == "fp32"  # faster, but not by 2×
+    # a training stage gains whenever its matmuls do (thousands of rows): 1.5× is enough there, not 1.4×
+    assert resolve("cpu", "auto", probe=fake_probe(1.9), training=True).precision == "bf16"
+    assert resolve("cpu", "auto", probe=fake_probe(1.4), training=True).precision == "fp32"
+    assert resolve("cpu", "auto", probe=fake_probe(0.05), training=True).precision == "fp32"  # emulated bf16
     rt = resolve("cpu", "auto", probe=fake_probe(4.0))
     assert rt.precision == "bf16" and rt.dtype == torch.bfloat16
     assert rt.describe() == {"device": "cpu", "precision": "bf16", "requested": "auto", "probe": rt.probe}
@@ -102,6 +106,24 @@ def test_eval_decides_auto_precision_at_its_decoding_batch(tmp_path, capsys, mon
         assert main(["eval", "--ckpt", str(run), "--task", "chain_sum", "--n", str(n), "--k", str(k),
                      "--max-new-tokens", "4", "--json"]) == 0
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["precision"] == expected
+
+
+def test_training_stages_need_a_smaller_probe_margin_than_decoding(tmp_path, capsys, monkeypatch):
+    """At a 1.8× probe (between MIN_SPEEDUP_TRAINING and MIN_SPEEDUP) pretraining and SFT train in bf16 and say
+    so in their run files, while evaluation of the same checkpoint decodes in fp32."""
+    monkeypatch.setattr("nanoseek.runtime.bf16_probe", fake_probe(1.8))
+    run = tmp_path / "tiny"
+    assert main(["pretrain", "--preset", "tiny", "--out", str(run), "--steps", "1", "--n-problems", "50"]) == 0
+    assert json.loads((run / "runtime.json").read_text())["precision"] == "bf16"
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text(json.dumps({"prompt": "What is 2 + 3?", "completion": "5"}) + "\n")
+    assert main(["sft", "--init", str(run), "--data", str(traces), "--out", str(tmp_path / "sft"), "--epochs",
+                 "1"]) == 0
+    assert json.loads((tmp_path / "sft" / "run.json").read_text())["runtime"]["precision"] == "bf16"
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(run), "--task", "chain_sum", "--n", "40", "--k", "4", "--max-new-tokens",
+                 "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["precision"] == "fp32"
 
 
 def test_forced_bf16_on_a_slow_cpu_warns_once_with_the_slowdown():

@@ -162,7 +162,7 @@ def train(model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path) ->
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model.mtp.requires_grad_(False)  # RL trains the next-token policy; the MTP drafter stays as pretrained
-    rt = resolve(cfg.device, cfg.precision, dims=model.cfg)
+    rt = resolve(cfg.device, cfg.precision, dims=model.cfg, training=True)
     model.to(rt.device)
     forward = prepare_for_training(model, rt)  # bf16 compute copies of the fp32 masters (runtime.MixedPrecision)
     rollout_rt = rt if cfg.rollout_dtype == "same" else resolve(cfg.device, cfg.rollout_dtype)

@@ -227,7 +227,7 @@ def _runtime(cfg: PretrainConfig, device: torch.device, info: "ddp.DistInfo"):
     """The precision of this run. With several processes every rank must compute alike: rank 0's choice (its
     probe, for auto on a CPU) is the one every rank uses."""
     mcfg = get_preset(cfg.preset, **cfg.model_overrides)
-    rt = resolve(str(device), cfg.precision, dims=mcfg) if info.main else None
+    rt = resolve(str(device), cfg.precision, dims=mcfg, training=True) if info.main else None
     if info.enabled:  # the choice and its probe figures travel; each rank keeps its own device
         precision, probe = ddp.broadcast_object((rt.precision, rt.probe) if rt else None, info)
         rt = Runtime(device, precision, probe, cfg.precision)

@@ -155,7 +155,7 @@ def run(cfg: SFTConfig) -> Path:
     out = Path(cfg.out)
     check_out_dir(out, "--out", own=own_run(out, "sft"), force=cfg.force)
     model, tokenizer = load_checkpoint(cfg.init)
-    rt = resolve(cfg.device, cfg.precision, dims=model.cfg)
+    rt = resolve(cfg.device, cfg.precision, dims=model.cfg, training=True)
     forward = prepare_for_training(model.to(rt.device), rt)  # bf16 compute copies of fp32 masters, or the model
     teacher = ckpt.load(cfg.teacher)[0].eval().requires_grad_(False) if cfg.teacher else None
     if teacher is not None and teacher.cfg.vocab_size != model.cfg.vocab_size:
