@@ -156,8 +156,11 @@ def precision_line(out: Path) -> str:
                      + (f" (probe {speedups}× at their decoding rows)" if speedups else ""))
     if not parts:
         return ""
-    return ("Compute precision (`--precision auto`: bf16 where a probe of this machine's matmuls measures it at "
-            "least 2× faster than fp32): " + "; ".join(parts) + ".")
+    from .runtime import MIN_SPEEDUP, MIN_SPEEDUP_TRAINING
+
+    return (f"Compute precision (`--precision auto`: bf16 where a probe of this machine's matmuls measures it "
+            f"faster than fp32 by at least {MIN_SPEEDUP_TRAINING}× for training, {MIN_SPEEDUP}× for decoding): "
+            + "; ".join(parts) + ".")
 
 
 TRAINED_BY = {"base": "pretrain", "coldstart": "coldstart", "rl": "grpo", "student-base": "student-pretrain",
