@@ -131,6 +131,57 @@ def test_filtered_probs():
     assert (nucleus[0] > 0).tolist() == [True, True, False, False]
 
 
+def _nucleus_by_sorting(probs, top_p):
+    """row_probs' nucleus as first written: sort the whole vocabulary (stable), zero the tail, renormalise."""
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    drop = sorted_p.cumsum(-1) - sorted_p > top_p[:, None]
+    nucleus = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return nucleus / nucleus.sum(-1, keepdim=True)
+
+
+def test_nucleus_without_a_full_sort_equals_sorting_bit_for_bit():
+    from nanoseek.engine import nucleus_mask, nucleus_mask_reference, row_probs
+
+    gen = torch.Generator().manual_seed(0)
+    # bf16-rounded logits tie often, as a bf16 head's do; scales from peaked (nucleus of 1) to flat (no
+    # candidate set holds the nucleus: the reference path), top-p from 0.3 to 0.999
+    scale = torch.tensor([0.3, 1.0, 3.0, 8.0, 20.0]).repeat_interleave(40)[:, None]
+    logits = (torch.randn(200, 4096, generator=gen) * scale).bfloat16().float()
+    logits[::7, :3] = logits[::7, :3].amax(-1, keepdim=True) + 2  # tied favourites
+    logits[3::7, 10:70] = 6.0  # a tie straddling the 64 candidates
+    top_p = torch.tensor([0.3, 0.9, 0.95, 0.999]).repeat(50)
+    probs = (logits / 0.6).softmax(-1)
+    fast = nucleus_mask(probs, top_p)
+    assert torch.equal(fast, nucleus_mask_reference(probs, top_p))
+    kept = fast.sum(-1)
+    assert (kept == 1).any() and (kept > 64).any()  # both paths ran
+    assert torch.equal(nucleus_mask(probs, top_p, candidates=4096), nucleus_mask_reference(probs, top_p))
+    # the two conditions of the fast path, each at its edge: 64 candidates holding 0.93 of the mass where the
+    # nucleus ends inside a tie of 200 tokens (ids spread over the vocabulary), and candidates short of top_p
+    edge = torch.randint(0, 3, (2, 4096), generator=gen) * 0.001 + 1e-4  # ~1,365 ties at the top value
+    edge[0, torch.randperm(4096, generator=gen)[:20]] = 1.0
+    edge[1, :64], edge[1, 64:] = torch.linspace(0.02, 0.005, 64), 5e-5
+    edge = edge / edge.sum(-1, keepdim=True)
+    tie = edge[0].unique()[-2]  # the nucleus ends 30 tokens into the tie; topk keeps 44 of its tokens
+    edge_p = torch.stack([edge[0][edge[0] > tie].sum() + 30 * tie, torch.tensor(0.9)])
+    assert torch.equal(nucleus_mask(edge, edge_p), nucleus_mask_reference(edge, edge_p))
+    out = row_probs(logits, torch.full((200,), 0.6), torch.zeros(200, dtype=torch.long), top_p)
+    assert torch.equal(out, _nucleus_by_sorting(probs, top_p))
+    # rows without top-p (1.0) keep every token, in a batch where other rows use it
+    mixed = torch.where(torch.arange(200) % 2 == 0, top_p, 1.0)
+    out = row_probs(logits, torch.full((200,), 0.6), torch.zeros(200, dtype=torch.long), mixed)
+    assert torch.equal(out[1::2], probs[1::2]) and torch.equal(out[::2], _nucleus_by_sorting(probs, top_p)[::2])
+
+
+def test_top_k_keeps_the_k_largest_and_their_ties():
+    from nanoseek.engine import row_probs
+
+    logits = torch.tensor([[5.0, 4.0, 4.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    probs = row_probs(logits, torch.ones(2), torch.tensor([2, 0]), torch.ones(2))
+    assert (probs[0] > 0).tolist() == [True, True, True, False, False]  # ties with the k-th stay, as before
+    assert torch.equal(probs[1], logits[1].softmax(-1))
+
+
 def test_cache_memory_is_the_formula():
     model = model_for()
     cache = model.new_cache(batch=4, max_len=50)
