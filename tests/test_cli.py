@@ -128,3 +128,25 @@ def test_tiny_is_usable_with_every_commands_defaults(tmp_path, capsys, monkeypat
                  "1", "--eval-n", "8"]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error" not in err.lower(), err[-2000:]
+
+
+def test_eval_of_several_checkpoints_equals_evaluating_each_alone(tmp_path, capsys):
+    """One process scores every --ckpt on the same problems (the speedrun's five evaluations); each line is
+    what evaluating that checkpoint alone prints, and a bad path fails before anything is scored."""
+    run = tmp_path / "tiny"
+    assert main(["pretrain", "--preset", "tiny", "--out", str(run), "--steps", "2", "--n-problems", "50",
+                 "--save-every", "1", "--eval-batches", "0"]) == 0
+    first = str(run / "checkpoints" / "step_000001")
+    flags = ["--task", "chain_sum", "--n", "6", "--k", "2", "--max-new-tokens", "6", "--json"]
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", first, str(run), *flags]) == 0
+    together = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    alone = []
+    for path in (first, str(run)):
+        assert main(["eval", "--ckpt", path, *flags]) == 0
+        alone.append(json.loads(capsys.readouterr().out))
+    assert [r["ckpt"] for r in together] == [first, str(run)]
+    strip = lambda r: {k: v for k, v in r.items() if k != "runtime"}  # noqa: E731 (the probe's timings vary)
+    assert [strip(r) for r in together] == [strip(r) for r in alone]
+    assert main(["eval", "--ckpt", first, str(tmp_path / "missing"), *flags]) == 2
+    assert capsys.readouterr().out == ""

@@ -2,9 +2,11 @@
 
 R1's protocol: k samples per problem at temperature 0.6 and top-p 0.95, accuracy averaged over the samples;
 --temperature 0 gives greedy decoding. Only held-out problems are scored (chosen by content, see tasks/base.py);
---json prints the numbers and the problems scored.
+--json prints the numbers and the problems scored. Several checkpoints are scored on the same problems in one
+process (one line each; with --json one JSON object per line, in the order given).
 
     nanoseek eval --ckpt runs/rl --task chain_sum --n 200 --k 4 --json
+    nanoseek eval --ckpt runs/coldstart runs/rl --task chain_sum --n 200 --k 4
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import sys
 from dataclasses import dataclass
 
+from .. import checkpoint as ckpt
 from ..engine import Engine
 from ..evaluation import evaluate
 from ..options import ComputeOptions, check, option
@@ -29,7 +32,7 @@ _DEFAULTS = {name: p.default for name, p in inspect.signature(evaluate).paramete
 class EvalConfig(ComputeOptions):
     """Sample k responses per held-out problem and score them with the task's rule-based verifier."""
 
-    ckpt: str = option(help="checkpoint or run directory")
+    ckpt: list[str] = option(help="checkpoint or run directory; several: each scored on the same problems")
     task: str = option(help="task family", choices=tuple(TASKS))
     task_args: dict = option(default_factory=dict, help='generator options as JSON, e.g. {"max_terms": 2}')
     n: int = option(100, help="held-out problems", min=1)
@@ -44,20 +47,28 @@ class EvalConfig(ComputeOptions):
         check(self)
 
 
-def run(cfg: EvalConfig) -> dict:
+def run(cfg: EvalConfig) -> list[dict]:
+    """Score every --ckpt, in order; returns their results."""
+    for path in cfg.ckpt:  # a bad path fails before any model is scored
+        ckpt.resolve(path)
     task = get_task(cfg.task, **cfg.task_args)
     set_threads(cfg.threads)
-    model, tokenizer = load_checkpoint(cfg.ckpt)
+    problems = task.problems(cfg.seed, cfg.n, split="heldout")
+    return [_score(path, task, problems, cfg) for path in cfg.ckpt]
+
+
+def _score(path: str, task, problems: list, cfg: EvalConfig) -> dict:
+    model, tokenizer = load_checkpoint(path)
     rt = resolve(cfg.device, cfg.precision, dims=model.cfg, rows=cfg.n * cfg.k)  # all decoded together
     model = prepare_inference(model, rt)
-    problems = task.problems(cfg.seed, cfg.n, split="heldout")
     r = evaluate(Engine(model, tokenizer), task, problems, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     if cfg.json:
         print(json.dumps({"task": cfg.task, "task_args": cfg.task_args, "precision": rt.precision,
-                          "runtime": rt.describe(), **r}))
+                          "runtime": rt.describe(), "ckpt": path, **r}),
+              flush=True)
     else:
-        print(f"{cfg.task}: pass@1 {r['accuracy']:.1%} (mean of {r['k']} samples over {r['n']} held-out problems), "
-              f"cons@{r['k']} {r['cons_at_k']:.1%}, well-formed {r['format']:.1%}, "
-              f"{r['mean_response_tokens']:.1f} tokens per response", file=sys.stdout)
+        print(f"{path + ': ' if len(cfg.ckpt) > 1 else ''}{cfg.task}: pass@1 {r['accuracy']:.1%} (mean of {r['k']} "
+              f"samples over {r['n']} held-out problems), cons@{r['k']} {r['cons_at_k']:.1%}, well-formed "
+              f"{r['format']:.1%}, {r['mean_response_tokens']:.1f} tokens per response", file=sys.stdout, flush=True)
     return r

@@ -7,7 +7,7 @@ the same held-out problems → results.json, heldout.jsonl, report.md. Each stag
 a subprocess; a stage whose output exists is skipped, so an interrupted speedrun resumes where it stopped.
 --budget scales every stage.
 
-    nanoseek speedrun --out runs/speedrun      # ~30 minutes on 2 CPU cores (docs/results/speedrun.md)
+    nanoseek speedrun --out runs/speedrun      # 13-22 minutes on 2 CPU cores, by host (docs/results/speedrun.md)
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class SpeedrunConfig:
 
 
 def plan(cfg: SpeedrunConfig) -> dict:
-    """Steps and examples per stage: ~30 minutes on 2 CPU cores at budget 1 (the target is 20: it waits for a
-    faster training step; the GPU preset multiplies). Most of the budget goes to the teacher's pretraining:
+    """Steps and examples per stage at budget 1: planned for 20 minutes on 2 CPU cores with bf16 (13 to 22 measured,
+    by host: docs/results/speedrun.md; the GPU preset multiplies). Most of the budget goes to the teacher's pretraining:
     every later stage is only as good as the base model (a base that solves nothing gives RL nothing to
     reward)."""
     scale = cfg.budget * (8 if cfg.gpu else 1)
@@ -141,14 +141,11 @@ def run(cfg: SpeedrunConfig) -> Path:
         timings_file.write_text(json.dumps(timings, indent=2) + "\n")
 
     _train(cfg, out, steps, stage, timings)
-    t_eval, evaluated = time.perf_counter(), False
-    for key, name, _ in STAGES:
-        result = out / "eval" / f"{name}.json"
-        if not result.exists() and ckpt.step_dirs(out / name):
-            result.parent.mkdir(exist_ok=True)
-            _evaluate(out / name, result, cfg, log)
-            evaluated = True
-    if evaluated:  # evaluation is part of the speedrun's wall time too
+    t_eval = time.perf_counter()
+    todo = [name for _, name, _ in STAGES if not (out / "eval" / f"{name}.json").exists() and ckpt.step_dirs(out / name)]
+    if todo:  # one process scores them all (imports and problems once); evaluation is part of the wall time too
+        (out / "eval").mkdir(exist_ok=True)
+        _evaluate(out, todo, cfg, log)
         timings["eval"] = timings.get("eval", 0) + time.perf_counter() - t_eval
         timings_file.write_text(json.dumps(timings, indent=2) + "\n")
     write_results(out, cfg, timings)
@@ -173,10 +170,11 @@ def _train(cfg: SpeedrunConfig, out: Path, steps: dict, stage, timings: dict) ->
     # a 6-step warm-up (2% of 300) then a constant rate (no cosine decay): the cold start is the decay phase. An
     # annealed base re-warmed to the cold start's 1e-3 diverged (loss 0.6 -> 1.6, 4.9% held-out vs 29.4%).
     # The skill appears late and abruptly (docs/results/r1-zero.md, docs/results/speedrun.md): PLAN says why 300.
+    # Held-out loss every 100 steps: each evaluation costs ~3 training steps and changes nothing in the training.
     stage("pretrain", ["pretrain", "--preset", cfg.preset, "--out", str(out / "base"), "--steps",
                        str(steps["pretrain"]), "--batch-size", b, "--warmup", "0.02", "--decay-start", "1",
                        "--decay-end", "1",
-                       "--bias-update-stop", "1", "--mtp-switch", "1", "--eval-every", "50", "--save-every",
+                       "--bias-update-stop", "1", "--mtp-switch", "1", "--eval-every", "100", "--save-every",
                        str(steps["pretrain"]), *data, *overrides, *seed,
                        *(["--vocab-size", str(cfg.vocab_size)] if cfg.vocab_size else [])],
           _finished(out / "base", steps["pretrain"]))
@@ -261,15 +259,20 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return bool(dirs) and dirs[-1].name == f"step_{steps:06d}"
 
 
-def _evaluate(run_dir: Path, result: Path, cfg: SpeedrunConfig, log: Path) -> None:
-    args = ["eval", "--ckpt", str(run_dir), "--task", cfg.task, "--task-args", json.dumps(cfg.task_args),
-            "--n", str(cfg.eval_n), "--k", "4", "--temperature", "0.6", "--top-p", "0.95", "--max-new-tokens", "64",
-            "--json", "--seed", str(cfg.seed)]
-    print(f"[speedrun] eval {run_dir.name} …", file=sys.stderr, flush=True)
+def _evaluate(out: Path, names: list[str], cfg: SpeedrunConfig, log: Path) -> None:
+    """`nanoseek eval` of the run directories OUT/NAME, in one process; each JSON line becomes OUT/eval/NAME.json
+    as it is printed, so an interrupted evaluation keeps the models it finished."""
+    args = ["eval", "--ckpt", *(str(out / name) for name in names), "--task", cfg.task, "--task-args",
+            json.dumps(cfg.task_args), "--n", str(cfg.eval_n), "--k", "4", "--temperature", "0.6", "--top-p", "0.95",
+            "--max-new-tokens", "64", "--json", "--seed", str(cfg.seed)]
+    print(f"[speedrun] eval {' '.join(names)} …", file=sys.stderr, flush=True)
     with open(log, "a") as f:
         f.write(f"\n$ nanoseek {' '.join(args)}\n")
         f.flush()
         start = f.tell()
-        done = subprocess.run([sys.executable, "-m", "nanoseek", *args], stdout=subprocess.PIPE, stderr=f, text=True)
-    _check_stage(f"eval {run_dir.name}", done.returncode, log, start)
-    result.write_text(done.stdout)
+        with subprocess.Popen([sys.executable, "-m", "nanoseek", *args], stdout=subprocess.PIPE, stderr=f,
+                              text=True) as proc:
+            for name, line in zip(names, proc.stdout):
+                (out / "eval" / f"{name}.json").write_text(line)
+        code = proc.wait()
+    _check_stage(f"eval {' '.join(names)}", code, log, start)
