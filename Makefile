@@ -14,14 +14,12 @@ install: $(STAMP)
 $(BASE_STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@# torch first and pinned: a bare `torch` requirement would download a multi-GB CUDA build
-	@# --no-compile: Python writes the bytecode of what is imported on first use instead of compiling every
-	@# installed file up front (torch's 22 s install took 7 s, the rest 33 s -> 16 s)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-compile torch==2.13.0
-	$(PY) -m pip install -q --no-compile -e .
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
 	@touch $(BASE_STAMP)
 
 $(STAMP): $(BASE_STAMP)
-	$(PY) -m pip install -q --no-compile -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
 test: $(STAMP) browser
@@ -40,7 +38,7 @@ speedrun: $(BASE_STAMP)
 	$(VENV)/bin/nanoseek speedrun --out runs/speedrun
 
 bench: $(STAMP)
-	$(PY) -m pip install -q --no-compile -e '.[bench]'
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/forward.py
 	$(PY) bench/train_step.py
 	$(PY) bench/grpo_step.py
