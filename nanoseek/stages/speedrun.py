@@ -142,7 +142,8 @@ def run(cfg: SpeedrunConfig) -> Path:
 
     _train(cfg, out, steps, stage, timings)
     t_eval = time.perf_counter()
-    todo = [name for _, name, _ in STAGES if not (out / "eval" / f"{name}.json").exists() and ckpt.step_dirs(out / name)]
+    todo = [name for _, name, _ in STAGES
+            if not (out / "eval" / f"{name}.json").exists() and ckpt.step_dirs(out / name)]
     if todo:  # one process scores them all (imports and problems once); evaluation is part of the wall time too
         (out / "eval").mkdir(exist_ok=True)
         _evaluate(out, todo, cfg, log)
