@@ -3,9 +3,9 @@
 corpus (with the task's worked training problems) → tokenizer → pretrain the `small` MoE (MLA + DeepSeekMoE +
 MTP) → cold-start SFT on verified worked solutions (R1 §2.3.1) → GRPO → rejection sampling → distil a dense
 student → the R1 comparison (the same student trained by GRPO for the same wall time) → evaluate every model on
-the same held-out problems → results.json, heldout.jsonl, report.md. Each stage is the real CLI command, run as
-a subprocess; a stage whose output exists is skipped, so an interrupted speedrun resumes where it stopped.
---budget scales every stage.
+the same held-out problems → results.json, heldout.jsonl, report.md. Each stage is the real CLI command in a
+process of its own (forked from a server that imported torch once: stages/forkserver.py); a stage whose output
+exists is skipped, so an interrupted speedrun resumes where it stopped. --budget scales every stage.
 
     nanoseek speedrun --out runs/speedrun      # 13-22 minutes on 2 CPU cores, by host (docs/results/speedrun.md)
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from ..report import TRAINED_BY
 from ..options import check, check_out_dir, option, own_run
 from ..corpus import SOLVED
 from .common import write_run_json
+from .forkserver import StageRunner
 
 
 # The task the speedrun reinforces and distils: sums of three one-digit terms. Its problem space (4,000
@@ -47,7 +47,7 @@ STAGES = [
 @dataclass(kw_only=True)
 class SpeedrunConfig:
     """pretrain → GRPO → rejection sampling → distillation → evaluation → report, each stage the real command in a
-    subprocess. Finished stages are skipped, so running it again into the same OUT resumes an interrupted run.
+    process of its own. Finished stages are skipped, so running it again into the same OUT resumes an interrupted run.
     Writes OUT/report.md, OUT/results.json (pass@1, cons@4, format and wall time per model) and OUT/heldout.jsonl
     (the held-out problems every evaluation scored)."""
 
@@ -96,17 +96,17 @@ PLAN = {"pretrain": 300, "student_pretrain": 30, "cold_n": 10000, "rl_steps": 40
         "sft_epochs": 20}
 
 
-def _run(label: str, args: list[str], log: Path) -> float:
-    """Run `nanoseek ARGS` in a subprocess, appending its output to the log; returns seconds."""
+def _run(runner: StageRunner, label: str, args: list[str], log: Path) -> float:
+    """Run `nanoseek ARGS` in a process of its own, appending its output to the log; returns seconds."""
     print(f"[speedrun] {label} …", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"\n$ nanoseek {' '.join(args)}\n")
         f.flush()
         start = f.tell()
-        done = subprocess.run([sys.executable, "-m", "nanoseek", *args], stdout=f, stderr=f)
+    code = runner.run(args, log)
     seconds = time.perf_counter() - t0
-    _check_stage(label, done.returncode, log, start)
+    _check_stage(label, code, log, start)
     print(f"[speedrun] {label}: done in {seconds:.0f}s", file=sys.stderr, flush=True)
     return seconds
 
@@ -133,22 +133,24 @@ def run(cfg: SpeedrunConfig) -> Path:
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     steps = plan(cfg)
 
-    def stage(name: str, args: list[str], done: bool):
-        if done:
-            print(f"[speedrun] {name}: already done, skipped", file=sys.stderr)
-            return
-        timings[name] = _run(name, args, log)
-        timings_file.write_text(json.dumps(timings, indent=2) + "\n")
+    with StageRunner() as runner:  # every stage's process, forked from one server that imported torch once
 
-    _train(cfg, out, steps, stage, timings)
-    t_eval = time.perf_counter()
-    todo = [name for _, name, _ in STAGES
-            if not (out / "eval" / f"{name}.json").exists() and ckpt.step_dirs(out / name)]
-    if todo:  # one process scores them all (imports and problems once); evaluation is part of the wall time too
-        (out / "eval").mkdir(exist_ok=True)
-        _evaluate(out, todo, cfg, log)
-        timings["eval"] = timings.get("eval", 0) + time.perf_counter() - t_eval
-        timings_file.write_text(json.dumps(timings, indent=2) + "\n")
+        def stage(name: str, args: list[str], done: bool):
+            if done:
+                print(f"[speedrun] {name}: already done, skipped", file=sys.stderr)
+                return
+            timings[name] = _run(runner, name, args, log)
+            timings_file.write_text(json.dumps(timings, indent=2) + "\n")
+
+        _train(cfg, out, steps, stage, timings)
+        t_eval = time.perf_counter()
+        todo = [name for _, name, _ in STAGES
+                if not (out / "eval" / f"{name}.json").exists() and ckpt.step_dirs(out / name)]
+        if todo:  # one process scores them all (imports and problems once); evaluation is part of the wall time
+            (out / "eval").mkdir(exist_ok=True)
+            _evaluate(runner, out, todo, cfg, log)
+            timings["eval"] = timings.get("eval", 0) + time.perf_counter() - t_eval
+            timings_file.write_text(json.dumps(timings, indent=2) + "\n")
     write_results(out, cfg, timings)
     from ..report import write_speedrun_report
 
@@ -260,20 +262,21 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return bool(dirs) and dirs[-1].name == f"step_{steps:06d}"
 
 
-def _evaluate(out: Path, names: list[str], cfg: SpeedrunConfig, log: Path) -> None:
-    """`nanoseek eval` of the run directories OUT/NAME, in one process; each JSON line becomes OUT/eval/NAME.json
-    as it is printed, so an interrupted evaluation keeps the models it finished."""
+def _evaluate(runner: StageRunner, out: Path, names: list[str], cfg: SpeedrunConfig, log: Path) -> None:
+    """`nanoseek eval` of the run directories OUT/NAME, in one process; each JSON line it printed becomes
+    OUT/eval/NAME.json, so an interrupted evaluation keeps the models it finished."""
     args = ["eval", "--ckpt", *(str(out / name) for name in names), "--task", cfg.task, "--task-args",
             json.dumps(cfg.task_args), "--n", str(cfg.eval_n), "--k", "4", "--temperature", "0.6", "--top-p", "0.95",
             "--max-new-tokens", "64", "--json", "--seed", str(cfg.seed)]
     print(f"[speedrun] eval {' '.join(names)} …", file=sys.stderr, flush=True)
     with open(log, "a") as f:
         f.write(f"\n$ nanoseek {' '.join(args)}\n")
-        f.flush()
         start = f.tell()
-        with subprocess.Popen([sys.executable, "-m", "nanoseek", *args], stdout=subprocess.PIPE, stderr=f,
-                              text=True) as proc:
-            for name, line in zip(names, proc.stdout):
-                (out / "eval" / f"{name}.json").write_text(line)
-        code = proc.wait()
+    lines = out / "eval" / "stdout.jsonl"
+    lines.unlink(missing_ok=True)
+    code = runner.run(args, log, stdout=lines)
+    for name, line in zip(names, lines.read_text().splitlines(keepends=True) if lines.exists() else []):
+        if line.endswith("\n"):  # a whole line: that model's evaluation finished
+            (out / "eval" / f"{name}.json").write_text(line)
+    lines.unlink(missing_ok=True)
     _check_stage(f"eval {' '.join(names)}", code, log, start)
