@@ -151,7 +151,9 @@ def precision_line(out: Path) -> str:
     evals = [json.loads(p.read_text()).get("runtime") for p in sorted(out.glob("eval/*.json"))]
     evals = [e for e in evals if e]
     if evals:
-        speedups = ", ".join(str(e["probe"]["speedup"]) for e in evals if e.get("probe", {}).get("speedup"))
+        # one probe per evaluation process (a resumed speedrun may have had several): each distinct figure once
+        speedups = ", ".join(dict.fromkeys(str(e["probe"]["speedup"]) for e in evals
+                                           if e.get("probe", {}).get("speedup")))
         parts.append(f"evaluations {'/'.join(sorted({e['precision'] for e in evals}))}"
                      + (f" (probe {speedups}× at their decoding rows)" if speedups else ""))
     if not parts:

@@ -150,3 +150,30 @@ def test_eval_of_several_checkpoints_equals_evaluating_each_alone(tmp_path, caps
     assert [strip(r) for r in together] == [strip(r) for r in alone]
     assert main(["eval", "--ckpt", first, str(tmp_path / "missing"), *flags]) == 2
     assert capsys.readouterr().out == ""
+
+
+def test_several_checkpoints_are_scored_at_one_precision_probed_at_all_their_shapes(tmp_path, capsys, monkeypatch):
+    """Scores compared side by side are computed the same way: one probe, at every model's matmul shapes, decides
+    the precision of all of them (probed one by one, a teacher and its student fell on both sides of 2x)."""
+    from nanoseek import runtime
+    from nanoseek.checkpoint import read_config
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run_dir, overrides in zip(runs, ({}, {"dim": 96, "inter_dim": 160})):
+        assert main(["pretrain", "--preset", "tiny", "--out", str(run_dir), "--steps", "1", "--n-problems", "50",
+                     "--eval-batches", "0", "--model-overrides", json.dumps(overrides)]) == 0
+    calls = []
+
+    def probe(shapes):
+        calls.append(set(shapes))
+        return {"fp32_gflops": 1.0, "bf16_gflops": 3.0, "speedup": 3.0, "shapes": [list(s) for s in shapes],
+                "threads": 1, "native_bf16": True}
+
+    monkeypatch.setattr(runtime, "bf16_probe", probe)
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", *map(str, runs), "--task", "chain_sum", "--n", "3", "--k", "2",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    wanted = set().union(*(runtime.probe_shapes(read_config(r), 6) for r in runs))
+    assert calls == [wanted] and len(wanted) > len(runtime.probe_shapes(read_config(runs[0]), 6))
+    assert [r["precision"] for r in lines] == ["bf16", "bf16"] and lines[0]["runtime"] == lines[1]["runtime"]
