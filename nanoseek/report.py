@@ -158,10 +158,11 @@ def precision_line(out: Path) -> str:
                      + (f" (probe {speedups}× at their decoding rows)" if speedups else ""))
     if not parts:
         return ""
-    from .runtime import MIN_SPEEDUP, MIN_SPEEDUP_TRAINING
+    from .runtime import LARGE_ROWS, MIN_SPEEDUP, MIN_SPEEDUP_TRAINING
 
     return (f"Compute precision (`--precision auto`: bf16 where a probe of this machine's matmuls measures it "
-            f"faster than fp32 by at least {MIN_SPEEDUP_TRAINING}× for training, {MIN_SPEEDUP}× for decoding): "
+            f"faster than fp32 by at least {MIN_SPEEDUP_TRAINING}× for training and for decoding {LARGE_ROWS} rows "
+            f"or more, {MIN_SPEEDUP}× for decoding fewer): "
             + "; ".join(parts) + ".")
 
 

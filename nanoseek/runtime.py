@@ -2,8 +2,9 @@
 
 `resolve(device, precision)` is the one place a stage decides both: every command that runs a model takes
 `--device auto|cpu|cuda` and `--precision auto|fp32|bf16` and passes them here. `auto` precision is bf16 on
-CUDA; on a CPU it is bf16 only where a short probe at the model's own matmul sizes finds bf16 at least 2× faster
-than fp32 (AMX / AVX512-BF16 machines), fp32 elsewhere (on AVX2-only CPUs bf16 is emulated and ~20× slower).
+CUDA; on a CPU it is bf16 only where a short probe at the model's own matmul sizes finds bf16 faster than fp32 by
+a margin (AMX / AVX512-BF16 machines): 1.5× for training and for decoding 512 rows or more, 2× for decoding fewer;
+fp32 elsewhere (on AVX2-only CPUs bf16 is emulated and ~20× slower).
 
 bf16 is mixed precision (Micikevicius et al. 2018, arXiv 1710.03740; DeepSeek-V3 report §3.3): the parameters,
 their gradients and the optimizer state stay fp32 ("master weights"); `prepare_for_training` gives a forward
@@ -31,6 +32,12 @@ from .options import DEVICES, PRECISIONS  # declared once, with the flags
 # a 2.02× probe went with a 1.71× faster bf16 step (docs/results/precision.md), so 2.0 sat on the edge there.
 MIN_SPEEDUP = 2.0
 MIN_SPEEDUP_TRAINING = 1.5
+# Decoding needs the wider margin only while that fixed cost matters. From LARGE_ROWS rows decoded together (an
+# evaluation's n × k, a sampling batch) its matmuls are training-sized and the training margin applies: on the
+# Zen 4 host, a 200 × 4 evaluation decoded 1.16-1.42× faster in bf16 at probes of 1.95-2.05×, and 512 rows
+# 1.39-1.52× at 2.29×, while the 2× margin sent some of the speedrun's evaluations to fp32
+# (docs/results/precision.md). On the AMX Xeon such row counts probe at 4× and more, so nothing changes there.
+LARGE_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,8 @@ def resolve(device: str = "auto", precision: str = "auto", dims=None, probe=None
     sequences it decodes together, because on a CPU bf16 GEMMs of a few rows are slower than fp32 ones
     (measured on an AMX Xeon: 0.16× at 1 row, 1.0× at 32, 2.4× at 128, 4.5× at 800).
     probe: a function shapes -> probe dict replacing `bf16_probe` (tests inject one instead of patching).
-    training: the stage trains (pretrain, SFT, GRPO): `auto` then needs MIN_SPEEDUP_TRAINING, else MIN_SPEEDUP.
+    training: the stage trains (pretrain, SFT, GRPO): `auto` then needs MIN_SPEEDUP_TRAINING, and so does decoding
+    of LARGE_ROWS rows or more; decoding fewer needs MIN_SPEEDUP.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -86,7 +94,7 @@ def resolve(device: str = "auto", precision: str = "auto", dims=None, probe=None
                        f"{1 / figures['speedup']:.3g}× slower than fp32 ({figures['bf16_gflops']} vs "
                        f"{figures['fp32_gflops']} GFLOP/s); --precision auto would choose fp32")
         return Runtime(dev, "bf16", figures, precision)
-    needed = MIN_SPEEDUP_TRAINING if training else MIN_SPEEDUP
+    needed = MIN_SPEEDUP_TRAINING if training or rows >= LARGE_ROWS else MIN_SPEEDUP
     return Runtime(dev, "bf16" if figures["speedup"] >= needed else "fp32", figures, precision)
 
 

@@ -70,7 +70,10 @@ def random_model(seed=0, std=0.1, **kw):
 
 def test_auto_follows_the_probe():
     assert resolve("cpu", "auto", probe=fake_probe(0.05)).precision == "fp32"  # AVX2: emulated bf16
-    assert resolve("cpu", "auto", probe=fake_probe(1.9)).precision == "fp32"  # faster, but not by 2×
+    assert resolve("cpu", "auto", probe=fake_probe(1.9), rows=256).precision == "fp32"  # faster, but not by 2×
+    # decoding as many rows as an evaluation (n × k = 800) amortises a call's fixed cost: the training margin
+    assert resolve("cpu", "auto", probe=fake_probe(1.9), rows=800).precision == "bf16"
+    assert resolve("cpu", "auto", probe=fake_probe(1.4), rows=800).precision == "fp32"
     # a training stage gains whenever its matmuls do (thousands of rows): 1.5× is enough there, not 1.4×
     assert resolve("cpu", "auto", probe=fake_probe(1.9), training=True).precision == "bf16"
     assert resolve("cpu", "auto", probe=fake_probe(1.4), training=True).precision == "fp32"
