@@ -34,9 +34,9 @@ MIN_SPEEDUP = 2.0
 MIN_SPEEDUP_TRAINING = 1.5
 # Decoding needs the wider margin only while that fixed cost matters. From LARGE_ROWS rows decoded together (an
 # evaluation's n × k, a sampling batch) its matmuls are training-sized and the training margin applies: on the
-# Zen 4 host, a 200 × 4 evaluation decoded 1.16-1.42× faster in bf16 at probes of 1.95-2.05×, and 512 rows
-# 1.39-1.52× at 2.29×, while the 2× margin sent some of the speedrun's evaluations to fp32
-# (docs/results/precision.md). On the AMX Xeon such row counts probe at 4× and more, so nothing changes there.
+# Zen 4 host an evaluation decoded 1.21-1.32× faster in bf16 from 128 to 800 rows at probes of 2.03-2.2×, while
+# probes of 1.95× had sent the speedrun's evaluations to fp32 (docs/results/eval_precision.md). On the AMX Xeon
+# such row counts probe at 4× and more, so nothing changes there.
 LARGE_ROWS = 512
 
 

@@ -47,9 +47,9 @@ STAGES = [
 @dataclass(kw_only=True)
 class SpeedrunConfig:
     """pretrain → GRPO → rejection sampling → distillation → evaluation → report, each stage the real command in a
-    process of its own. Finished stages are skipped, so running it again into the same OUT resumes an interrupted run.
-    Writes OUT/report.md, OUT/results.json (pass@1, cons@4, format and wall time per model) and OUT/heldout.jsonl
-    (the held-out problems every evaluation scored)."""
+    process of its own. Finished stages are skipped, so running it again into the same OUT resumes an interrupted
+    run. Writes OUT/report.md, OUT/results.json (pass@1, cons@4, format and wall time per model) and
+    OUT/heldout.jsonl (the held-out problems every evaluation scored)."""
 
     out: str = option(help="run directory (report.md, results.json and heldout.jsonl are written here)")
     budget: float = option(1.0, help="scale every stage's steps and examples (2 = twice as long)", above=0)
