@@ -79,7 +79,7 @@ def main() -> None:
     set_threads(args.threads)
     task = get_task("chain_sum", **args.task_args)
     model, tokenizer = load_checkpoint(args.ckpt)
-    model = prepare_inference(model, resolve("auto", "auto", dims=model.cfg, rows=args.n))
+    model = prepare_inference(model, resolve("auto", "auto", rows=args.n))
     engine = Engine(model, tokenizer)
     params = SamplingParams(max_new_tokens=96, temperature=0.0, stop=list(STOP))
     line = []

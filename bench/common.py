@@ -4,9 +4,10 @@ Both models get the same configuration (a preset with MTP off, since transformer
 the same weights (ours exported with save_hf and loaded by from_pretrained) and the same batches. Steps
 alternate between the contenders so that machine noise hits all alike; the median step is reported. Achieved
 model FLOP/s (stats.train_flops_per_token × tokens/s) is divided by this machine's matmul peak in the compute
-precision (bf16 or fp32), measured in the same run with the same thread count.
+precision (bf16 or fp32; fp32 where bf16 is emulated: runtime.peak_dtype), measured in the same run with the same
+thread count.
 
-`--precision` (default auto: runtime.resolve's measured choice) sets both sides. In bf16 both keep fp32
+`--precision` (default auto: runtime.resolve's choice from the hardware) sets both sides. In bf16 both keep fp32
 weights and train in mixed precision: ours through runtime.prepare_for_training (bf16 compute copies of the
 weights, bf16 activations), transformers through torch.autocast(bfloat16) — its documented CPU mixed-precision
 path — with its defaults sdpa attention and grouped_mm experts. Ours in fp32 runs alongside, for bf16_speedup.
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoseek import Transformer, get_preset  # noqa: E402
 from nanoseek.hf import save_hf  # noqa: E402
-from nanoseek.runtime import matmul_peak, resolve  # noqa: E402
+from nanoseek.runtime import matmul_peak, peak_dtype, resolve  # noqa: E402
 from nanoseek.stats import model_stats  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def race(steps: int, data: list[torch.Tensor], step_fns: dict) -> dict[str, list
 
 
 def runtime(args, training: bool = False):
-    """The precision of this run (after torch.set_num_threads, so the probe measures at the bench's threads)."""
+    """The precision of this run (runtime.resolve: from the hardware, timing nothing)."""
     return resolve("cpu", args.precision, training=training)
 
 
@@ -100,18 +101,18 @@ def report(title: str, args, cfg, impl: str, rel: float, times: dict, rt) -> Non
 
     times: seconds per step of "ours", "hf" (both in rt's precision) and, in bf16, "ours_fp32"."""
     peak = matmul_peak("cpu", seconds=3.0, dtype=rt.dtype)
+    peak_in = "bf16" if peak_dtype("cpu", rt.dtype) == torch.bfloat16 else "fp32"  # fp32 where bf16 is emulated
     n_tok = args.batch * args.seq_len
     flops = model_stats(cfg, args.seq_len)["train_flops_per_token"]
     tps = {k: n_tok / statistics.median(v) for k, v in times.items()}
     fp32_tps = tps.get("ours_fp32", tps["ours"])
-    probe = f"probe {rt.probe['fp32_gflops']} vs {rt.probe['bf16_gflops']} GFLOP/s, " if rt.probe else ""
     lines = [
         f"config: preset {args.preset} (MTP off), {model_stats(cfg)['active_params'] / 1e6:.2f}M active params, "
         f"batch {args.batch}×{args.seq_len}, {args.threads} threads; transformers {impl}",
-        f"precision: {rt.precision} (--precision {args.precision}; {probe}fp32 → bf16 speedup "
-        f"{rt.probe.get('speedup', 'n/a')}); transformers {'autocast bf16' if rt.precision == 'bf16' else 'fp32'}",
+        f"precision: {rt.precision} (--precision {args.precision}: {rt.reason}); "
+        f"transformers {'autocast bf16' if rt.precision == 'bf16' else 'fp32'}",
         f"logit check before timing (fp32): max rel diff {rel:.1e}",
-        f"{rt.precision} matmul peak: {peak / 1e9:.1f} GFLOP/s; model FLOPs/token {flops / 1e6:.2f} M",
+        f"{peak_in} matmul peak: {peak / 1e9:.1f} GFLOP/s; model FLOPs/token {flops / 1e6:.2f} M",
         "", "| model | median step (ms) | tokens/s | model GFLOP/s | peak fraction |", "|---|---|---|---|---|",
     ]
     labels = {"ours": f"nanoseek {rt.precision}", "hf": f"transformers {rt.precision}", "ours_fp32": "nanoseek fp32"}

@@ -79,7 +79,7 @@ def main() -> None:
 
     ckpt = resolve_checkpoint(args.ckpt)
     model, _ = load(ckpt)
-    rt = resolve("cpu", args.precision, dims=model.cfg, rows=32)  # auto: measured at the batch-32 headline's rows
+    rt = resolve("cpu", args.precision, rows=32)  # auto: decided at the batch-32 headline's rows
     with tempfile.TemporaryDirectory() as d:
         save_hf(model, d)
         theirs = AutoModelForCausalLM.from_pretrained(d, dtype=rt.dtype).eval()

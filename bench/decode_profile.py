@@ -102,7 +102,7 @@ def main() -> None:
         print(f"decode_profile: {e}", file=sys.stderr)
         sys.exit(2)
     model, _ = load(ckpt)
-    rt = resolve("cpu", args.precision, dims=model.cfg, rows=32)
+    rt = resolve("cpu", args.precision, rows=32)
     model = prepare_inference(model, rt).eval()
     timer = PartTimer()
     watch_model(model, timer)

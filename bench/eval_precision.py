@@ -1,10 +1,12 @@
-"""An evaluation's decoding in fp32 and in bf16 at several row counts, with the probe `auto` decides by.
+"""An evaluation's decoding in fp32 and in bf16 at several row counts, with a matmul probe beside `auto`'s choice.
 
 For each row count R (the sequences decoded together: `nanoseek eval`'s n × k), the checkpoint scores R / 4
 held-out problems × 4 samples (temperature 0.6, top-p 0.95, 64 new tokens), once in fp32 and once in bf16,
-alternating, --reps times; the median times give bf16_speedup. The probe is runtime.bf16_probe at the model's
-shapes and R rows, and the choice is what `--precision auto` makes of it (runtime.resolve). Engines and models
-are built once, so only decoding is timed.
+alternating, --reps times; the median times give bf16_speedup. The probe is runtime.bf16_probe (bf16/fp32 matmul
+throughput at the model's shapes and R rows), a measurement shown beside what `--precision auto` chooses for R
+rows (runtime.resolve, which decides from the hardware and times nothing): where the two disagree with
+bf16_speedup, this is the bench that says so (runtime.DECODE_BF16_ROWS). Engines and models are built once, so only
+decoding is timed.
 
     python bench/eval_precision.py --ckpt runs/speedrun/coldstart --out docs/results/eval_precision.md
 
@@ -44,7 +46,7 @@ def main() -> None:
     for precision in ("fp32", "bf16"):
         model, tokenizer = load_checkpoint(a.ckpt)
         cfg = model.cfg
-        engines[precision] = Engine(prepare_inference(model, resolve("cpu", precision, dims=cfg)), tokenizer)
+        engines[precision] = Engine(prepare_inference(model, resolve("cpu", precision)), tokenizer)
     lines = ["| rows | probe | auto | fp32 s | bf16 s | bf16_speedup | pass@1 fp32 / bf16 |",
              "|---|---|---|---|---|---|---|"]
     heads = []
@@ -58,12 +60,13 @@ def main() -> None:
                 times[precision].append(time.perf_counter() - t0)
                 acc[precision] = r["accuracy"]
         probe = bf16_probe(probe_shapes(cfg, rows))["speedup"]
-        auto = resolve("cpu", "auto", dims=cfg, rows=rows).precision
+        auto = resolve("cpu", "auto", rows=rows).precision
         f32, b16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
         lines.append(f"| {rows} | {probe}× | {auto} | {f32:.2f} | {b16:.2f} | {f32 / b16:.2f} | "
                      f"{acc['fp32']:.1%} / {acc['bf16']:.1%} |")
         heads.append(f"rows={rows} probe={probe} bf16_speedup={f32 / b16:.2f} auto={auto}")
-    preamble = [f"checkpoint: {a.ckpt}; {a.threads} threads; median of {a.reps} alternating runs per precision", ""]
+    preamble = [f"checkpoint: {a.ckpt}; {a.threads} threads; median of {a.reps} alternating runs per precision; "
+                f"auto: {resolve('cpu', 'auto', rows=max(a.rows)).reason}", ""]
     publish("bench/eval_precision.py", lines, " ".join(heads), a.out, preamble)
 
 

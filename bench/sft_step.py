@@ -66,7 +66,7 @@ def race(preset: str, args) -> tuple[dict, str, float]:
     cfg = get_preset(preset)
     model = build_model(cfg)
     model.mtp.requires_grad_(False)  # as sft trains
-    rt = resolve("cpu", args.precision, dims=cfg, training=True)
+    rt = resolve("cpu", args.precision, training=True)
     forward, opt = prepare_for_training(model, rt), build_optimizer(model, 1e-4, weight_decay=0.0)
     data = packed_batches(cfg.vocab_size, cfg.max_seq_len, args.rows, 4, args.seed)
     fill = statistics.mean(float((b["segments"] >= 0).float().mean()) for b in data) * cfg.max_seq_len

@@ -80,7 +80,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = get_preset(args.preset)
     model = Transformer(cfg).train()
-    rt = resolve("cpu", args.precision, dims=cfg, training=True)
+    rt = resolve("cpu", args.precision, training=True)
     forward, opt = prepare_for_training(model, rt), build_optimizer(model, lr=1e-4)
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(1))
     acc = collections.defaultdict(float)

@@ -135,6 +135,6 @@ class ComputeOptions:
     """--device, --precision and --threads: every command that runs a model takes them (see runtime.resolve)."""
 
     device: str = option("auto", help="where to run: auto (CUDA when present), cpu or cuda", choices=DEVICES)
-    precision: str = option("auto", help="compute precision: auto (bf16 where measured faster than fp32), fp32 "
-                            "or bf16", choices=PRECISIONS)
+    precision: str = option("auto", help="compute precision: auto (bf16 where the GPU or CPU has native bf16; "
+                            "docs/precision.md), fp32 or bf16", choices=PRECISIONS)
     threads: int = option(0, help="CPU threads (0: every core this process may use)", min=0)

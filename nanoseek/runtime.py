@@ -1,10 +1,11 @@
 """Where and how fast we run: device choice, threads, the precision policy, measured matmul peak.
 
 `resolve(device, precision)` is the one place a stage decides both: every command that runs a model takes
-`--device auto|cpu|cuda` and `--precision auto|fp32|bf16` and passes them here. `auto` precision is bf16 on
-CUDA; on a CPU it is bf16 only where a short probe at the model's own matmul sizes finds bf16 faster than fp32 by
-a margin (AMX / AVX512-BF16 machines): 1.5× for training and for decoding 512 rows or more, 2× for decoding fewer;
-fp32 elsewhere (on AVX2-only CPUs bf16 is emulated and ~20× slower).
+`--device auto|cpu|cuda` and `--precision auto|fp32|bf16` and passes them here. `auto` precision is a policy decided
+from what the hardware is, never from a stopwatch, so one kind of host always makes the same choice: bf16 on a CUDA
+GPU with bf16 support; on a CPU, bf16 only where it multiplies bf16 natively (AMX or AVX512-BF16, as torch reports)
+and the stage trains or decodes at least DECODE_BF16_ROWS rows together; fp32 elsewhere (on AVX2-only CPUs bf16 is
+emulated, 20-100× slower). The choice and its reason are recorded in run.json and in every checkpoint.
 
 bf16 is mixed precision (Micikevicius et al. 2018, arXiv 1710.03740; DeepSeek-V3 report §3.3): the parameters,
 their gradients and the optimizer state stay fp32 ("master weights"); `prepare_for_training` gives a forward
@@ -19,34 +20,33 @@ import contextlib
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .options import DEVICES, PRECISIONS  # declared once, with the flags
 
-# How much faster bf16 matmuls must be than fp32 in the probe for `auto` to pick bf16 on a CPU. Decoding needs a
-# wide margin: a bf16 call has a fixed cost (~40-50 µs per F.linear on an AMX Xeon), which dominates few-row steps.
-# A training step multiplies thousands of rows and gains whenever its matmuls do: on an AMD EPYC (Zen 4, no AMX)
-# a 2.02× probe went with a 1.71× faster bf16 step (docs/results/precision.md), so 2.0 sat on the edge there.
-MIN_SPEEDUP = 2.0
-MIN_SPEEDUP_TRAINING = 1.5
-# Decoding needs the wider margin only while that fixed cost matters. From LARGE_ROWS rows decoded together (an
-# evaluation's n × k, a sampling batch) its matmuls are training-sized and the training margin applies: on the
-# Zen 4 host an evaluation decoded 1.21-1.32× faster in bf16 from 128 to 800 rows at probes of 2.03-2.2×, while
-# probes of 1.95× had sent the speedrun's evaluations to fp32 (docs/results/eval_precision.md). On the AMX Xeon
-# such row counts probe at 4× and more, so nothing changes there.
-LARGE_ROWS = 512
+# On a CPU with native bf16, decoding gains from bf16 only when each matmul multiplies enough rows: a bf16 call has a
+# fixed cost (~40-50 µs per F.linear on an AMX Xeon) that dominates few-row steps. Recorded measurements: on the AMX
+# Xeon bf16/fp32 GEMM throughput at the `small` shapes was 0.16× at 1 row, 1.0× at 32, 2.4× at 128 and 4.5× at 800
+# (docs/precision.md); on the Zen 4 EPYC (AVX512-BF16, no AMX) an evaluation decoded at parity at 32 rows and
+# 1.21-1.32× faster in bf16 from 128 to 800 rows (docs/results/eval_precision.md). 128 is the fewest rows at which
+# both hosts gain. A training step multiplies thousands of rows and gains on both (Zen 4: a 1.5-1.7× faster step,
+# docs/results/precision.md; AMX more), so training takes bf16 on any CPU with native bf16. These replace the
+# probe margins (2× to decode, 1.5× to train) that a stopwatch compared against: near them, runs on one host probed
+# 1.95× and 2.03× and evaluated the same checkpoints in different precisions.
+DECODE_BF16_ROWS = 128
+NATIVE_BF16 = ("AMX", "AVX512-BF16")  # what `cpu_isa` names for CPUs whose bf16 matmuls oneDNN runs natively
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """The device and compute precision a stage runs with, and the probe figures behind the choice."""
+    """The device and compute precision a stage runs with, and why (recorded in run.json and in checkpoints)."""
 
     device: torch.device
     precision: str  # "fp32" or "bf16"
-    probe: dict = field(default_factory=dict)
+    reason: str = ""  # "requested", or the hardware rule `auto` applied (resolve)
     requested: str = ""  # what was asked for ("auto", "fp32", "bf16")
 
     @property
@@ -61,21 +61,20 @@ class Runtime:
 
     def describe(self) -> dict:
         """JSON-able record for run.json and metrics."""
-        out = {"device": str(self.device), "precision": self.precision, "requested": self.requested or self.precision}
-        return {**out, **({"probe": self.probe} if self.probe else {})}
+        return {"device": str(self.device), "precision": self.precision, "requested": self.requested or self.precision,
+                "reason": self.reason}
+
+    def checkpoint_meta(self) -> dict:
+        """What a checkpoint's meta.json records of the precision it was trained in."""
+        return {"precision": self.precision, "precision_reason": self.reason}
 
 
-def resolve(device: str = "auto", precision: str = "auto", dims=None, probe=None, rows: int = 1024,
-            training: bool = False) -> Runtime:
-    """The Runtime for `--device` and `--precision` (ValueError naming the flag for a bad value).
+def resolve(device: str = "auto", precision: str = "auto", rows: int = 1024, training: bool = False) -> Runtime:
+    """The Runtime for `--device` and `--precision` (ValueError naming the flag for a bad value). Times nothing.
 
-    dims: a ModelConfig (or a list of (M, K, N) matmul shapes) the CPU probe measures; default: `small`'s.
-    rows: the rows (tokens) each matmul multiplies: 1024 for training and prefill; a decoding stage passes the
-    sequences it decodes together, because on a CPU bf16 GEMMs of a few rows are slower than fp32 ones
-    (measured on an AMX Xeon: 0.16× at 1 row, 1.0× at 32, 2.4× at 128, 4.5× at 800).
-    probe: a function shapes -> probe dict replacing `bf16_probe` (tests inject one instead of patching).
-    training: the stage trains (pretrain, SFT, GRPO): `auto` then needs MIN_SPEEDUP_TRAINING, and so does decoding
-    of LARGE_ROWS rows or more; decoding fewer needs MIN_SPEEDUP.
+    rows: the rows (tokens) each matmul multiplies: 1024 stands for prefill; a decoding stage passes the sequences it
+    decodes together (`eval`: n × k, `sample`: its batch, `generate`: the prompts, `chat`: 1, `serve`: --max-batch).
+    training: the stage trains (pretrain, SFT, GRPO), whose matmuls multiply thousands of rows whatever `rows` says.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -84,27 +83,51 @@ def resolve(device: str = "auto", precision: str = "auto", dims=None, probe=None
         ok = torch.cuda.is_bf16_supported()
         if precision == "bf16" and not ok:
             raise ValueError("--precision bf16: this GPU has no bf16 support; use --precision fp32")
-        return Runtime(dev, "fp32" if precision == "fp32" or not ok else "bf16", requested=precision)
-    if precision == "fp32":
-        return Runtime(dev, "fp32", requested=precision)
-    figures = (probe or bf16_probe)(probe_shapes(dims, max(1, rows)))
-    if precision == "bf16":
-        if figures["speedup"] < 1.0 and not figures.get("native_bf16"):
-            _warn_once(f"--precision bf16: this CPU has no native bf16 matmuls; the probe measured bf16 "
-                       f"{1 / figures['speedup']:.3g}× slower than fp32 ({figures['bf16_gflops']} vs "
-                       f"{figures['fp32_gflops']} GFLOP/s); --precision auto would choose fp32")
-        return Runtime(dev, "bf16", figures, precision)
-    needed = MIN_SPEEDUP_TRAINING if training or rows >= LARGE_ROWS else MIN_SPEEDUP
-    return Runtime(dev, "bf16" if figures["speedup"] >= needed else "fp32", figures, precision)
+        if precision != "auto":
+            return Runtime(dev, precision, "requested", precision)
+        return Runtime(dev, "bf16", "CUDA GPU with bf16", precision) if ok else \
+            Runtime(dev, "fp32", "CUDA GPU without bf16: fp32", precision)
+    native, isa = native_bf16(), cpu_isa()
+    if precision == "bf16" and not native:
+        _warn_once(f"--precision bf16: this CPU has no native bf16 matmuls ({isa}), so bf16 is emulated and much "
+                   f"slower than fp32; --precision auto would choose fp32")
+        return Runtime(dev, "bf16", f"requested; emulated on this CPU ({isa})", precision)
+    if precision != "auto":
+        return Runtime(dev, precision, "requested", precision)
+    if not native:
+        return Runtime(dev, "fp32", f"CPU without native bf16 ({isa}): fp32", precision)
+    cpu = f"CPU with {isa if isa in NATIVE_BF16 else 'native bf16'}"
+    if training:
+        return Runtime(dev, "bf16", f"{cpu}: training in bf16", precision)
+    if rows >= DECODE_BF16_ROWS:
+        return Runtime(dev, "bf16", f"{cpu}: {rows} rows per matmul, bf16 from {DECODE_BF16_ROWS}", precision)
+    return Runtime(dev, "fp32", f"{cpu}: {rows} rows per matmul, fp32 below {DECODE_BF16_ROWS}", precision)
 
 
 _WARNED: set[str] = set()
 
 
 def _warn_once(message: str) -> None:
-    if message not in _WARNED:  # a cache of what was said, not a mode: the figures are cached per process too
+    if message not in _WARNED:  # a cache of what was said, not a mode: one line per process, not one per stage call
         _WARNED.add(message)
         warnings.warn(message, stacklevel=3)
+
+
+def cpu_isa() -> str:
+    """This CPU's best matmul instructions as torch reports them: "AMX", "AVX512-BF16" (both native bf16, which
+    oneDNN uses), else torch's vector capability ("AVX2", "AVX512", "DEFAULT", ...)."""
+    for name, check in zip(NATIVE_BF16, ("_is_amx_tile_supported", "_is_avx512_bf16_supported")):
+        if getattr(torch.cpu, check, lambda: False)():
+            return name
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions (AMX-BF16 or AVX512-BF16); without them bf16 is emulated."""
+    return cpu_isa() in NATIVE_BF16
+
+
+# ----------------------------------------------------------------------------- measuring (bench/, not decisions)
 
 
 def probe_shapes(dims=None, tokens: int = 1024) -> tuple[tuple[int, int, int], ...]:
@@ -127,6 +150,8 @@ _PROBE: dict[tuple, dict] = {}
 
 def bf16_probe(shapes=None, seconds: float = 0.15) -> dict:
     """fp32 vs bf16 matmul GFLOP/s on this CPU at the threads in use, summed over `shapes` (cached per process).
+    A measurement for bench/eval_precision.py to print beside `auto`'s choice; `resolve` never calls it (on an
+    AVX2 CPU it takes minutes at training sizes, and near a threshold it flipped the choice from run to run).
 
     Each (shape, dtype) runs for ~seconds / (2·len(shapes)) after one warm-up call (oneDNN builds its kernel on
     first use) and counts its fastest call; the speedup is the fp32 time over the bf16 time for the same work."""
@@ -145,19 +170,13 @@ def bf16_probe(shapes=None, seconds: float = 0.15) -> dict:
     return _PROBE[key]
 
 
-def native_bf16() -> bool:
-    """Whether this x86 CPU has bf16 matmul instructions (AMX-BF16 or AVX512-BF16), which oneDNN uses."""
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported",
-                                                                        "_is_avx512_bf16_supported"))
-
-
 def _sig(x: float) -> float:
     return float(f"{x:.3g}")
 
 
 def _seconds_per_matmul(M: int, K: int, N: int, dtype: torch.dtype, budget: float) -> float:
-    """The fastest of the calls that fit the budget: other work on the machine only ever adds time, and a mean
-    let one hiccup flip `auto` (an evaluation of the speedrun once ran in fp32 at 800 rows, where bf16 is ~4×)."""
+    """The fastest of the calls that fit the budget: other work on the machine only ever adds time (a mean once
+    let one hiccup send an 800-row evaluation to fp32, back when this probe decided `auto`)."""
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(M, K, generator=gen).to(dtype), torch.randn(K, N, generator=gen).to(dtype)
     a @ b  # warm-up
@@ -254,10 +273,20 @@ def set_threads(n: int = 0) -> int:
 _PEAK: dict[str, float] = {}
 
 
+def peak_dtype(device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype whose matmul peak MFU is measured against: the compute dtype (default: bf16 on CUDA, fp32 on a
+    CPU), except bf16 on a CPU without native bf16, where it is fp32. Emulated bf16 is no peak worth dividing by:
+    its square matmuls run ~50-100× slower than fp32's on an AVX2 host, timing them took over two minutes per
+    process, and fp32 is the fastest that CPU multiplies at all."""
+    if torch.device(device).type == "cuda":
+        return dtype or torch.bfloat16
+    return torch.bfloat16 if dtype == torch.bfloat16 and native_bf16() else torch.float32
+
+
 def matmul_peak(device: torch.device | str = "cpu", seconds: float = 1.0, dtype: torch.dtype | None = None) -> float:
-    """Best measured FLOP/s of square matmuls in `dtype` (default: fp32 on CPU, bf16 on CUDA), once per process."""
+    """Best measured FLOP/s of square matmuls in `peak_dtype(device, dtype)`, once per process."""
     device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = peak_dtype(device, dtype)
     key = f"{device}-{dtype}-{torch.get_num_threads()}"
     if key in _PEAK:
         return _PEAK[key]

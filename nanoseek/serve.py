@@ -592,7 +592,7 @@ def run(cfg: ServeConfig) -> None:
 
     set_threads(cfg.threads)
     model, tokenizer = load_checkpoint(cfg.ckpt)
-    rt = resolve(cfg.device, cfg.precision, dims=model.cfg, rows=cfg.max_batch)  # a full batch decodes together
+    rt = resolve(cfg.device, cfg.precision, rows=cfg.max_batch)  # a full batch decodes together
     model = prepare_inference(model, rt).eval()
     name = cfg.model_name or Path(cfg.ckpt).resolve().name
     app = create_app(model, tokenizer, cfg, name)

@@ -1,5 +1,6 @@
-"""The precision policy (probe, auto choice, bad input) and bf16 mixed precision against fp32: forward, gradients,
-fused attention, cross-entropy, FP8 on top, cached decoding, and bit-exact kill/resume of pretraining.
+"""The precision policy (auto's rule from what the hardware is, with no timing; bad input) and bf16 mixed precision
+against fp32: forward, gradients, fused attention, cross-entropy, FP8 on top, cached decoding, and bit-exact
+kill/resume of pretraining.
 
 Tolerances. bf16 keeps 8 significant bits: one rounding moves a value by up to 2^-9 relative, and a forward pass
 rounds every activation after every matmul, norm and residual add. Over the tiny model's 3 layers (+ MTP) the
@@ -29,8 +30,9 @@ from nanoseek.fp8 import FP8Experts, FP8Linear, convert_to_fp8
 from nanoseek.losses import cross_entropy_reference, linear_cross_entropy, lm_loss
 from nanoseek.model import Experts, RouterLog, _dispatch
 from nanoseek.optim import build_optimizer
-from nanoseek.runtime import (MixedPrecision, bf16_probe, prepare_for_training, prepare_inference, probe_shapes,
-                              resolve)
+from nanoseek import runtime
+from nanoseek.runtime import (MixedPrecision, Runtime, bf16_probe, prepare_for_training, prepare_inference,
+                              probe_shapes, resolve)
 from nanoseek.stages.common import read_metrics
 
 BF16_NORM_TOL = 2.0**-5  # ‖bf16 - fp32‖ / ‖fp32‖ of logits (see the module docstring)
@@ -45,13 +47,9 @@ def rel_max(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
-def fake_probe(speedup):
-    return lambda shapes: {"fp32_gflops": 100.0, "bf16_gflops": 100.0 * speedup, "speedup": speedup,
-                           "shapes": [list(s) for s in shapes]}
-
-
 def bf16_runtime():
-    return resolve("cpu", "bf16", probe=fake_probe(5.0))
+    """A bf16 Runtime built directly: `resolve("cpu", "bf16")` would warn on a CPU without native bf16."""
+    return Runtime(torch.device("cpu"), "bf16", "requested", "bf16")
 
 
 def random_model(seed=0, std=0.1, **kw):
@@ -68,74 +66,101 @@ def random_model(seed=0, std=0.1, **kw):
 # ----------------------------------------------------------------------------- policy
 
 
-def test_auto_follows_the_probe():
-    assert resolve("cpu", "auto", probe=fake_probe(0.05)).precision == "fp32"  # AVX2: emulated bf16
-    assert resolve("cpu", "auto", probe=fake_probe(1.9), rows=256).precision == "fp32"  # faster, but not by 2×
-    # decoding as many rows as an evaluation (n × k = 800) amortises a call's fixed cost: the training margin
-    assert resolve("cpu", "auto", probe=fake_probe(1.9), rows=800).precision == "bf16"
-    assert resolve("cpu", "auto", probe=fake_probe(1.4), rows=800).precision == "fp32"
-    # a training stage gains whenever its matmuls do (thousands of rows): 1.5× is enough there, not 1.4×
-    assert resolve("cpu", "auto", probe=fake_probe(1.9), training=True).precision == "bf16"
-    assert resolve("cpu", "auto", probe=fake_probe(1.4), training=True).precision == "fp32"
-    assert resolve("cpu", "auto", probe=fake_probe(0.05), training=True).precision == "fp32"  # emulated bf16
-    rt = resolve("cpu", "auto", probe=fake_probe(4.0))
-    assert rt.precision == "bf16" and rt.dtype == torch.bfloat16
-    assert rt.describe() == {"device": "cpu", "precision": "bf16", "requested": "auto", "probe": rt.probe}
-    assert resolve("cpu", "fp32", probe=fake_probe(4.0)).describe() == {"device": "cpu", "precision": "fp32",
-                                                                       "requested": "fp32"}
+@pytest.fixture
+def no_timing(monkeypatch):
+    """Every stopwatch in runtime raises: the precision policy must decide without one."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("resolve timed a matmul")
+
+    for name in ("bf16_probe", "matmul_peak", "_seconds_per_matmul"):
+        monkeypatch.setattr(runtime, name, refuse)
+    monkeypatch.setattr(runtime, "_WARNED", set())  # a fresh once-per-process memory for the warning tests
 
 
-def row_dependent_probe(shapes):
-    """Like this CPU: bf16 GEMMs of few rows are slower than fp32 ones, of many rows much faster."""
-    rows = shapes[0][0]
-    return {**fake_probe(rows / 64)(shapes), "rows": rows}
+def test_auto_follows_what_the_cpu_is(monkeypatch, no_timing):
+    """bf16 only on a CPU with native bf16, and there for training and for decoding 128 rows or more together."""
+    for native in (False, True):
+        monkeypatch.setattr(runtime, "native_bf16", lambda: native)
+        bf16_if_native = "bf16" if native else "fp32"
+        assert resolve("cpu", "auto", training=True).precision == bf16_if_native
+        assert resolve("cpu", "auto", rows=1, training=True).precision == bf16_if_native  # a GRPO update's rows
+        assert resolve("cpu", "auto").precision == bf16_if_native  # prefill-sized: 1,024 rows
+        for rows in (1, 32, runtime.DECODE_BF16_ROWS - 1):  # chat, small batches: a bf16 call's fixed cost
+            assert resolve("cpu", "auto", rows=rows).precision == "fp32", (native, rows)
+        for rows in (runtime.DECODE_BF16_ROWS, 800):  # an evaluation's n × k
+            assert resolve("cpu", "auto", rows=rows).precision == bf16_if_native, (native, rows)
+        assert resolve("cpu", "fp32", training=True).precision == "fp32"
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    rt = resolve("cpu", "auto", training=True)
+    assert rt.describe() == {"device": "cpu", "precision": "fp32", "requested": "auto", "reason": rt.reason}
+    assert rt.reason.startswith("CPU without native bf16") and rt.checkpoint_meta() == {
+        "precision": "fp32", "precision_reason": rt.reason}
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+    rt = resolve("cpu", "auto", rows=800)
+    assert rt.precision == "bf16" and rt.dtype == torch.bfloat16 and "800 rows" in rt.reason
+    assert resolve("cpu", "fp32").describe() == {"device": "cpu", "precision": "fp32", "requested": "fp32",
+                                                 "reason": "requested"}
 
 
-def test_auto_is_measured_at_the_rows_a_stage_multiplies():
-    assert resolve("cpu", "auto", probe=row_dependent_probe).probe["rows"] == 1024  # training, prefill
-    assert resolve("cpu", "auto", probe=row_dependent_probe).precision == "bf16"
-    assert resolve("cpu", "auto", probe=row_dependent_probe, rows=1).precision == "fp32"  # chat, one prompt
-    assert resolve("cpu", "auto", probe=row_dependent_probe, rows=32).precision == "fp32"
-    assert resolve("cpu", "auto", probe=row_dependent_probe, rows=800).precision == "bf16"
+def test_auto_gives_the_same_answer_every_time(no_timing):
+    """The real CPU's answer, asked twice per stage kind: a policy, not a measurement."""
+    for kw in ({"training": True}, {"rows": 1}, {"rows": 32}, {"rows": 160}, {}):
+        first, second = resolve("cpu", "auto", **kw), resolve("cpu", "auto", **kw)
+        assert first == second and first.reason == second.reason
+        assert first.precision == ("bf16" if runtime.native_bf16() and (kw.get("training") or kw.get("rows", 1024)
+                                                                        >= runtime.DECODE_BF16_ROWS) else "fp32")
 
 
 def test_eval_decides_auto_precision_at_its_decoding_batch(tmp_path, capsys, monkeypatch):
     run = tmp_path / "tiny"
     assert main(["pretrain", "--preset", "tiny", "--out", str(run), "--steps", "1", "--n-problems", "50",
                  "--precision", "fp32"]) == 0
-    monkeypatch.setattr("nanoseek.runtime.bf16_probe", row_dependent_probe)
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)  # as on an AMX or AVX512-BF16 CPU
     for n, k, expected in ((8, 1, "fp32"), (40, 4, "bf16")):  # 8 rows decode together, then 160
         capsys.readouterr()
         assert main(["eval", "--ckpt", str(run), "--task", "chain_sum", "--n", str(n), "--k", str(k),
                      "--max-new-tokens", "4", "--json"]) == 0
-        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["precision"] == expected
+        record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert record["precision"] == expected and f"{n * k} rows" in record["runtime"]["reason"]
 
 
-def test_training_stages_need_a_smaller_probe_margin_than_decoding(tmp_path, capsys, monkeypatch):
-    """At a 1.8× probe (between MIN_SPEEDUP_TRAINING and MIN_SPEEDUP) pretraining and SFT train in bf16 and say
-    so in their run files, while evaluation of the same checkpoint decodes in fp32."""
-    monkeypatch.setattr("nanoseek.runtime.bf16_probe", fake_probe(1.8))
+def test_training_stages_take_bf16_where_decoding_few_rows_does_not(tmp_path, capsys, monkeypatch):
+    """On a CPU with native bf16 pretraining and SFT train in bf16 and say why in their run files and checkpoints,
+    while evaluation of the same checkpoint decoding 32 rows together stays in fp32. (This CPU may emulate bf16:
+    the model is tiny and trains one step, and pretraining's MFU peak is stubbed, since with native_bf16 patched
+    it would time emulated bf16 matmuls.)"""
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+    monkeypatch.setattr("nanoseek.stages.pretrain.matmul_peak", lambda *args, **kwargs: 1e12)
     run = tmp_path / "tiny"
-    assert main(["pretrain", "--preset", "tiny", "--out", str(run), "--steps", "1", "--n-problems", "50"]) == 0
-    assert json.loads((run / "runtime.json").read_text())["precision"] == "bf16"
+    assert main(["pretrain", "--preset", "tiny", "--out", str(run), "--steps", "1", "--n-problems", "50",
+                 "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0"]) == 0
+    recorded = json.loads((run / "runtime.json").read_text())
+    assert recorded["precision"] == "bf16" and recorded["reason"].endswith("training in bf16")
+    meta = json.loads((ckpt.step_dirs(run)[-1] / "meta.json").read_text())
+    assert (meta["precision"], meta["precision_reason"]) == ("bf16", recorded["reason"])
     traces = tmp_path / "traces.jsonl"
     traces.write_text(json.dumps({"prompt": "What is 2 + 3?", "completion": "5"}) + "\n")
-    assert main(["sft", "--init", str(run), "--data", str(traces), "--out", str(tmp_path / "sft"), "--epochs",
-                 "1"]) == 0
-    assert json.loads((tmp_path / "sft" / "run.json").read_text())["runtime"]["precision"] == "bf16"
+    sft = tmp_path / "sft"
+    assert main(["sft", "--init", str(run), "--data", str(traces), "--out", str(sft), "--epochs", "1"]) == 0
+    assert json.loads((sft / "run.json").read_text())["runtime"]["precision"] == "bf16"
+    assert json.loads((ckpt.step_dirs(sft)[-1] / "meta.json").read_text())["precision"] == "bf16"
     capsys.readouterr()
-    assert main(["eval", "--ckpt", str(run), "--task", "chain_sum", "--n", "40", "--k", "4", "--max-new-tokens",
+    assert main(["eval", "--ckpt", str(run), "--task", "chain_sum", "--n", "8", "--k", "4", "--max-new-tokens",
                  "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["precision"] == "fp32"
 
 
-def test_forced_bf16_on_a_slow_cpu_warns_once_with_the_slowdown():
-    probe = fake_probe(0.0437)  # figures unique to this test: the once-per-process memory is keyed by the message
-    with pytest.warns(UserWarning, match=r"22\.9× slower than fp32"):
-        assert resolve("cpu", "bf16", probe=probe).precision == "bf16"
+def test_forced_bf16_on_a_cpu_without_native_bf16_warns_once_and_measures_nothing(monkeypatch, no_timing):
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match=r"no native bf16 .*emulated.*auto would choose fp32") as caught:
+        assert resolve("cpu", "bf16").precision == "bf16"
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        resolve("cpu", "bf16", probe=probe)
+        assert resolve("cpu", "bf16", rows=1).reason.startswith("requested; emulated")  # said once per process
+        monkeypatch.setattr(runtime, "_WARNED", set())
+        monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+        assert resolve("cpu", "bf16").precision == "bf16"  # native: nothing to warn about
 
 
 @pytest.mark.parametrize("bad", ["fp16", "BF16", ""])
@@ -145,13 +170,24 @@ def test_unknown_precision_is_one_line_value_error(bad):
     assert "\n" not in str(e.value)
 
 
-def test_probe_measures_the_models_shapes_once():
+def test_the_bench_probe_measures_the_models_shapes_once():
+    """bf16_probe is a measurement for bench/eval_precision.py (no longer a decision): cached per process."""
     cfg = get_preset("small")
     assert probe_shapes(cfg) == ((1024, 128, 384), (1024, 256, 128), (1024, 256, 768))
     shapes = [(32, 48, 16)]
     first = bf16_probe(shapes, seconds=0.01)
     assert first["fp32_gflops"] > 0 and first["bf16_gflops"] > 0 and first["shapes"] == [[32, 48, 16]]
     assert bf16_probe(shapes, seconds=0.01) is first  # cached per process (and thread count)
+
+
+def test_mfu_peak_is_never_timed_in_emulated_bf16(monkeypatch):
+    """MFU divides by the compute precision's peak, but where bf16 is emulated by fp32's: timing emulated bf16
+    matmuls took minutes per process on an AVX2 CPU."""
+    monkeypatch.setattr(runtime, "native_bf16", lambda: False)
+    assert runtime.peak_dtype("cpu", torch.bfloat16) == runtime.peak_dtype("cpu") == torch.float32
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
+    assert runtime.peak_dtype("cpu", torch.bfloat16) == torch.bfloat16
+    assert runtime.peak_dtype("cpu", torch.float32) == torch.float32
 
 
 def test_bad_precision_on_the_cli_exits_2(tmp_path, capsys):
@@ -416,7 +452,10 @@ def losses(out):
 
 
 def test_bf16_pretraining_kill_and_resume_is_bit_identical(corpus, tmp_path):
-    """SIGKILL mid-run, then --resume (which keeps the run's precision): the bf16 loss sequence, bit for bit."""
+    """SIGKILL mid-run, then --resume (which keeps the run's precision): the bf16 loss sequence, bit for bit.
+
+    The child reaches its step-4 checkpoint in seconds even where bf16 is emulated (nothing times bf16 there: the
+    MFU peak is fp32's); the deadline is only a safety net against a hung child."""
     assert main(tiny_args(corpus, tmp_path / "a")) == 0
     reference = losses(tmp_path / "a")
     run_cfg = (tmp_path / "a" / "run.json").read_text()
@@ -424,12 +463,13 @@ def test_bf16_pretraining_kill_and_resume_is_bit_identical(corpus, tmp_path):
     cmd = [sys.executable, "-m", "nanoseek", *tiny_args(corpus, tmp_path / "b")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     metrics = tmp_path / "b" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 7):
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 7):
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert len(ckpt.step_dirs(tmp_path / "b")) >= 1
+    os.kill(proc.pid, signal.SIGKILL)  # after step 7 the step-4 checkpoint exists, and 9 steps are still to come
+    assert proc.wait() == -signal.SIGKILL, "the child ended before it was killed"
+    assert len(ckpt.step_dirs(tmp_path / "b")) >= 1, "the child wrote no checkpoint before it was killed"
     assert main(["pretrain", "--out", str(tmp_path / "b"), "--resume"]) == 0
     assert losses(tmp_path / "b") == reference
     fp32 = tmp_path / "c"

@@ -33,8 +33,8 @@ def corpus(tmp_path_factory):
 
 
 def tiny_args(corpus, out, steps=24, extra=()):
-    """Precision pinned: `auto` times a probe in each process, and at tiny shapes the bf16 speedup sits near the
-    2x threshold, so two independent runs (the reference and the killed one) could choose differently."""
+    """Precision pinned: these runs test fp32 on every host (`auto` trains in bf16 on a CPU with native bf16;
+    tests/test_precision.py covers bf16)."""
     return ["pretrain", "--preset", "tiny", "--data", str(corpus), "--vocab-size", "300", "--steps", str(steps),
             "--batch-size", "8", "--micro-batch", "4", "--seq-len", "32", "--save-every", "4", "--eval-every", "8",
             "--eval-batches", "2", "--precision", "fp32", "--out", str(out), *extra]

@@ -20,7 +20,7 @@ from .. import checkpoint as ckpt
 from ..engine import Engine
 from ..evaluation import evaluate
 from ..options import ComputeOptions, check, option
-from ..runtime import Runtime, prepare_inference, probe_shapes, resolve, set_threads
+from ..runtime import Runtime, prepare_inference, resolve, set_threads
 from ..tasks import TASKS, get_task
 from .common import load_checkpoint
 
@@ -55,12 +55,10 @@ def run(cfg: EvalConfig) -> list[dict]:
     task = get_task(cfg.task, **cfg.task_args)
     set_threads(cfg.threads)
     problems = task.problems(cfg.seed, cfg.n, split="heldout")
-    # One precision for all of them, probed at every model's matmul shapes, so that scores compared side by side
-    # are computed the same way: probed one by one, a speedrun's teacher measured 1.95x and decoded in fp32 while
-    # its students measured 2.03x and decoded in bf16 (the threshold is 2x), in the same process.
-    rows = cfg.n * cfg.k  # all decoded together
-    shapes = sorted({s for path in cfg.ckpt for s in probe_shapes(ckpt.read_config(path), rows)})
-    rt = resolve(cfg.device, cfg.precision, dims=shapes, rows=rows)
+    # One precision for all of them, decided once from the hardware and the rows decoded together, so that scores
+    # compared side by side are computed the same way (when a timing probe decided, one process once scored a
+    # speedrun's teacher in fp32 at 1.95x and its students in bf16 at 2.03x).
+    rt = resolve(cfg.device, cfg.precision, rows=cfg.n * cfg.k)  # all n × k decoded together
     return [_score(path, task, problems, cfg, rt) for path in cfg.ckpt]
 
 

@@ -67,7 +67,7 @@ def load_for_inference(cfg: SamplingOptions, rows: int = 1):
     precision is measured at `rows`, the sequences decoded together."""
     set_threads(cfg.threads)
     model, tokenizer = load_checkpoint(cfg.ckpt)
-    rt = resolve(cfg.device, cfg.precision, dims=model.cfg, rows=rows)
+    rt = resolve(cfg.device, cfg.precision, rows=rows)
     return prepare_inference(model, rt).eval(), tokenizer, rt
 
 

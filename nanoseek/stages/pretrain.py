@@ -86,6 +86,8 @@ class PretrainConfig(ComputeOptions):
     seed: int = option(0, help="seed for initialisation and data order", min=0)
     data_seed: int = option(0, help="seed of the embedded corpus", min=0)
     n_problems: int = option(6000, help="reasoning documents in the embedded corpus", min=0)
+    natural_share: float = option(1.0, help="share of the embedded corpus's natural English documents kept",
+                                  min=0, max=1)
     easy_problems: int = option(0, help="extra worked chain_sum problems (training split) in the embedded corpus",
                                 min=0)
     easy_args: dict = option(default_factory=lambda: dict(EASY[1]), help="chain_sum generator options of the "
@@ -194,7 +196,7 @@ def _run(cfg: PretrainConfig, out: Path, info: "ddp.DistInfo", where: "ddp.Where
     with StopRequest(enabled=not info.enabled) as stop:  # Ctrl-C stops at the next step boundary
         while state["step"] < cfg.steps:
             if stop.requested:  # Ctrl-C: the last finished step is saved, then the command ends with status 130
-                path = _save(out, model, optimizer, loader, state, tok_file, cfg, info)
+                path = _save(out, model, optimizer, loader, state, tok_file, cfg, info, rt)
                 bar.close()
                 raise Interrupted(f"interrupted after step {state['step']}; saved {path} (continue with --resume)")
             step = state["step"]
@@ -218,19 +220,18 @@ def _run(cfg: PretrainConfig, out: Path, info: "ddp.DistInfo", where: "ddp.Where
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 where.phase = f"saving the checkpoint of step {step + 1}"
-                last = _save(out, model, optimizer, loader, state, tok_file, cfg, info)
+                last = _save(out, model, optimizer, loader, state, tok_file, cfg, info, rt)
     bar.close()
     return last or ckpt.resolve(out)
 
 
 def _runtime(cfg: PretrainConfig, device: torch.device, info: "ddp.DistInfo"):
-    """The precision of this run. With several processes every rank must compute alike: rank 0's choice (its
-    probe, for auto on a CPU) is the one every rank uses."""
-    mcfg = get_preset(cfg.preset, **cfg.model_overrides)
-    rt = resolve(str(device), cfg.precision, dims=mcfg, training=True) if info.main else None
-    if info.enabled:  # the choice and its probe figures travel; each rank keeps its own device
-        precision, probe = ddp.broadcast_object((rt.precision, rt.probe) if rt else None, info)
-        rt = Runtime(device, precision, probe, cfg.precision)
+    """The precision of this run. With several processes every rank must compute alike: rank 0's choice (and its
+    reason) is the one every rank uses, even where ranks run on different kinds of host."""
+    rt = resolve(str(device), cfg.precision, training=True) if info.main else None
+    if info.enabled:  # the choice and its reason travel; each rank keeps its own device
+        precision, reason = ddp.broadcast_object((rt.precision, rt.reason) if rt else None, info)
+        rt = Runtime(device, precision, reason, cfg.precision)
     return rt
 
 
@@ -250,7 +251,8 @@ class _Trainer:
         self.n_main_moe = len(self.gate_layers)
         self.sparse = model.cfg.family == "v32"
         self.flops_per_token = train_flops_per_token(model.cfg, seq_len, include_mtp=True)
-        self.peak = matmul_peak(device, dtype=peak_dtype)  # MFU against the peak of the compute precision
+        # MFU against the peak of the compute precision (fp32's where bf16 is emulated: runtime.peak_dtype)
+        self.peak = matmul_peak(device, dtype=peak_dtype)
 
     def _router_log(self, step: int) -> RouterLog:
         """V3.2 also collects the indexer's KL, with dense attention during the warm-up (V3.2 report §2.1.1)."""
@@ -372,11 +374,11 @@ class _Trainer:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _save(out: Path, model, optimizer, loader, state: dict, tok_file: Path, cfg: PretrainConfig, info) -> Path:
+def _save(out: Path, model, optimizer, loader, state: dict, tok_file: Path, cfg: PretrainConfig, info, rt) -> Path:
     """Atomic checkpoint. One process: torch.save of the optimizer; several: DCP shards from every rank."""
     path = out / "checkpoints" / f"step_{state['step']:06d}"
     meta = {"step": state["step"], "tokens": state["tokens"], "stage": "pretrain", "run": dataclasses.asdict(cfg),
-            "world_size": info.world}
+            "world_size": info.world, **rt.checkpoint_meta()}
     extra = {"loader": loader.state_dict(), "rng": torch.get_rng_state(), **state}
     if not info.enabled:
         with ckpt.atomic_dir(path) as tmp:

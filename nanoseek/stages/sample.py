@@ -60,7 +60,7 @@ def run(cfg: SampleConfig) -> dict:
     task = get_task(cfg.task, **cfg.task_args)
     set_threads(cfg.threads)
     model, tokenizer = load_checkpoint(cfg.ckpt)
-    rt = resolve(cfg.device, cfg.precision, dims=model.cfg, rows=min(cfg.batch, cfg.n * cfg.k))  # rows decoded at once
+    rt = resolve(cfg.device, cfg.precision, rows=min(cfg.batch, cfg.n * cfg.k))  # rows decoded at once
     engine = Engine(prepare_inference(model, rt).eval(), tokenizer)
     problems = task.problems(cfg.seed, cfg.n, split=cfg.split)
     assert all(split_of(p.question) == cfg.split for p in problems)  # the split is the question's own property
