@@ -214,7 +214,11 @@ def _work(expression: str) -> tuple[list[str], Fraction]:
             step = f"{a} {op} {b} = {value}"
             tokens[k - 1:k + 2] = [value]
         _drop_parens(tokens)
-        lines.append(f"{step}, so it becomes {_show(tokens)}." if len(tokens) > 1 else f"{step}.")
+        # "First, " / "Then " before each step: a line never starts with a number, so every number is written as the
+        # same token everywhere (" 14" after a space; a line-initial "14" is another token), and copying a term or
+        # a running value from the line before is token identity rather than a learnt mapping
+        lead = "Then" if lines else "First,"
+        lines.append(f"{lead} {step}, so it becomes {_show(tokens)}." if len(tokens) > 1 else f"{lead} {step}.")
     if len(tokens) != 1 or not isinstance(tokens[0], Fraction) or tokens[0].denominator != 1:
         raise _Skip(expression)
     return lines, tokens[0]
@@ -302,6 +306,19 @@ def worked_solutions(name: str, count: int, seed: int = 0, **options) -> list[di
             for q, think, answer in _solved(name, gen_seed, count, "train", _NoBar(), **options)]
 
 
+def worked_solution(question: str) -> tuple[str, str]:
+    """(worked reasoning, answer) the generator's solver writes for a chain_sum question ("... problem: 4 - 1 - 7 ="),
+    whoever asked it; ValueError if the question is not one."""
+    m = re.fullmatch(r".*problem: ([\d\s+\-]+) =\s*", question.strip(), re.S)
+    if m is None:
+        raise ValueError(f"not a chain_sum question: {question[:80]!r}")
+    try:
+        lines, value = _work(m.group(1))
+    except _Skip:
+        raise ValueError(f"no worked solution for {question[:80]!r}") from None
+    return "\n".join(["Add and subtract from left to right.", *lines, f"So the result is {value}."]), str(value)
+
+
 def _reasoning(seed: int, n: int, split: str, bar) -> list[str]:
     if seed < 0 or n < 0:
         raise ValueError(f"need seed >= 0 and n >= 0 (got seed={seed}, n={n})")
@@ -342,17 +359,24 @@ EASY = ("chain_sum", dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1))
 
 def build_default_corpus(seed: int = 0, n_problems: int = 6000, heldout_fraction: float = 0.02,
                          progress: bool = False, easy_problems: int = 0,
-                         easy_args: dict | None = None) -> dict[str, list[str]]:
+                         easy_args: dict | None = None, natural_share: float = 1.0) -> dict[str, list[str]]:
     """{"train": [doc, ...], "heldout": [doc, ...]}: natural English documents plus reasoning documents.
     Deterministic: the same seed gives identical lists (same order, same text) on every run.
 
+    natural_share: the fraction of the natural English documents kept (a task-heavy mix for a small budget).
     Held out: `heldout_fraction` of the natural documents (chosen by a seeded hash) and
     round(n_problems * heldout_fraction) extra worked problems whose questions are in the tasks' held-out split.
     No training document holds a held-out question (`nanoseek.tasks.is_heldout`), so the problems that
     evaluation scores never appear in pretraining, whatever generator seeds or settings produced them."""
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    if not 0 <= natural_share <= 1:
+        raise ValueError(f"natural_share must be in [0, 1], got {natural_share}")
     natural = natural_documents()
+    if natural_share < 1:  # a seeded-hash choice of the natural documents: the same share always keeps the same ones
+        keep = round(len(natural) * natural_share)
+        kept = set(sorted(natural, key=lambda d: _hash_rank(-1 - seed, d))[:keep])
+        natural = [d for d in natural if d in kept]
     n_held = round(len(natural) * heldout_fraction)
     held_natural = set(sorted(natural, key=lambda d: _hash_rank(seed, d))[:n_held])
     n_held_problems = round(n_problems * heldout_fraction)

@@ -87,8 +87,8 @@ def test_evaluation_problems_never_appear_in_the_corpus(with_easy, name, options
     text = "\n".join(train)
     assert not any(f"User: {p.question.strip()}\nAssistant:" in text for p in held)
     if options == corpus.EASY[1]:  # the corpus covers nearly all of this training space: overlap was certain
-        space = {problem_key(p.question) for p in task.problems(1, 150)}
-        assert len(space & train_keys) > 140
+        space = {problem_key(p.question) for p in task.problems(1, 120)}  # of the 125 training keys
+        assert len(space & train_keys) > 110
 
 
 def test_reasoning_documents_are_in_the_r1_template(problems):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from nanoseek.tasks import (HELDOUT_FRACTION, TASKS, extract_answer, format_ok, get_task, is_heldout, problem_key,
                             problem_space, question_from_prompt)
-from nanoseek.tasks.base import combine
+from nanoseek.tasks.base import combine, is_heldout_key
 from nanoseek.tasks.verify import countdown_ok, evaluate, parse_number
 from nanoseek.template import r1_prompt
 
@@ -22,14 +22,19 @@ def problems():
     return {name: get_task(name).problems(seed=3, n=5) for name in TASKS}
 
 
+# a wrong answer written in each declared form: well formed, so format 1 and accuracy 0
+WRONG_IN_FORM = {"integer": lambda a: "12345678", "expression": lambda a: "1 + 1",
+                 "yes/no": lambda a: "No" if a.strip().rstrip(".").lower() == "yes" else "Yes"}
+
+
 @pytest.mark.parametrize("name", list(TASKS))
 def test_gold_answers_score_one_and_wrong_ones_zero(name, problems):
     task = get_task(name)
     for p in problems[name]:
         assert task.score(p, GOOD.format(p.answer)) == {"format": 1.0, "accuracy": 1.0, "partial": 1.0,
                                                          "answer": p.answer}
-        wrong = task.score(p, GOOD.format("12345678"))
-        assert wrong["accuracy"] == 0.0 and wrong["format"] == 1.0
+        wrong = task.score(p, GOOD.format(WRONG_IN_FORM[task.answer_form](p.answer)))
+        assert wrong["accuracy"] == 0.0 and wrong["format"] == 1.0  # well formed, wrong
         assert task.score(p, f"no tags {p.answer}")["accuracy"] == 0.0  # right number, wrong format: no credit
 
 
@@ -67,8 +72,9 @@ def test_heldout_fraction_of_a_large_space():
 
 def test_rewordings_of_one_problem_share_a_key():
     chain = "State the final answer to the following arithmetic problem: 3 + 4 ="
-    assert problem_key(chain) == problem_key("Calculate 3 + 4.") == problem_key("What is 3+4?") == "arith:3+4"
+    assert problem_key(chain) == problem_key("Calculate 3 + 4.") == problem_key("What is 3+4?") == "sum:+3,+4"
     assert problem_key(chain) != problem_key("Calculate 3 + 4 - 1.")
+    assert problem_key("Calculate 3 * 4.") == "arith:3*4"  # products do not commute with their neighbours' signs
     fmt = "\n\nFinal answer format instructions:\n1. Provide your solution as a arithmetic expression."
     a = "Using all the numbers 3, 5, 7, create an expression that equals 15.\nYou can only use each number once."
     b = "Find a way to make 15 using all of these numbers: 7, 3, 5.\nEach number can only be used once."
@@ -83,7 +89,8 @@ def test_streams_hand_out_fresh_problems_until_the_space_runs_out():
     stream = task.stream(0, "train", patience=500)
     batches = [stream.take(8) for _ in range(40)]
     keys = [problem_key(p.question) for batch in batches for p in batch]
-    n_train = sum(not is_heldout(f"Calculate {a} {op} {b}.") for a in range(10) for b in range(10) for op in "+-")
+    space = {problem_key(f"Calculate {a} {op} {b}.") for a in range(10) for b in range(10) for op in "+-"}
+    n_train = sum(not is_heldout_key(k) for k in space)  # distinct problems: a + b and b + a are one
     assert len(set(keys[:n_train])) == n_train  # no repeats before the space is exhausted
     assert stream.repeats == len(keys) - n_train > 0 and stream.exhausted
     with pytest.raises(ValueError, match="too small|fewer than"):
@@ -92,7 +99,7 @@ def test_streams_hand_out_fresh_problems_until_the_space_runs_out():
 
 def test_problem_space_report():
     r = problem_space(get_task("chain_sum", **SMALL), draws=4000, train_draws=300)
-    assert r["exact_size"] == 200 and r["distinct"] == 200 and 150 < r["effective_size"] < 250
+    assert r["exact_size"] == 200 and r["distinct"] == 145 and 100 < r["effective_size"] < 200
     assert r["train_distinct"] == 200 - r["distinct_heldout"] and r["train_repeats"] == 300 - r["train_distinct"]
     big = problem_space(get_task("gsm_symbolic"), draws=500)
     assert big["distinct"] > 490 and big["exact_size"] is None
@@ -183,3 +190,65 @@ def test_verifiers_never_raise_and_stay_bounded(text, warm_tasks):
             except _Runaway:
                 pytest.fail(f"{name}: the verifier ran away on {completion[:80]!r}")
             assert scores["accuracy"] in (0.0, 1.0) and scores["format"] in (0.0, 1.0)
+
+
+CHAIN = "State the final answer to the following arithmetic problem: {} ="
+
+
+def test_reorderings_of_a_sum_share_its_split():
+    """The split key of a sum is the multiset of its signed terms: a reordered or regrouped held-out question is
+    held out too (a split by text put 387 of 409 held-out 3-term sums next to a training reordering)."""
+    import itertools
+    import random
+
+    from nanoseek.tasks.base import signed_terms
+
+    assert signed_terms("4 - 1 + 3") == signed_terms("3 + 4 - 1") == signed_terms("( 4 + -1 ) + 3") == [-1, 3, 4]
+    assert signed_terms("4 - 0") == signed_terms("4 + 0") == [0, 4]
+    assert signed_terms("4 - ( 3 - 2 )") == [-3, 2, 4] and signed_terms("3 * 4") is None
+    assert signed_terms("4 -") is None and signed_terms("( 4") is None and signed_terms("4 )") is None
+    held = [p for p in get_task("chain_sum", min_terms=4, max_terms=4, min_digits=1, max_digits=1).problems(
+        0, 30, split="heldout")]
+    rng = random.Random(0)
+    for p in held:
+        terms = p.metadata["expression"].replace("- ", "-").replace("+ ", "").split()
+        for order in itertools.islice(itertools.permutations(terms), 24):
+            if order[0].startswith("-"):
+                continue  # chain_sum's first term is never negative; every other order is a question it can ask
+            text = " ".join(order[:1] + tuple(f"- {t[1:]}" if t.startswith("-") else f"+ {t}" for t in order[1:]))
+            assert is_heldout(CHAIN.format(text)), (p.question, text)
+            assert is_heldout(f"Calculate {text}.")  # and in basic_arithmetic's wording
+        shuffled = list(terms)
+        rng.shuffle(shuffled)
+        grouped = f"( {shuffled[0]} + {shuffled[1]} )" + "".join(f" + {t}" for t in shuffled[2:])
+        assert is_heldout(f"Calculate {grouped.replace('+ -', '- ')}.")
+
+
+@pytest.mark.parametrize("answer, right", [
+    ("-12", True), (" -12 ", True),
+    ("0 - 4 - 8", False),  # the question's own expression copied back
+    ("4+9-1", False), ("24/2", False), ("-24/2", False), ("(-12)", False), ("\\frac{-24}{2}", False),
+    ("-12, 12", False), ("-12 -12", False), ("-12.0", False), ("+-12", False), ("-012", False), ("- 12", False),
+    ("-12.", False), ("12", False), ("", False),
+])
+def test_integer_answers_score_only_as_one_canonical_integer(answer, right):
+    """The checker that serves reward, rejection sampling and evaluation: an expression, an echo of the question or
+    several numbers is neither right nor well-formed, even when it evaluates to the gold answer."""
+    from nanoseek.tasks import Problem
+
+    problem = Problem(question=CHAIN.format("0 - 4 - 8"), answer="-12")
+    for name in ("chain_sum", "basic_arithmetic", "gsm_symbolic"):
+        scores = get_task(name).score(problem, GOOD.format(answer))
+        assert scores["accuracy"] == float(right)
+        wellformed = right or answer.strip() == "12"
+        assert scores["format"] == float(wellformed) and scores["partial"] == float(wellformed)
+
+
+def test_every_family_declares_an_answer_form_that_its_gold_answers_take():
+    from nanoseek.tasks.verify import ANSWER_FORMS, answer_in_form
+
+    for name in TASKS:
+        task = get_task(name)
+        assert task.answer_form in ANSWER_FORMS
+        for p in task.problems(seed=5, n=3 if name == "countdown" else 20):
+            assert answer_in_form(p.answer, task.answer_form), (name, p.answer)

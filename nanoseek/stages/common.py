@@ -22,7 +22,7 @@ from ..config import get_preset
 from ..data import encode_documents, fingerprint
 from ..tokenizer import Tokenizer
 
-DATA_VERSION = 4  # bump when the corpus recipe or the tokenizer training changes (3: held-out split by content; 4: no preamble)
+DATA_VERSION = 5  # bump when the corpus recipe or the tokenizer training changes (3: held-out split by content; 4: no preamble; 5: sums split by their signed terms, steps begin "First,"/"Then")
 
 
 def load_checkpoint(path, dtype=None):
@@ -98,7 +98,8 @@ def _data_key(cfg, tokenizer_file: str | Path = "") -> str:
         source = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files] or cfg.data
     else:
         source = ["embedded", cfg.data_seed, cfg.n_problems] + (
-            [cfg.easy_problems, cfg.easy_args] if cfg.easy_problems else [])
+            [cfg.easy_problems, cfg.easy_args] if cfg.easy_problems else []) + (
+            [cfg.natural_share] if cfg.natural_share != 1 else [])
     tokenizer_file = tokenizer_file or cfg.tokenizer
     if tokenizer_file:  # known by its content, so a run given another run's tokenizer reuses that run's streams
         digest = hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest()[:16]
@@ -111,7 +112,8 @@ def _split_documents(cfg) -> dict[str, list[str]]:
 
     if not cfg.data:
         return build_default_corpus(seed=cfg.data_seed, n_problems=cfg.n_problems, progress=True,
-                                    easy_problems=cfg.easy_problems, easy_args=cfg.easy_args)
+                                    easy_problems=cfg.easy_problems, easy_args=cfg.easy_args,
+                                    natural_share=cfg.natural_share)
     docs = read_user_data(cfg.data)
     order = np.random.default_rng(cfg.data_seed).permutation(len(docs))
     n_held = max(1, len(docs) // 50) if len(docs) > 1 else 0

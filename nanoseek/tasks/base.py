@@ -6,8 +6,9 @@ out. Every source of training text (the corpus's worked problems, GRPO prompts, 
 asks `is_heldout(question)` and leaves those questions out, so a held-out question cannot reach training by
 any path, whatever seeds or generator settings produced it. The key also merges rewordings of one problem:
 arithmetic questions reduce to their expression ("Calculate 3 + 4." and "…arithmetic problem: 3 + 4 =" are
-one problem) and countdown questions to their multiset of numbers and target (its three phrasings and any
-number order are one problem).
+one problem), and a sum of integers to the multiset of its signed terms (`signed_terms`: "4 - 1 + 3" and
+"3 + 4 - 1" are one problem, so a reordering of a held-out sum is held out too); countdown questions reduce to
+their multiset of numbers and target (its three phrasings and any number order are one problem).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..template import r1_prompt
+from .verify import answer_in_form
 
 # A completion is what follows the prompt's "<think>": reasoning, "</think>", then exactly one answer block.
 _FORMAT = re.compile(r"^(?:(?!<think>|</think>|<answer>|</answer>).)*</think>\s*<answer>"
@@ -26,7 +28,7 @@ _FORMAT = re.compile(r"^(?:(?!<think>|</think>|<answer>|</answer>).)*</think>\s*
 MAX_COMPLETION_CHARS = 20_000  # longer text is not inspected at all
 
 HELDOUT_FRACTION = 0.1  # share of the key-hash space reserved for evaluation (one constant: every stage agrees)
-_SPLIT_SALT = "nanoseek-heldout-v1\0"
+_SPLIT_SALT = "nanoseek-heldout-v1\0"  # unchanged: only the keys of sums changed (v2 of the split)
 _EXPR = r"[\d\s+\-*/()]+"
 _ARITHMETIC = [re.compile(p) for p in (  # chain_sum's and basic_arithmetic's phrasings, after normalisation
     rf"state the final answer to the following arithmetic problem: ({_EXPR})=", rf"calculate ({_EXPR})\.",
@@ -65,8 +67,41 @@ def problem_key(question: str) -> str:
     for pattern in _ARITHMETIC:
         m = pattern.fullmatch(text)
         if m:
+            terms = signed_terms(m.group(1))
+            if terms is not None:  # a sum: its terms in any order and grouping are one problem
+                return "sum:" + ",".join(f"{t:+d}" for t in terms)
             return "arith:" + re.sub(r"\s", "", m.group(1))
     return text
+
+
+def signed_terms(expression: str) -> list[int] | None:
+    """The sorted multiset of signed terms of an expression made only of integers, + and - (brackets and unary
+    minus allowed, their signs distributed): "4 - 1 + 3", "3 + 4 - 1" and "( 4 + -1 ) + 3" all give [-1, 3, 4].
+    None for anything with * or /, whose terms do not commute freely. A zero is a zero whatever its sign, so
+    "4 - 0" and "4 + 0" are one problem. This is the split key of chain_sum: reorderings and regroupings of one
+    sum cannot fall on both sides of the split."""
+    tokens = re.findall(r"\d+|[-+()]|\S", expression)
+    if not tokens or len(tokens) > 400:
+        return None
+    terms, signs, sign, expect_operand = [], [1], 1, True
+    for tok in tokens:
+        if tok.isdigit() and expect_operand:
+            terms.append(signs[-1] * sign * int(tok))
+            sign, expect_operand = 1, False
+        elif tok in "+-" and expect_operand:  # unary sign
+            sign *= -1 if tok == "-" else 1
+        elif tok in "+-":
+            sign, expect_operand = (-1 if tok == "-" else 1), True
+        elif tok == "(" and expect_operand:
+            signs.append(signs[-1] * sign)
+            sign = 1
+        elif tok == ")" and not expect_operand and len(signs) > 1:
+            signs.pop()
+        else:
+            return None
+    if expect_operand or len(signs) != 1:
+        return None
+    return sorted(abs(t) if t == 0 else t for t in terms)
 
 
 def _digest(key: str) -> bytes:
@@ -174,9 +209,11 @@ class ProblemStream:
 
 
 class Task:
-    """A family of verifiable problems. Subclasses implement `generate` and `check`."""
+    """A family of verifiable problems. Subclasses implement `generate` and `check` and declare `answer_form`
+    (verify.ANSWER_FORMS): an answer not in that form is not well-formed and scores 0."""
 
     name = "task"
+    answer_form = "integer"
 
     def __init__(self, **options):
         self.options = options
@@ -204,14 +241,16 @@ class Task:
         return r1_prompt(problem.question)
 
     def score(self, problem: Problem, completion: str) -> dict:
-        """Reward components of one completion: format (0/1), accuracy (0..1), partial (1 if an answer was given)."""
+        """Reward components of one completion: format (0/1: the R1 tags and an answer in the task's form),
+        accuracy (0..1), partial (1 if a well-formed answer was given). Reward, rejection sampling and evaluation
+        all score through here, so they share one checker."""
         answer = extract_answer(completion)
         try:
-            accuracy = float(self.check(problem, answer)) if answer is not None else 0.0
+            formed = answer is not None and answer_in_form(answer, self.answer_form)
+            accuracy = float(self.check(problem, answer)) if formed else 0.0
         except Exception:  # a verifier bug must not crash training: a wrong answer, never an exception
-            accuracy = 0.0
-        return {"format": float(answer is not None), "accuracy": accuracy,
-                "partial": float(answer is not None and answer != ""), "answer": answer}
+            formed, accuracy = False, 0.0
+        return {"format": float(formed), "accuracy": accuracy, "partial": float(formed), "answer": answer}
 
 
 def combine(scores: dict, w_accuracy: float = 1.0, w_format: float = 0.0, partial_credit: float = 0.0) -> float:

@@ -7,7 +7,7 @@ scorers, because some of them parse expressions with sympy, which evaluates Pyth
 from __future__ import annotations
 
 from .base import Problem, Task
-from .verify import countdown_ok, numbers_equal
+from .verify import countdown_ok, integer_equal
 
 # Easy settings by default: the CPU-sized models of the speedrun need a task they can start to solve.
 DEFAULTS = {
@@ -42,10 +42,13 @@ class ReasoningGymTask(Task):
 
 
 class NumericTask(ReasoningGymTask):
-    """Answers are numbers, compared exactly as rationals ("3.50" == "7/2" == "\\frac{7}{2}")."""
+    """Answers are integers (every gold answer of these generators is one), written as one canonical integer:
+    "-12" scores against -12; "0 - 4 - 8", "24/2", "12.0" and "12, -12" score nothing and are not well-formed."""
+
+    answer_form = "integer"
 
     def check(self, problem: Problem, answer: str) -> float:
-        return float(numbers_equal(answer, problem.answer))
+        return float(integer_equal(answer, problem.answer))
 
 
 class ChainSumTask(NumericTask):
@@ -63,12 +66,16 @@ class ChainSumTask(NumericTask):
 class CountdownTask(ReasoningGymTask):
     """Any expression that uses each given number once and reaches the target is right (not just the gold one)."""
 
+    answer_form = "expression"
+
     def check(self, problem: Problem, answer: str) -> float:
         return float(countdown_ok(answer, problem.metadata["numbers"], problem.metadata["target"]))
 
 
 class YesNoTask(ReasoningGymTask):
     """Logic: the answer is Yes or No (case and a trailing period ignored)."""
+
+    answer_form = "yes/no"
 
     def check(self, problem: Problem, answer: str) -> float:
         norm = answer.strip().rstrip(".").lower() if isinstance(answer, str) and len(answer) < 20 else ""

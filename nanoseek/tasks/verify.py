@@ -1,4 +1,9 @@
-"""Safe answer checking: exact rational arithmetic on bounded strings, never `eval`.
+"""Safe answer checking: answers in each task's own form, exact rational arithmetic on bounded strings, never `eval`.
+
+An answer scores only in the form its task declares (`ANSWER_FORMS`): an integer family (chain_sum,
+basic_arithmetic, gsm_symbolic) takes one integer written canonically ("-12", not "0 - 4 - 8", "24/2", "+12",
+"012" or "12, 13"): a policy that copies the question's expression back, or hedges with several numbers, earns
+nothing. Only countdown, whose answer *is* an expression, parses expressions.
 
 Model text is untrusted. Everything here parses with a small recursive-descent grammar over numbers, + - * /,
 parentheses and LaTeX \\frac, with hard limits on length, nesting depth and number size, and no exponent
@@ -16,6 +21,10 @@ MAX_DEPTH = 16  # parenthesis nesting
 MAX_DIGITS = 12  # per number literal: no 10^1000-digit arithmetic
 _TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d+)?)|(\\[dt]?frac)|([-+*/(){}]))")
 _NUMBER = re.compile(r"^[+-]?\d{1,12}(?:\.\d{1,12})?$")
+_INTEGER = re.compile(r"-?(?:0|[1-9]\d{0,11})")  # canonical: no sign but a minus, no leading zeros, no "-0"
+
+# The answer forms a task family can declare: what `answer_in_form` accepts for each.
+ANSWER_FORMS = ("integer", "expression", "yes/no")
 
 
 class _Reject(Exception):
@@ -144,8 +153,31 @@ def parse_number(text: str) -> Fraction | None:
 
 
 def numbers_equal(answer: str, gold: str) -> bool:
+    """Lenient comparison of two numbers written in any of `parse_number`'s forms (for gold data and tools, never
+    for rewards: rewards go through `answer_in_form`)."""
     a, g = parse_number(answer), parse_number(gold)
     return a is not None and g is not None and a == g
+
+
+def answer_in_form(text: str, form: str) -> bool:
+    """Whether an extracted answer is written in the task's form: "integer" (one canonical integer, nothing
+    else), "expression" (an arithmetic expression the bounded parser accepts) or "yes/no" (Yes or No, case and a
+    trailing period ignored). Never raises."""
+    if not isinstance(text, str) or len(text) > MAX_CHARS:
+        return False
+    text = text.strip()
+    if form == "integer":
+        return _INTEGER.fullmatch(text) is not None
+    if form == "expression":
+        return evaluate(text) is not None
+    if form == "yes/no":
+        return text.rstrip(".").lower() in ("yes", "no")
+    raise ValueError(f"unknown answer form {form!r}; forms: {', '.join(ANSWER_FORMS)}")
+
+
+def integer_equal(answer: str, gold: str) -> bool:
+    """True only if `answer` is one canonical integer equal to the gold integer."""
+    return answer_in_form(answer, "integer") and int(answer.strip()) == int(gold.strip())
 
 
 def countdown_ok(answer: str, numbers: list[int], target: int) -> bool:
