@@ -21,7 +21,8 @@ $(BASE_STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-compile -e .
 	@env -u PYTHONDONTWRITEBYTECODE $(PY) -W ignore::SyntaxWarning -c "import torch._dynamo, reasoning_gym, \
 	  matplotlib.pyplot, nanoseek.stages.speedrun, nanoseek.stages.pretrain, nanoseek.stages.sft, \
-	  nanoseek.stages.grpo, nanoseek.stages.sample, nanoseek.stages.evaluate, nanoseek.stages.generate, nanoseek.report"
+	  nanoseek.stages.grpo, nanoseek.stages.sample, nanoseek.stages.evaluate, nanoseek.stages.generate, \
+	  nanoseek.stages.distill, nanoseek.report"
 	@touch $(BASE_STAMP)
 
 $(STAMP): $(BASE_STAMP)

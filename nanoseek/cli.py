@@ -31,6 +31,8 @@ COMMANDS = {
     "grpo": ("stages.grpo", "GRPOConfig", "run", "reinforcement learning with rule rewards (GRPO, Dr. GRPO, DAPO)"),
     "sample": ("stages.sample", "SampleConfig", "run", "rollouts to JSONL; --keep correct for rejection sampling"),
     "sft": ("stages.sft", "SFTConfig", "run", "supervised fine-tuning / distillation on traces"),
+    "distill": ("stages.distill", "DistillConfig", "run", "on-policy distillation: the student samples, a teacher "
+                "scores every token (reverse KL)"),
     "eval": ("stages.evaluate", "EvalConfig", "run", "held-out pass@1 / cons@k / response length on a task"),
     "generate": ("stages.generate", "GenerateConfig", "generate", "complete prompts with a checkpoint"),
     "chat": ("stages.generate", "ChatConfig", "chat", "talk to a checkpoint (R1 template, streamed)"),

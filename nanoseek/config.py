@@ -240,6 +240,28 @@ PRESETS: dict[str, dict] = {
         kv_lora_rank=64, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, original_seq_len=512,
         rope_factor=1.0, n_mtp_layers=1, attn_impl="absorb",
     ),
+    # The speedrun's teacher: V3's structure (sigmoid routing over expert groups, a shared expert, MLA) at dim 128
+    # with a 1,024-entry vocabulary, sized so that pretraining and R1's stages fit 20 minutes on 2 AVX2 cores in
+    # fp32. Departures from the V3 recipe, each measured on chain_sum pretraining (docs/results/r1-zero.md): wide
+    # heads (4 × 64 + 32 rope at dim 128: the skill the task needs is copying operands from the question, and with
+    # 4 × 32 heads it had not appeared after 300 steps), init_std 0.02 instead of V3's 0.006 (at dim 128, 0.006 is
+    # 1/13 of 1/√dim and the copying skill appeared later), no MTP module (+37% step time here; `small` keeps it),
+    # and naive attention for training (kv_lora_rank 64 is wider than the rope part, so latent-space attention
+    # would cost 1.7x the FLOPs).
+    "mini": dict(
+        max_seq_len=512, vocab_size=1024, dim=128, inter_dim=384, moe_inter_dim=128, n_layers=4, n_dense_layers=1,
+        n_heads=4, n_routed_experts=16, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
+        n_limited_groups=2, score_func="sigmoid", route_scale=2.5, q_lora_rank=128, kv_lora_rank=64,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, original_seq_len=512, rope_factor=1.0,
+        n_mtp_layers=0, init_std=0.02, attn_impl="naive",
+    ),
+    # Its distillation student: dense, dim 96, 0.64M parameters (0.54M active, 0.71x the teacher's).
+    "mini-dense": dict(
+        max_seq_len=512, vocab_size=1024, dim=96, inter_dim=256, n_layers=4, n_dense_layers=4, n_heads=4,
+        n_routed_experts=0, n_shared_experts=0, n_activated_experts=1, q_lora_rank=48, kv_lora_rank=48,
+        qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=24, original_seq_len=512, rope_factor=1.0,
+        n_mtp_layers=0, init_std=0.02, attn_impl="naive",
+    ),
     # Distillation students (R1 §4.1): a dense model and a smaller MoE, both sharing the small vocabulary.
     "small-dense": dict(
         max_seq_len=512, vocab_size=4096, dim=192, inter_dim=512, n_layers=4, n_dense_layers=4, n_heads=4,

@@ -33,10 +33,47 @@ def evaluate(engine: Engine, task: Task, problems: list[Problem], k: int = 1, te
                        "correct": [s["accuracy"] == 1.0 for s in scores]})
         acc += sum(s["accuracy"] for s in scores) / k
         fmt += sum(s["format"] for s in scores) / k
-        answers = [s["answer"] for s in scores if s["answer"]]
+        answers = [s["answer"] for s in scores if s["format"]]  # only answers in the task's form take part
         if answers:  # majority vote over the extracted answers (ties: the first most common)
             vote = Counter(answers).most_common(1)[0][0]
             cons += float(next(s["accuracy"] for s in scores if s["answer"] == vote))
     n = max(len(problems), 1)
     return {"accuracy": acc / n, "cons_at_k": cons / n, "format": fmt / n, "n": len(problems), "k": k,
             "mean_response_tokens": sum(len(g.tokens) for g in outs) / max(len(outs), 1), "problems": scored}
+
+
+# ----------------------------------------------------------------------------- error bars
+
+Z95 = 1.959964  # two-sided 95% normal quantile: with >= 100 problems the t quantile differs by < 1.5%
+
+
+def problem_means(problems: list[dict]) -> list[float]:
+    """Per-problem accuracy (the mean over its k samples) of an evaluation's `problems` list."""
+    return [sum(p["correct"]) / len(p["correct"]) for p in problems]
+
+
+def pass1_se(problems: list[dict]) -> float:
+    """Standard error of pass@1 clustered by problem: the k samples of one problem are not independent (most
+    problems get k identical answers), so the unit is the problem, and SE = sd(per-problem means) / √n. The naive
+    binomial √(p(1-p)/(n·k)) understates it by up to √k."""
+    means = problem_means(problems)
+    n = len(means)
+    if n < 2:
+        return float("nan")
+    mu = sum(means) / n
+    return (sum((m - mu) ** 2 for m in means) / (n - 1) / n) ** 0.5
+
+
+def paired_difference(a: list[dict], b: list[dict], name_a: str = "a", name_b: str = "b") -> dict:
+    """pass@1(a) − pass@1(b) on the same problems, with a 95% CI from the per-problem differences (paired: the
+    problems' difficulty cancels). {"a", "b", "a_pass1", "b_pass1", "diff", "se", "ci_low", "ci_high", "n"}; ValueError if the two
+    evaluations did not score the same problems in the same order."""
+    if [p["id"] for p in a] != [p["id"] for p in b]:
+        raise ValueError(f"{name_a} and {name_b} were scored on different problems: no paired comparison")
+    d = [x - y for x, y in zip(problem_means(a), problem_means(b))]
+    n = len(d)
+    diff = sum(d) / n if n else float("nan")
+    se = (sum((x - diff) ** 2 for x in d) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
+    pa, pb = (sum(problem_means(x)) / n if n else float("nan") for x in (a, b))
+    return {"a": name_a, "b": name_b, "a_pass1": pa, "b_pass1": pb, "diff": diff, "se": se,
+            "ci_low": diff - Z95 * se, "ci_high": diff + Z95 * se, "n": n}

@@ -198,3 +198,21 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
                  "ratio_max": ratio[on].max().item() if on.any() else 1.0,
                  "ratio_min": ratio[on].min().item() if on.any() else 1.0}
     return loss, stats
+
+
+# ----------------------------------------------------------------------------- on-policy distillation
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(π_student ‖ π_teacher) = Σ_v p_s(v)·(log p_s(v) − log p_t(v)) over the whole vocabulary,
+    (N, V) logits → (N,), in fp32.
+
+    On-policy distillation (Agarwal et al. 2024, arXiv 2306.13649, "On-Policy Distillation of Language Models:
+    Learning from Self-Generated Mistakes"): the student samples, the teacher scores every position of the
+    student's own text, and the student minimises the reverse KL to the teacher's full distribution there. Exact
+    over the vocabulary (no sampling of the KL), so every token of every sample carries a dense signal, where
+    RL has one scalar per sample. Reverse KL is mode-seeking: the student is not asked to cover the teacher's
+    whole distribution, only to put its own mass where the teacher does."""
+    logp_s = student_logits.float().log_softmax(-1)
+    logp_t = teacher_logits.float().log_softmax(-1)
+    return (logp_s.exp() * (logp_s - logp_t)).sum(-1)

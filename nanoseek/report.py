@@ -1,4 +1,9 @@
-"""Plots and tables made from metrics.jsonl files (never from state inside a script)."""
+"""Plots and tables made from metrics.jsonl and results.json files (never from state inside a script).
+
+`write_speedrun_report(out)` renders a speedrun's results.json (written by stages/speedrun.py, which owns the
+stage table and the experiment's design): every score with its clustered standard error, every comparison as a
+paired difference with a 95% confidence interval, and the plots. It knows no stage or directory names: the
+record names the models, the comparisons and the metrics files behind each curve."""
 
 from __future__ import annotations
 
@@ -101,120 +106,139 @@ def bar_plot(values: dict[str, float], path: str | Path, title: str, ylabel: str
     return _save(plt, fig, path)
 
 
-def _stage_row(out: Path, name: str, label: str, timing_key: str, timings: dict) -> str:
-    from .checkpoint import read_config
-    from .stats import param_counts
-
-    run_dir = out / name
-    if not run_dir.exists():
-        return f"| {label} | - | skipped (no verified-correct traces to train on) | - | - | - | - | - | - |"
-    counts = param_counts(read_config(run_dir))
-    records = read_metrics(run_dir / "metrics.jsonl")
-    ev = json.loads((out / "eval" / f"{name}.json").read_text()) if (out / "eval" / f"{name}.json").exists() else {}
-    last = records[-1] if records else {}
-    if "tokens" in last and "heldout_loss" in last:  # pretraining
-        trained, metric = f"{last['tokens'] / 1e6:.2f}M tokens", f"held-out loss {last['heldout_loss']:.3f}"
-    elif records and "reward" in last:  # GRPO
-        steps = sum(1 for r in records if "reward" in r)
-        trained = f"{steps} RL steps"
-        metric = f"reward {sum(r['reward'] for r in records[-5:] if 'reward' in r) / 5:.2f} (last 5)"
-    elif records:  # SFT
-        trained = f"{sum(r.get('tokens', 0) for r in records) / 1e3:.0f}K target tokens"
-        metric = f"loss {last.get('loss', float('nan')):.3f}"
-    else:
-        trained, metric = "-", "-"
-    wall = timings.get(timing_key)
-    return (f"| {label} | {counts['total_params'] / 1e6:.1f}M / {counts['active_params'] / 1e6:.1f}M | {trained} | "
-            f"{f'{wall:.0f}s' if wall else '-'} | {metric} | {ev.get('accuracy', float('nan')):.1%} | "
-            f"{ev.get('cons_at_k', float('nan')):.1%} | {ev.get('format', float('nan')):.0%} | "
-            f"{ev.get('mean_response_tokens', float('nan')):.0f} |")
-
-
-def _runtime_of(out: Path, name: str) -> dict | None:
-    """The precision choice a stage recorded: pretraining's runtime.json, the other stages' run.json "runtime"."""
-    path = out / name / "runtime.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    path = out / name / "run.json"
-    return json.loads(path.read_text()).get("runtime") if path.exists() else None
+def interval_plot(rows: list[tuple[str, list[tuple[float, float]]]], series_names: list[str], path: str | Path,
+                  title: str, xlabel: str) -> Path:
+    """Horizontal bars with 95% intervals: rows (label, [(value, se) per series]); one colour per series. Labels sit
+    on the y axis, so long model names never overlap."""
+    plt, fig, ax = _figure()
+    fig.set_size_inches(7.2, 0.5 + 0.42 * len(rows) * max(1, len(series_names)) ** 0.5 + 0.6)
+    height = 0.8 / max(1, len(series_names))
+    colours = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
+    for j, name in enumerate(series_names):
+        ys = [i + (j - (len(series_names) - 1) / 2) * height for i in range(len(rows))]
+        vals = [r[1][j][0] for r in rows]
+        errs = [1.96 * r[1][j][1] if r[1][j][1] == r[1][j][1] else 0 for r in rows]
+        ax.barh(ys, vals, height=height * 0.9, xerr=errs, capsize=2, color=colours[j % len(colours)], label=name,
+                error_kw={"elinewidth": 0.8})
+        for y, v in zip(ys, vals):
+            ax.text(min(v, 1.0) + 0.01, y, f"{v:.0%}", va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r[0] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.08)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    if len(series_names) > 1:
+        ax.legend(fontsize=8, loc="lower right")
+    return _save(plt, fig, path)
 
 
-def precision_line(out: Path) -> str:
-    """One line: every training stage's and evaluation's compute precision and the probe's bf16/fp32 speedup
-    behind an `auto` choice (runtime.resolve), from the files the stages wrote."""
-    parts = []
-    for name in ("base", "student-base", "coldstart", "rl", "distilled", "student-rl"):
-        rt = _runtime_of(out, name)
-        if rt:
-            speedup = rt.get("probe", {}).get("speedup")
-            parts.append(f"{TRAINED_BY[name]} {rt['precision']}" + (f" (probe {speedup}×)" if speedup else ""))
-    evals = [json.loads(p.read_text()).get("runtime") for p in sorted(out.glob("eval/*.json"))]
-    evals = [e for e in evals if e]
-    if evals:
-        # one probe per evaluation process (a resumed speedrun may have had several): each distinct figure once
-        speedups = ", ".join(dict.fromkeys(str(e["probe"]["speedup"]) for e in evals
-                                           if e.get("probe", {}).get("speedup")))
-        parts.append(f"evaluations {'/'.join(sorted({e['precision'] for e in evals}))}"
-                     + (f" (probe {speedups}× at their decoding rows)" if speedups else ""))
-    if not parts:
-        return ""
-    from .runtime import LARGE_ROWS, MIN_SPEEDUP, MIN_SPEEDUP_TRAINING
-
-    return (f"Compute precision (`--precision auto`: bf16 where a probe of this machine's matmuls measures it "
-            f"faster than fp32 by at least {MIN_SPEEDUP_TRAINING}× for training and for decoding {LARGE_ROWS} rows "
-            f"or more, {MIN_SPEEDUP}× for decoding fewer): "
-            + "; ".join(parts) + ".")
-
-
-TRAINED_BY = {"base": "pretrain", "coldstart": "coldstart", "rl": "grpo", "student-base": "student-pretrain",
-              "distilled": "distill", "student-rl": "student-grpo"}  # checkpoint directory -> its speedrun stage
+def training_curve_plot(runs: dict[str, Path], key: str, path: str | Path, title: str, ylabel: str,
+                        window: int = 10, points: str = "") -> Path:
+    """Each run's `key` per step as faint raw values and a trailing mean over `window` steps, plus, where the run
+    logged it, the held-out `points` key as markers: a reader sees the trend through per-step noise."""
+    plt, fig, ax = _figure()
+    colours = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
+    for i, (label, metrics) in enumerate(runs.items()):
+        records = read_metrics(Path(metrics))
+        x, y = series(records, key)
+        c = colours[i % len(colours)]
+        if x:
+            ax.plot(x, y, color=c, alpha=0.2, linewidth=0.8)
+            ax.plot(x, smooth(y, window), color=c, linewidth=1.6, label=f"{label} ({window}-step mean)")
+        if points:
+            px, py = series(records, points)
+            if px:
+                ax.plot(px, py, "o", color=c, markersize=4, markeredgecolor="black", markeredgewidth=0.5,
+                        label=f"{label}: held-out")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)
 
 
-def write_speedrun_report(out: str | Path, cfg: dict, stages: list[tuple[str, str, str]], timings: dict) -> Path:
-    """DIR/report.md: one table of every stage and the plots, all made from the stages' own output files.
-    stages: (results key, checkpoint directory, label) of each evaluated model, in the table's order."""
+# ----------------------------------------------------------------------------- the speedrun's report
+
+
+def _pct(x) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def _score(r: dict, key: str) -> str:
+    value, se = r.get(key), r.get(f"{key}_se")
+    return "-" if value is None else f"{_pct(value)} ± {_pct(se)}"
+
+
+def _model_rows(results: dict) -> list[str]:
+    sets = results["sets"]
+    out = ["| model | params (total / active) | trained | wall time: own / with its ancestors | training FLOPs: own "
+           f"/ with ancestors | held-out pass@1 (%) | OOD pass@1 (%) | cons@{sets['heldout']['k']} | well-formed "
+           "| weights moved |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results["stages"].items():
+        moved = r.get("weights_moved")
+        out.append(
+            f"| {r['label']} (`{key}`) | {r['params_total'] / 1e6:.2f}M / {r['params_active'] / 1e6:.2f}M | "
+            f"{r.get('trained', '-')} | {r.get('wall_s', 0):.0f} s / {r.get('wall_s_lineage', 0):.0f} s | "
+            f"{r.get('flops', 0):.2e} / {r.get('flops_lineage', 0):.2e} | {_score(r, 'pass1')} | "
+            f"{_score(r, 'ood_pass1')} | {_pct(r.get('cons'))} | {_pct(r.get('format'))} | "
+            f"{'-' if moved is None else f'{moved:.3f}' + (' **no**' if moved == 0 else '')} |")
+    return out
+
+
+def comparison_sentence(c: dict, sets: dict) -> str:
+    """One comparison in words: the paired difference, its interval and whether it excludes zero."""
+    where = "held-out" if c["set"] == "heldout" else "out-of-distribution"
+    verdict = ("significant: the interval excludes 0" if c["ci_low"] > 0 or c["ci_high"] < 0
+               else "not significant: the interval includes 0")
+    return (f"{c['claim']} ({where}): {100 * c['diff']:+.1f} points, 95% CI [{100 * c['ci_low']:+.1f}, "
+            f"{100 * c['ci_high']:+.1f}] over {c['n']} paired problems; {verdict}.")
+
+
+def write_speedrun_report(out: str | Path) -> Path:
+    """OUT/report.md and OUT/figures/*.png from OUT/results.json."""
     out = Path(out)
-    figs = out / "figures"
-    plots = [
-        plot_runs({"teacher (MoE)": out / "base", "student (dense)": out / "student-base"}, "loss",
-                  figs / "pretrain_loss.png", "Pretraining loss", window=5),
-        plot_runs({"teacher": out / "base"}, "maxvio", figs / "expert_balance.png",
-                  "Expert-load MaxVio (mean over MoE layers)", window=5),
-        plot_runs({"teacher": out / "rl", "student": out / "student-rl"}, "reward", figs / "rl_reward.png",
-                  "GRPO reward per step", window=3),
-        plot_runs({"teacher": out / "rl", "student": out / "student-rl"}, "accuracy", figs / "rl_accuracy.png",
-                  "GRPO rollout accuracy per step", window=3),
-        plot_runs({"teacher": out / "rl", "student": out / "student-rl"}, "response_len",
-                  figs / "rl_length.png", "GRPO mean response length (tokens)", window=3),
-    ]
-    evals = {label: json.loads((out / "eval" / f"{name}.json").read_text())["accuracy"]
-             for _, name, label in stages if (out / "eval" / f"{name}.json").exists()}
-    plots.append(bar_plot(evals, figs / "eval.png", f"Held-out pass@1 on {cfg['task']}"))
-    total = sum(timings.values())
-    distilled, student_rl = evals.get("student distilled"), evals.get("student + GRPO")
+    results = json.loads((out / "results.json").read_text())
+    sets, stages, figs = results["sets"], results["stages"], out / "figures"
+    plots = []
+    for name, spec in results.get("curves", {}).items():
+        runs = {label: out / m for label, m in spec["runs"].items() if (out / m).exists()}
+        if runs:
+            plots.append(training_curve_plot(runs, spec["key"], figs / f"{name}.png", spec["title"], spec["ylabel"],
+                                             spec.get("window", 10), spec.get("points", "")))
+    rows = [(r["label"], [(r.get("pass1", float("nan")), r.get("pass1_se", float("nan"))),
+                          (r.get("ood_pass1", float("nan")), r.get("ood_pass1_se", float("nan")))])
+            for r in stages.values() if r.get("pass1") is not None]
+    if rows:
+        plots.append(interval_plot(rows, [f"held-out: {sets['heldout']['what']}", f"OOD: {sets['ood']['what']}"],
+                                   figs / "eval.png", f"pass@1 on {results['task']} (bars: 95% intervals, "
+                                   "clustered by problem)", "pass@1 (mean of k samples per problem)"))
     lines = [
         "# nanoseek speedrun report", "",
-        f"Task `{cfg['task']}` {json.dumps(cfg['task_args'])}; teacher `{cfg['preset']}`, student `{cfg['student']}`; "
-        f"budget {cfg['budget']}; wall time of all stages{' and evaluations' if 'eval' in timings else ''} "
-        f"{total / 60:.1f} min.", "",
-        "| stage | params (total / active) | trained on | wall time | final training metric | held-out pass@1 "
-        "| cons@4 | well-formed | response tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *[_stage_row(out, name, label, TRAINED_BY.get(name, name), timings) for _, name, label in stages], "",
-        f"pass@1 and cons@4: {cfg['eval_n']} held-out problems (listed in heldout.jsonl; none of their questions "
-        "is in any training source), 4 samples each at temperature 0.6, top-p 0.95. results.json has the same "
-        "numbers.", "",
+        f"Task `{results['task']}`. Held-out set: {sets['heldout']['n']} problems of {sets['heldout']['what']} "
+        f"({json.dumps(sets['heldout']['task_args'])}), none of whose signed-term multisets is in any training source; "
+        f"out-of-distribution (OOD) set: {sets['ood']['n']} problems of {sets['ood']['what']} "
+        f"({json.dumps(sets['ood']['task_args'])}), a rung no training stage ever sees. "
+        f"{sets['heldout']['k']} samples per problem at temperature {sets['heldout']['temperature']}, top-p "
+        f"{sets['heldout']['top_p']}.", "",
+        f"Host: {results.get('host', '?')}. {results.get('precision', '')}", "",
+        f"Seed {results.get('seed', 0)}, budget {results.get('budget', 1)}; wall time of all stages and evaluations "
+        f"{results.get('wall_s_total', 0) / 60:.1f} min.", "",
+        "## Models", "",
+        *_model_rows(results), "",
+        "pass@1 ± its standard error clustered by problem (the k samples of a problem are not independent). "
+        "Weights moved: ‖θ − θ_init‖ / ‖θ_init‖ from the checkpoint it started from (0 means the stage changed "
+        "nothing).", "",
+        "## Comparisons", "",
+        "Each a paired difference over the same problems (the per-problem accuracy of a minus that of b), with a "
+        "normal 95% interval.", "",
+        *[f"- {comparison_sentence(c, sets)}" for c in results.get("comparisons", [])], "",
     ]
-    precision = precision_line(out)
-    lines += [precision, ""] if precision else []
-    n_traces = len((out / "traces.jsonl").read_text().splitlines()) if (out / "traces.jsonl").exists() else 0
-    lines += [f"Rejection sampling kept {n_traces} verified-correct, well-formed traces.", ""]
-    if student_rl is not None:
-        distilled_text = f"{distilled:.1%}" if distilled is not None else "not trained (no traces)"
-        lines += [f"**The R1 comparison.** The same student, for the same wall time "
-                  f"({timings.get('sample', 0) + timings.get('distill', 0):.0f}s): distilled from the RL teacher's "
-                  f"traces {distilled_text} vs trained by GRPO directly {student_rl:.1%}.", ""]
-    lines += [f"![{p.stem}](figures/{p.name})" for p in plots] + [""]
+    lines += [f"{p}" for p in results.get("notes", [])] + ([""] if results.get("notes") else [])
+    lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in plots] + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

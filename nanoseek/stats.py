@@ -124,6 +124,13 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, include_mtp: bool = Tr
     return flops
 
 
+def forward_flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
+    """FLOPs of one forward pass per token at a mean context of seq_len tokens, without the MTP modules: a third
+    of the training figure (backward = 2 × forward). Sampling a token costs the same as scoring it, so the RL,
+    distillation and SFT stages count their compute with it (rollouts 1×, updates 3×, per token)."""
+    return train_flops_per_token(cfg, max(1, round(seq_len)), include_mtp=False) / 3
+
+
 # ----------------------------------------------------------------------------- attention FLOPs
 
 

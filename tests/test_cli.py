@@ -40,7 +40,8 @@ def test_cost_v3_pretraining(capsys):
 
 def test_unknown_preset_exits_2_and_lists_presets(capsys):
     code, out, err = run(capsys, "stats", "deepseek-v9")
-    assert code == 2 and out == "" and "tiny, small, small-dense, small-lite, deepseek-v2-lite, deepseek-v2, deepseek-v3" in err
+    assert code == 2 and out == "" and "presets: tiny, small, mini, mini-dense, small-dense, small-lite" in err
+    assert "deepseek-v3, deepseek-v3.2, deepseek-v4-flash" in err
     assert len(err.strip().splitlines()) == 1
 
 
@@ -146,34 +147,29 @@ def test_eval_of_several_checkpoints_equals_evaluating_each_alone(tmp_path, caps
         assert main(["eval", "--ckpt", path, *flags]) == 0
         alone.append(json.loads(capsys.readouterr().out))
     assert [r["ckpt"] for r in together] == [first, str(run)]
-    strip = lambda r: {k: v for k, v in r.items() if k != "runtime"}  # noqa: E731 (the probe's timings vary)
-    assert [strip(r) for r in together] == [strip(r) for r in alone]
+    assert together == alone  # runtime records included: the precision is decided the same way each time
     assert main(["eval", "--ckpt", first, str(tmp_path / "missing"), *flags]) == 2
     assert capsys.readouterr().out == ""
 
 
-def test_several_checkpoints_are_scored_at_one_precision_probed_at_all_their_shapes(tmp_path, capsys, monkeypatch):
-    """Scores compared side by side are computed the same way: one probe, at every model's matmul shapes, decides
-    the precision of all of them (probed one by one, a teacher and its student fell on both sides of 2x)."""
+def test_several_checkpoints_are_scored_at_one_precision(tmp_path, capsys, monkeypatch):
+    """Scores compared side by side are computed the same way: the precision is decided once, for all of them, from
+    the hardware and the rows decoded together (when a probe decided per checkpoint, a teacher and its student fell
+    on both sides of its threshold). Here a CPU with native bf16 and 128 rows: bf16 for both, for one reason."""
     from nanoseek import runtime
-    from nanoseek.checkpoint import read_config
+    from nanoseek.stages import evaluate
 
     runs = [tmp_path / "a", tmp_path / "b"]
     for run_dir, overrides in zip(runs, ({}, {"dim": 96, "inter_dim": 160})):
         assert main(["pretrain", "--preset", "tiny", "--out", str(run_dir), "--steps", "1", "--n-problems", "50",
-                     "--eval-batches", "0", "--model-overrides", json.dumps(overrides)]) == 0
+                     "--eval-batches", "0", "--precision", "fp32", "--model-overrides", json.dumps(overrides)]) == 0
+    monkeypatch.setattr(runtime, "native_bf16", lambda: True)
     calls = []
-
-    def probe(shapes):
-        calls.append(set(shapes))
-        return {"fp32_gflops": 1.0, "bf16_gflops": 3.0, "speedup": 3.0, "shapes": [list(s) for s in shapes],
-                "threads": 1, "native_bf16": True}
-
-    monkeypatch.setattr(runtime, "bf16_probe", probe)
+    monkeypatch.setattr(evaluate, "resolve", lambda *args, **kw: calls.append(kw) or runtime.resolve(*args, **kw))
     capsys.readouterr()
-    assert main(["eval", "--ckpt", *map(str, runs), "--task", "chain_sum", "--n", "3", "--k", "2",
-                 "--max-new-tokens", "4", "--json"]) == 0
+    assert main(["eval", "--ckpt", *map(str, runs), "--task", "chain_sum", "--n", "32", "--k", "4",
+                 "--max-new-tokens", "2", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    wanted = set().union(*(runtime.probe_shapes(read_config(r), 6) for r in runs))
-    assert calls == [wanted] and len(wanted) > len(runtime.probe_shapes(read_config(runs[0]), 6))
+    assert calls == [{"rows": 128}]  # one decision, at the n × k rows decoded together
     assert [r["precision"] for r in lines] == ["bf16", "bf16"] and lines[0]["runtime"] == lines[1]["runtime"]
+    assert lines[0]["runtime"]["reason"].endswith("128 rows per matmul, bf16 from 128")

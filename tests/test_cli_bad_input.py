@@ -63,6 +63,8 @@ def _base(t: Path) -> dict[str, list[str]]:
         "grpo": ["--init", str(t / "ckpt"), "--task", "chain_sum", "--out", new, "--steps", "1"],
         "sample": ["--ckpt", str(t / "ckpt"), "--task", "chain_sum", "--out", str(t / "new.jsonl"), "--n", "1"],
         "sft": ["--init", str(t / "ckpt"), "--data", str(t / "traces.jsonl"), "--out", new],
+        "distill": ["--init", str(t / "ckpt"), "--teacher", str(t / "ckpt"), "--task", "chain_sum", "--out", new,
+                    "--steps", "1"],
         "eval": ["--ckpt", str(t / "ckpt"), "--task", "chain_sum", "--n", "1"],
         "generate": ["--ckpt", str(t / "ckpt"), "--prompt", "hi", "--max-new-tokens", "1"],
         "chat": ["--ckpt", str(t / "ckpt")], "serve": ["--ckpt", str(t / "ckpt"), "--port", "0"],
@@ -109,10 +111,11 @@ def _path_cases(t: Path):
     cases += [("pretrain", ["--out", str(t / "new"), "--resume"]), ("pretrain", ["--out", run, "--resume"]),
               ("pretrain", ["--tokenizer", str(t / "missing.json")]), ("pretrain", ["--vocab-size", "100"]),
               ("pretrain", ["--model-overrides", '{"no_such_field": 1}'])]
-    for command, flag in (("grpo", "--init"), ("sft", "--init"), ("sample", "--ckpt"), ("eval", "--ckpt"),
+    for command, flag in (("grpo", "--init"), ("sft", "--init"), ("distill", "--init"), ("distill", "--teacher"),
+                          ("sample", "--ckpt"), ("eval", "--ckpt"),
                           ("generate", "--ckpt"), ("chat", "--ckpt"), ("export", "--ckpt")):
         cases += [(command, [flag, p]) for p in (str(t / "missing"), file, foreign, damaged)]
-    cases += [(c, ["--out", o]) for c in ("grpo", "sft", "speedrun") for o in outs]
+    cases += [(c, ["--out", o]) for c in ("grpo", "sft", "distill", "speedrun") for o in outs]
     cases += [("sample", ["--out", file]), ("sample", ["--out", foreign]), ("sft", ["--data", str(t / "missing")]),
               ("sft", ["--data", file]), ("sft", ["--data", str(t / "empty.jsonl")]),
               ("generate", ["--prompt-file", str(t / "binary.bin")]), ("generate", ["--prompt", " "]),

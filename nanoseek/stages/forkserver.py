@@ -23,7 +23,8 @@ from pathlib import Path
 
 # what the stages import; importing is all the server does with them
 PRELOAD = ("torch", "torch._dynamo", "reasoning_gym", "nanoseek.cli", "nanoseek.stages.pretrain",
-           "nanoseek.stages.sft", "nanoseek.stages.grpo", "nanoseek.stages.sample", "nanoseek.stages.evaluate")
+           "nanoseek.stages.sft", "nanoseek.stages.grpo", "nanoseek.stages.sample", "nanoseek.stages.evaluate",
+           "nanoseek.stages.distill")
 
 
 class StageRunner:

@@ -38,15 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from ..engine import Engine, SamplingParams, sequence_seed
 from ..evaluation import evaluate
-from ..losses import grpo_loss, group_advantages, k3_kl, token_logprobs
+from ..losses import grpo_loss, group_advantages, k3_kl
 from ..model import MoE
 from ..optim import build_optimizer
+from ..rollouts import completion_logprobs, pack_completions
+from ..stats import forward_flops_per_token
 from ..options import ComputeOptions, check, check_out_dir, option, own_run
 from ..runtime import prepare_for_training, prepare_inference, resolve, set_threads
 from ..tasks import TASKS, get_task
@@ -82,7 +83,9 @@ class GRPOConfig(ComputeOptions):
     lr: float = option(1e-4, help="learning rate (constant after --warmup-steps)", above=0)
     warmup_steps: int = option(5, help="linear warm-up steps (independent of --steps)", min=0)
     grad_clip: float = option(1.0, help="gradient-norm clip", above=0)
-    mu: int = option(1, help="policy updates per rollout batch (μ)", min=1)
+    mu: int = option(1, help="passes over each rollout batch (μ)", min=1)
+    minibatches: int = option(1, help="optimiser steps per pass, each on its share of the batch's groups (R1: 16; "
+                              "more than 1 makes the clip act)", min=1)
     micro_batch: int = option(16, help="sequences per forward pass in the update", min=1)
     eps_low: float = option(0.2, help="clip the ratio below 1 - eps_low", min=0, below=1)
     eps_high: float = option(-1.0, help="clip the ratio above 1 + eps_high (-1: the algo's)", min=-1)
@@ -112,6 +115,8 @@ class GRPOConfig(ComputeOptions):
     save_every: int = option(50, help="checkpoint every N steps (and at the end)", min=1)
     seed: int = option(0, help="seed for problems and sampling", min=0)
     max_seconds: float = option(0.0, help="stop after this wall time (0: run all --steps)", min=0)
+    max_flops: float = option(0.0, help="stop once the run's FLOPs (rollouts + updates + the reference when β > 0, "
+                              "stats.forward_flops_per_token) reach this (0: no limit)", min=0)
     force: bool = option(False, help="replace an earlier grpo run in --out instead of refusing")
 
     def __post_init__(self):
@@ -162,7 +167,7 @@ def train(model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path) ->
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model.mtp.requires_grad_(False)  # RL trains the next-token policy; the MTP drafter stays as pretrained
-    rt = resolve(cfg.device, cfg.precision, dims=model.cfg, training=True)
+    rt = resolve(cfg.device, cfg.precision, training=True)
     model.to(rt.device)
     forward = prepare_for_training(model, rt)  # bf16 compute copies of the fp32 masters (runtime.MixedPrecision)
     rollout_rt = rt if cfg.rollout_dtype == "same" else resolve(cfg.device, cfg.rollout_dtype)
@@ -180,7 +185,7 @@ def train(model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path) ->
     if cfg.eval_every:  # the starting point, before any update
         log.write({"step": 0, **_heldout(eval_engine, task, heldout, cfg)})
     bar = tqdm(range(cfg.steps), desc=f"grpo {cfg.task}", unit="step", dynamic_ncols=True)
-    path, t_start, n_seq = None, time.perf_counter(), 0
+    path, t_start, n_seq, flops = None, time.perf_counter(), 0, 0.0
     for step in bar:
         last = step + 1 == cfg.steps or (cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds)
         lr = warmup_lr(step, cfg.lr, cfg.warmup_steps)
@@ -194,8 +199,10 @@ def train(model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path) ->
             record.update(update(model, reference if kl_now else None, optimizer, batch, cfg, settings, forward))
         if rollout_model is not model:  # the engine samples from the weights just trained
             rollout_model.load_state_dict(model.state_dict())
+        flops += step_flops(model.cfg, record, settings["beta"], cfg.mu, record.get("optimizer_steps", 1) > cfg.mu)
+        last = last or bool(cfg.max_flops and flops >= cfg.max_flops)
         record.update(step=step + 1, lr=lr, temperature=cfg.temperature, problems_seen=len(stream.seen),
-                      problems_repeated=stream.repeats - repeats)
+                      problems_repeated=stream.repeats - repeats, flops_total=flops)
         if cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
             reference.load_state_dict(model.state_dict())
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
@@ -204,10 +211,21 @@ def train(model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path) ->
         bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
                         held=f"{record.get('heldout_accuracy', float('nan')):.2f}")
         if (step + 1) % cfg.save_every == 0 or last:
-            path = save_step(out, step + 1, model, tokenizer, {"stage": "grpo", "init": str(cfg.init)})
+            path = save_step(out, step + 1, model, tokenizer, {"stage": "grpo", "init": str(cfg.init),
+                                                                **rt.checkpoint_meta()})
         if last:
             break
     return path
+
+
+def step_flops(cfg, record: dict, beta: float, mu: int, minibatches: bool = False) -> float:
+    """FLOPs of one step, from the token counts it logged: every sampled token once (rollouts), every trained
+    token 3× per pass (forward + backward), once more for the reference when β > 0 (the KL is in the loss) and
+    once for the old policy when μ > 1 or the batch is split into minibatches. A KL logged only as a diagnostic
+    (β = 0) is not counted."""
+    sampled, trained = record.get("rollout_tokens", 0), record.get("update_tokens", 0)
+    fwd = forward_flops_per_token(cfg, record.get("rollout_tokens", 0) / max(record.get("sequences_sampled", 1), 1))
+    return fwd * (sampled + trained * (3 * mu + (beta > 0) + (mu > 1 or minibatches)))
 
 
 def _heldout(engine: Engine, task, problems, cfg: GRPOConfig) -> dict:
@@ -236,7 +254,8 @@ def collect(engine: Engine, task, stream, cfg: GRPOConfig, settings: dict, first
             break
     everything = _concat(sampled)
     record = rollout_metrics(everything, cfg)
-    record["sequences"] = len(everything["completions"])
+    record["sequences"] = record["sequences_sampled"] = len(everything["completions"])
+    record["rollout_tokens"] = sum(len(p) + len(c) for p, c in zip(everything["prompts"], everything["completions"]))
     train = _concat(kept)
     n_groups = train["rewards"].shape[0]
     if n_groups > cfg.prompts_per_step:
@@ -416,17 +435,6 @@ class RoutingHooks:
 # ----------------------------------------------------------------------------- the update
 
 
-def _pack(prompts: list[list[int]], completions: list[list[int]], pad: int):
-    """Right-padded prompt+completion rows; inputs (B, L-1), targets (B, L-1), completion mask (B, L-1)."""
-    L = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    tokens = torch.full((len(prompts), L), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), L, dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        tokens[i, : len(p) + len(c)] = torch.tensor(p + c)
-        mask[i, len(p): len(p) + len(c)] = True
-    return tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
-
-
 def _pack_routes(routes: list[torch.Tensor], T: int) -> torch.Tensor:
     """Per-sequence (n_moe, T_i, K) expert ids → (B, n_moe, T, K), -1 past each sequence's end."""
     n, _, K = routes[0].shape
@@ -434,20 +442,6 @@ def _pack_routes(routes: list[torch.Tensor], T: int) -> torch.Tensor:
     for i, r in enumerate(routes):
         out[i, :, : r.shape[1]] = r
     return out
-
-
-def completion_logprobs(forward, inputs, targets, mask, temperature: float = 1.0):
-    """log p and entropy (B, T) of the targets under softmax(logits / temperature), zero outside `mask`; the
-    output head runs on masked positions only (prompts are most of each row, and their logits are never used).
-    `forward`: the model, or its mixed-precision view (runtime.prepare_for_training)."""
-
-    def head(h, weight, k):
-        return token_logprobs(F.linear(h[mask], weight).unsqueeze(0), targets[mask].unsqueeze(0), temperature)
-
-    logp_sel, ent_sel = forward(inputs, head=head)
-    logp = torch.zeros(mask.shape, dtype=logp_sel.dtype).masked_scatter(mask, logp_sel[0])
-    ent = torch.zeros(mask.shape, dtype=ent_sel.dtype).masked_scatter(mask, ent_sel[0])
-    return logp, ent
 
 
 def _forward(model, forward, inputs, targets, mask, temperature, routes, replay: bool):
@@ -461,8 +455,13 @@ def _forward(model, forward, inputs, targets, mask, temperature, routes, replay:
 
 
 def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: dict, forward=None) -> dict:
-    """μ optimiser steps on one rollout batch through `forward` (default: the model; or its mixed-precision view);
-    returns the loss and the update's diagnostics."""
+    """μ passes over one rollout batch, each split into --minibatches optimiser steps, through `forward` (default:
+    the model; or its mixed-precision view); returns the loss and the update's diagnostics.
+
+    With one minibatch and μ = 1 the update is on-policy and the ratio π_θ/π_old is 1, so the clip never acts. With
+    several minibatches (R1: 16 per rollout batch, one pass), every step after the first trains on samples of a
+    policy one or more steps old, the ratio moves off 1 and the clipped objective bounds how far each step can push
+    a sampled token's probability: a trust region, and more optimiser steps per (expensive) rollout."""
     forward = forward or model
     adv = group_advantages(batch["rewards"], settings["scale_rewards"]).flatten()
     G = batch["rewards"].shape[1]
@@ -470,13 +469,14 @@ def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: 
     rows = [i for i in range(len(batch["completions"])) if informative[i // G] or not settings["dynamic_sampling"]]
     if not rows:
         return {"loss": 0.0}
-    inputs, targets, mask = _pack([batch["prompts"][i] for i in rows], [batch["completions"][i] for i in rows],
-                                  batch["pad"])
+    inputs, targets, mask = pack_completions([batch["prompts"][i] for i in rows],
+                                             [batch["completions"][i] for i in rows], batch["pad"])
     rollout_lp = torch.zeros(mask.shape).masked_scatter(mask, torch.tensor(
         [x for i in rows for x in batch["logprobs"][i]], dtype=torch.float32)) if batch.get("logprobs") else None
     routes = _pack_routes([batch["routes"][i] for i in rows], inputs.shape[1]) if batch.get("routes") else None
-    advantages, micro, T = adv[rows], cfg.micro_batch, cfg.temperature
-    chunks = [slice(i, i + micro) for i in range(0, len(rows), micro)]
+    advantages, T = adv[rows], cfg.temperature
+    minibatches = _minibatches(len(rows), G, cfg.minibatches, cfg.micro_batch)
+    chunks = [sl for mb in minibatches for sl in mb]
     route = lambda sl: routes[sl] if routes is not None else None  # noqa: E731
     model.train()
     t0 = time.perf_counter()
@@ -485,41 +485,55 @@ def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: 
                               for sl in chunks]) if reference is not None else None
         reference_s = time.perf_counter() - t0
         old = [_forward(model, forward, inputs[sl], targets[sl], mask[sl], T, route(sl), cfg.routing_replay)
-               for sl in chunks] if cfg.mu > 1 else None
+               for sl in chunks] if cfg.mu > 1 or len(minibatches) > 1 else None
     stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low": 0.0, "clip_high": 0.0, "grad_norm": 0.0,
              "ratio_max": 1.0, "ratio_min": 1.0}
     first: list[tuple] = [o for o in old] if old is not None else []
-    n_tok = mask.sum().clamp(min=1)
-    for epoch in range(cfg.mu):
-        optimizer.zero_grad(set_to_none=True)
-        for c, sl in enumerate(chunks):
-            logp, ent, mism = _forward(model, forward, inputs[sl], targets[sl], mask[sl], T, route(sl),
-                                       cfg.routing_replay)
-            if old is None:
-                first.append((logp.detach(), ent.detach(), mism))
-            old_lp = first[c][0]
-            is_w = (old_lp - rollout_lp[sl]).exp().clamp(max=cfg.tis_cap) if cfg.tis_cap and rollout_lp is not None \
-                else None
-            ref = ref_logp[sl] if ref_logp is not None else None
-            loss, s = grpo_loss(logp, old_lp, advantages[sl], mask[sl], cfg.eps_low, settings["eps_high"],
-                                settings["beta"], ref, settings["loss_norm"], cfg.max_new_tokens, is_weight=is_w)
-            share = mask[sl].sum() / n_tok if settings["loss_norm"] == "token" else logp.shape[0] / len(rows)
-            (loss * share).backward()
-            stats["loss"] += loss.item() * float(share) / cfg.mu
-            tok_share = float(mask[sl].sum() / n_tok) / cfg.mu
-            for key in ("clip_frac", "clip_low", "clip_high"):
-                stats[key] += s[key] * tok_share
-            stats["ratio_max"], stats["ratio_min"] = max(stats["ratio_max"], s["ratio_max"]), min(
-                stats["ratio_min"], s["ratio_min"])
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   cfg.grad_clip).item()
-        if math.isfinite(grad_norm):
-            optimizer.step()
-        stats["grad_norm"] += grad_norm / cfg.mu
+    n_steps = cfg.mu * len(minibatches)
+    for _ in range(cfg.mu):
+        c = 0
+        for mb in minibatches:
+            optimizer.zero_grad(set_to_none=True)
+            n_tok, n_seq = sum(mask[sl].sum() for sl in mb).clamp(min=1), sum(sl.stop - sl.start for sl in mb)
+            for sl in mb:
+                logp, ent, mism = _forward(model, forward, inputs[sl], targets[sl], mask[sl], T, route(sl),
+                                           cfg.routing_replay)
+                if old is None:
+                    first.append((logp.detach(), ent.detach(), mism))
+                old_lp = first[c][0]
+                c += 1
+                is_w = (old_lp - rollout_lp[sl]).exp().clamp(max=cfg.tis_cap) if cfg.tis_cap and \
+                    rollout_lp is not None else None
+                ref = ref_logp[sl] if ref_logp is not None else None
+                loss, s = grpo_loss(logp, old_lp, advantages[sl], mask[sl], cfg.eps_low, settings["eps_high"],
+                                    settings["beta"], ref, settings["loss_norm"], cfg.max_new_tokens, is_weight=is_w)
+                share = mask[sl].sum() / n_tok if settings["loss_norm"] == "token" else logp.shape[0] / n_seq
+                (loss * share).backward()
+                stats["loss"] += loss.item() * float(share) / n_steps
+                tok_share = float(mask[sl].sum() / n_tok) / n_steps
+                for key in ("clip_frac", "clip_low", "clip_high"):
+                    stats[key] += s[key] * tok_share
+                stats["ratio_max"] = max(stats["ratio_max"], s["ratio_max"])
+                stats["ratio_min"] = min(stats["ratio_min"], s["ratio_min"])
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       cfg.grad_clip).item()
+            if math.isfinite(grad_norm):
+                optimizer.step()
+            stats["grad_norm"] += grad_norm / n_steps
     model.eval()
     stats.update(_diagnostics(first, mask, rollout_lp, ref_logp, cfg.tis_cap))
-    stats.update(update_s=time.perf_counter() - t0, reference_s=reference_s)  # what logging KL costs
+    stats.update(update_s=time.perf_counter() - t0, reference_s=reference_s,  # what logging KL costs
+                 update_tokens=int((inputs != batch["pad"]).sum()), optimizer_steps=n_steps)
     return stats
+
+
+def _minibatches(n_rows: int, group_size: int, n: int, micro: int) -> list[list[slice]]:
+    """Rows split into at most n minibatches of whole groups (a group's advantages are relative to each other),
+    each a list of micro-batch slices of at most `micro` rows."""
+    groups = n_rows // group_size if n_rows % group_size == 0 else 1  # rows that are not whole groups stay together
+    per = -(-groups // min(n, groups)) * (n_rows // groups)
+    return [[slice(i, min(i + micro, start + per, n_rows)) for i in range(start, min(start + per, n_rows), micro)]
+            for start in range(0, n_rows, per)]
 
 
 def _diagnostics(first: list[tuple], mask, rollout_lp, ref_logp, tis_cap: float) -> dict:

@@ -28,6 +28,7 @@ from ..losses import IGNORE_INDEX, linear_cross_entropy
 from ..optim import build_optimizer, lr_at
 from ..options import ComputeOptions, check, check_out_dir, option, own_run
 from ..runtime import prepare_for_training, prepare_inference, resolve, set_threads
+from ..stats import forward_flops_per_token
 from ..tasks import is_heldout, question_from_prompt
 from .common import MetricsLog, clear_run, load_checkpoint, save_step, write_run_json
 
@@ -53,6 +54,8 @@ class SFTConfig(ComputeOptions):
     kd_temperature: float = option(1.0, help="distillation temperature τ", above=0)
     max_seconds: float = option(0.0, help="stop after this wall time (0: no limit); the cosine then follows "
                                 "whichever of steps or time runs out first", min=0)
+    max_flops: float = option(0.0, help="train for exactly this compute instead of --epochs (forward + backward "
+                              "FLOPs, stats.forward_flops_per_token; 0: use --epochs); the cosine spans it", min=0)
     keep_heldout: bool = option(False, help="keep examples whose question is a held-out evaluation problem "
                                 "(dropped by default, by content)")
     seed: int = option(0, help="shuffling seed", min=0)
@@ -155,7 +158,7 @@ def run(cfg: SFTConfig) -> Path:
     out = Path(cfg.out)
     check_out_dir(out, "--out", own=own_run(out, "sft"), force=cfg.force)
     model, tokenizer = load_checkpoint(cfg.init)
-    rt = resolve(cfg.device, cfg.precision, dims=model.cfg, training=True)
+    rt = resolve(cfg.device, cfg.precision, training=True)
     forward = prepare_for_training(model.to(rt.device), rt)  # bf16 compute copies of fp32 masters, or the model
     teacher = ckpt.load(cfg.teacher)[0].eval().requires_grad_(False) if cfg.teacher else None
     if teacher is not None and teacher.cfg.vocab_size != model.cfg.vocab_size:
@@ -180,12 +183,14 @@ def run(cfg: SFTConfig) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    step_flops = _flops_per_step(model.cfg, encoded, rows, cfg.batch_size)
+    total = math.ceil(cfg.max_flops / step_flops) if cfg.max_flops else cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total / steps_per_epoch)
     log, gen = MetricsLog(out / "metrics.jsonl"), torch.Generator().manual_seed(cfg.seed)
     t_start, step = time.perf_counter(), 0
     bar = tqdm(total=total, desc="sft", unit="step", dynamic_ncols=True)
     model.train()
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(rows), generator=gen).tolist()
         for i in range(0, len(rows), cfg.batch_size):
             b = {k: v.to(rt.device) for k, v in _batch([rows[j] for j in order[i:i + cfg.batch_size]]).items()}
@@ -203,15 +208,26 @@ def run(cfg: SFTConfig) -> Path:
             opt.step()
             opt.zero_grad(set_to_none=True)
             record["tokens"] = int((b["targets"] != IGNORE_INDEX).sum())
+            record["flops_total"] = (step + 1) * step_flops
             log.write(record)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds:
+            if step == total or (cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds):
                 break
-        if cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds:
+        if step == total or (cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds):
             break
     bar.close()
     return save_step(out, step, model.eval(), tokenizer, {"stage": "sft", "init": str(cfg.init),
                                                            "examples": len(pairs), "rows": len(rows),
-                                                           "dropped_heldout": dropped})
+                                                           "dropped_heldout": dropped, "flops": step * step_flops,
+                                                           **rt.checkpoint_meta()})
+
+
+def _flops_per_step(cfg, encoded: list[tuple[list[int], list[int]]], rows: list[dict], batch_size: int) -> float:
+    """Forward + backward FLOPs of one step, counted on the mean step: every real (non-padding) token of a row
+    costs 3 forwards at the mean example length (attention is masked per example). The same count for every step
+    makes a --max-flops run's length known in advance, so its cosine can span it."""
+    tokens_per_row = sum(len(p) + len(c) - 1 for p, c in encoded) / len(rows)
+    context = sum(len(p) + len(c) for p, c in encoded) / len(encoded)
+    return 3 * forward_flops_per_token(cfg, context) * tokens_per_row * min(batch_size, len(rows))

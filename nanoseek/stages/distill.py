@@ -1,0 +1,157 @@
+"""nanoseek distill: on-policy distillation -- the student samples, the teacher grades every token.
+
+Per step: fresh training problems → the student samples completions (its own policy, temperature 1) → the
+teacher scores every position of those completions → the student minimises the per-token reverse KL to the
+teacher's full next-token distribution there (losses.reverse_kl; Agarwal et al. 2024, arXiv 2306.13649;
+DeepSeek-V4's post-training distils its specialists into one model this way). Unlike SFT on the teacher's
+traces, the student learns on the states it actually reaches, mistakes included; unlike RL, every token gets
+a dense signal instead of one reward per sample. The task's verifier is only read, never trained on: the
+student's accuracy on its own samples is logged as a progress signal.
+
+    nanoseek distill --init runs/student --teacher runs/rl --task chain_sum --out runs/onpolicy --steps 100
+
+Compute is counted as FLOPs (stats.forward_flops_per_token): the student's sampling and update in `flops`, the
+teacher's scoring separately in `teacher_flops`; --max-flops stops the run at a student budget, so that arms
+of a comparison can be given equal compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import checkpoint as ckpt
+from ..engine import Engine, SamplingParams, sequence_seed
+from ..losses import reverse_kl
+from ..optim import build_optimizer
+from ..options import ComputeOptions, check, check_out_dir, option, own_run
+from ..rollouts import completion_logits, pack_completions
+from ..runtime import prepare_for_training, prepare_inference, resolve, set_threads
+from ..stats import forward_flops_per_token
+from ..tasks import TASKS, get_task
+from ..template import STOP
+from .common import MetricsLog, clear_run, load_checkpoint, save_step, write_run_json
+
+
+@dataclass(kw_only=True)
+class DistillConfig(ComputeOptions):
+    """On-policy distillation on a task's training problems: student samples, per-token reverse KL to the teacher.
+    Writes OUT/metrics.jsonl and OUT/checkpoints/step_N/."""
+
+    init: str = option(help="student checkpoint to start from")
+    teacher: str = option(help="teacher checkpoint (must share the student's tokenizer)")
+    task: str = option(help="task family whose training-split prompts the student answers", choices=tuple(TASKS))
+    out: str = option(help="run directory")
+    task_args: dict = option(default_factory=dict, help='generator options as JSON, e.g. {"max_terms": 2}')
+    steps: int = option(100, help="steps (one batch of student samples each)", min=1)
+    prompts_per_step: int = option(16, help="distinct prompts per step", min=1)
+    samples: int = option(2, help="student samples per prompt", min=1)
+    temperature: float = option(1.0, help="the student's sampling temperature (1: its own policy)", above=0)
+    max_new_tokens: int = option(96, help="response length limit", min=1)
+    lr: float = option(1e-3, help="learning rate (constant after --warmup-steps)", above=0)
+    warmup_steps: int = option(5, help="linear warm-up steps", min=0)
+    grad_clip: float = option(1.0, help="gradient-norm clip", above=0)
+    max_flops: float = option(0.0, help="stop once the student's FLOPs (sampling + update) reach this (0: no "
+                              "limit)", min=0)
+    save_every: int = option(1000, help="checkpoint every N steps (and at the end)", min=1)
+    seed: int = option(0, help="seed for problems and sampling", min=0)
+    force: bool = option(False, help="replace an earlier distill run in --out instead of refusing")
+
+    def __post_init__(self):
+        check(self)
+
+
+def run(cfg: DistillConfig) -> Path:
+    set_threads(cfg.threads)
+    out = Path(cfg.out)
+    check_out_dir(out, "--out", own=own_run(out, "distill"), force=cfg.force)
+    task = get_task(cfg.task, **cfg.task_args)
+    student, tokenizer = load_checkpoint(cfg.init)
+    teacher, teacher_tok = load_checkpoint(cfg.teacher)
+    if teacher_tok.vocab_size != tokenizer.vocab_size or teacher_tok.encode("1 + 2") != tokenizer.encode("1 + 2"):
+        raise ValueError(f"--teacher {cfg.teacher}: its tokenizer differs from the student's; on-policy distillation "
+                         "compares next-token distributions, so both must share one")
+    if cfg.force:
+        clear_run(out)
+    return train(student, teacher, tokenizer, task, cfg, out)
+
+
+def train(student, teacher, tokenizer, task, cfg: DistillConfig, out: Path) -> Path:
+    """The loop on loaded models; returns the last checkpoint."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    student.mtp.requires_grad_(False)  # the next-token policy is distilled; an MTP drafter stays as it was
+    rt = resolve(cfg.device, cfg.precision, training=True)
+    student.to(rt.device)
+    forward = prepare_for_training(student, rt)
+    teacher = prepare_inference(teacher, rt).eval().requires_grad_(False)
+    write_run_json(out, "distill", {**dataclasses.asdict(cfg), "runtime": rt.describe()})
+    engine = Engine(student, tokenizer)
+    optimizer = build_optimizer(student, cfg.lr, weight_decay=0.0)
+    log, stream = MetricsLog(out / "metrics.jsonl"), task.stream(cfg.seed, "train")
+    totals = {"flops": 0.0, "teacher_flops": 0.0}
+    bar = tqdm(total=cfg.steps, desc=f"distill {cfg.task}", unit="step", dynamic_ncols=True)
+    path, n_seq = None, 0
+    for step in range(cfg.steps):
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        record = _step(student, teacher, forward, optimizer, engine, task, stream, cfg, n_seq)
+        n_seq += cfg.prompts_per_step * cfg.samples
+        for key in totals:
+            totals[key] += record[key]
+        record.update(step=step + 1, lr=lr, problems_seen=len(stream.seen), flops_total=totals["flops"],
+                      teacher_flops_total=totals["teacher_flops"])
+        log.write(record)
+        bar.update(1)
+        bar.set_postfix(kl=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
+        last = step + 1 == cfg.steps or (cfg.max_flops and totals["flops"] >= cfg.max_flops)
+        if (step + 1) % cfg.save_every == 0 or last:
+            path = save_step(out, step + 1, student, tokenizer, {"stage": "distill", "init": str(cfg.init),
+                                                                  "teacher": str(cfg.teacher), **totals})
+        if last:
+            break
+    bar.close()
+    return path
+
+
+def _step(student, teacher, forward, optimizer, engine, task, stream, cfg: DistillConfig, first_seq: int) -> dict:
+    """Sample, score with the teacher, one optimiser step; returns the step's metrics."""
+    problems = stream.take(cfg.prompts_per_step)
+    prompts = [task.prompt(p) for p in problems for _ in range(cfg.samples)]
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop=list(STOP))
+    t0 = time.perf_counter()
+    student.eval()
+    gens = engine.generate(prompts, params, seeds=[sequence_seed(cfg.seed, first_seq + i) for i in range(len(prompts))])
+    rollout_s = time.perf_counter() - t0
+    scores = [task.score(problems[i // cfg.samples], g.text) for i, g in enumerate(gens)]
+    inputs, targets, mask = pack_completions([g.prompt_tokens for g in gens], [g.tokens for g in gens],
+                                             engine.tokenizer.pad_id)
+    with torch.no_grad():
+        t_logits = completion_logits(teacher, inputs, mask)
+    student.train()
+    kl = reverse_kl(completion_logits(forward, inputs, mask), t_logits)  # (N,) one per completion token
+    loss = kl.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad],
+                                               cfg.grad_clip).item()
+    optimizer.step()
+    student.eval()
+    tokens = sum(len(g.prompt_tokens) + len(g.tokens) for g in gens)
+    context = tokens / len(gens)
+    s_fwd, t_fwd = forward_flops_per_token(student.cfg, context), forward_flops_per_token(teacher.cfg, context)
+    return {"loss": loss.item(), "kl_max": kl.max().item(), "grad_norm": grad_norm,
+            "accuracy": sum(s["accuracy"] for s in scores) / len(scores),
+            "format": sum(s["format"] for s in scores) / len(scores),
+            "response_len": sum(len(g.tokens) for g in gens) / len(gens), "rollout_s": rollout_s,
+            "step_s": time.perf_counter() - t0,
+            # the student samples (one forward per token) and trains (forward + backward: 3x) on every token
+            "flops": 4 * s_fwd * tokens, "teacher_flops": t_fwd * tokens,
+            "problems": [p.id for p in problems]}
