@@ -208,8 +208,8 @@ def train(model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path) ->
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
             record.update(_heldout(eval_engine, task, heldout, cfg))
         log.write(record)
-        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
-                        held=f"{record.get('heldout_accuracy', float('nan')):.2f}")
+        held = {"held": f"{record['heldout_accuracy']:.2f}"} if "heldout_accuracy" in record else {}
+        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}", **held)
         if (step + 1) % cfg.save_every == 0 or last:
             path = save_step(out, step + 1, model, tokenizer, {"stage": "grpo", "init": str(cfg.init),
                                                                 **rt.checkpoint_meta()})

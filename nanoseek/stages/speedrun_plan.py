@@ -31,8 +31,8 @@ RUNGS = {
 PLAN = {
     "vocab_size": 1024, "seq_len": 256, "batch": 32, "warmup_frac": 0.04, "natural_share": 0.2, "n_problems": 2000,
     "task_docs": 30000, "pretrain": 300, "cold_n": 4000, "cold_lr": 1e-3,
-    "rl_steps": 100, "r1_zero_steps": 100, "rl_eval_every": 25, "rl_eval_n": 64, "sample_n": 600,
-    "student_flops": 2e12, "distill_lr": 1e-3, "onpolicy_lr": 1e-3, "eval_n": 200, "eval_k": 4,
+    "rl_steps": 60, "r1_zero_steps": 60, "rl_eval_every": 20, "rl_eval_n": 64, "sample_n": 400,
+    "student_flops": 1.5e12, "distill_lr": 1e-3, "onpolicy_lr": 1e-3, "eval_n": 200, "eval_k": 4,
     "scaled": ("task_docs", "pretrain", "cold_n", "rl_steps", "r1_zero_steps", "sample_n"),
 }
 
