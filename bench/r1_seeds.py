@@ -84,7 +84,7 @@ def main() -> int:
         run_dir = out / f"seed-{seed}"
         if not a.summarize_only:
             t0 = time.perf_counter()
-            cmd = [sys.executable, "-m", "nanoseek.cli", "speedrun", "--out", str(run_dir), "--seed", str(seed),
+            cmd = [sys.executable, "-m", "nanoseek", "speedrun", "--out", str(run_dir), "--seed", str(seed),
                    *a.speedrun_args]
             print(f"[r1_seeds] seed {seed}: {' '.join(cmd)}", file=sys.stderr, flush=True)
             if subprocess.call(cmd) != 0:

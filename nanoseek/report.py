@@ -120,14 +120,14 @@ def interval_plot(rows: list[tuple[str, list[tuple[float, float]]]], series_name
         errs = [1.96 * r[1][j][1] if r[1][j][1] == r[1][j][1] else 0 for r in rows]
         ax.barh(ys, vals, height=height * 0.9, xerr=errs, capsize=2, color=colours[j % len(colours)], label=name,
                 error_kw={"elinewidth": 0.8})
-        for y, v in zip(ys, vals):
-            ax.text(min(v, 1.0) + 0.01, y, f"{v:.0%}", va="center", fontsize=7)
+        for y, v, e in zip(ys, vals, errs):  # the value right of its interval, clear of the error bar
+            ax.text(min(v + e, 1.0) + 0.01, y, f"{v:.0%}", va="center", fontsize=7)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r[0] for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1.08)
     ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9, wrap=True)
     ax.grid(axis="x", alpha=0.3)
     if len(series_names) > 1:
         ax.legend(fontsize=8, loc="lower right")
@@ -214,8 +214,8 @@ def write_speedrun_report(out: str | Path) -> Path:
             for r in stages.values() if r.get("pass1") is not None]
     if rows:
         plots.append(interval_plot(rows, [f"held-out: {sets['heldout']['what']}", f"OOD: {sets['ood']['what']}"],
-                                   figs / "eval.png", f"pass@1 on {results['task']} (bars: 95% intervals, "
-                                   "clustered by problem)", "pass@1 (mean of k samples per problem)"))
+                                   figs / "eval.png", f"pass@1 on {results['task']}\n(whiskers: 95% "
+                                   "intervals, clustered by problem)", "pass@1 (mean of k samples per problem)"))
     lines = [
         "# nanoseek speedrun report", "",
         f"Task `{results['task']}`. Held-out set: {sets['heldout']['n']} problems of {sets['heldout']['what']} "
