@@ -114,7 +114,10 @@ def resolve(path: str | Path) -> Path:
     steps = step_dirs(path)
     if steps:
         return steps[-1]
-    raise CheckpointError(f"{path}: neither a checkpoint (no config.json) nor a run directory with checkpoints/")
+    inside = sorted(p.name for p in path.iterdir() if p.is_dir() and ((p / "config.json").exists() or step_dirs(p)))
+    hint = f"; the runs inside it: {', '.join(inside[:12])}{' …' if len(inside) > 12 else ''}" if inside else ""
+    raise CheckpointError(f"{path}: neither a checkpoint (no config.json) nor a run directory with "
+                          f"checkpoints/{hint}")
 
 
 def save_model(model: Transformer, path: str | Path, tokenizer_file: str | Path | None = None,

@@ -71,9 +71,14 @@ def _json_object(text: str) -> dict:
     return value
 
 
+_SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}  # "14.8T" tokens, "2B" parameters
+
+
 def _number(kind):
     def parse(text: str):
         try:
+            if kind is float and text[-1:] in _SUFFIX:
+                return float(text[:-1]) * _SUFFIX[text[-1]]
             return kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
@@ -98,12 +103,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         m = f.metadata
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         help_text = m.get("help", "").replace("%", "%%")
-        if not required:
+        if not required and "(default:" not in help_text:  # a help that names its default says it once
             help_text += f" (default: {_default_text(f)})"
         kind = str(f.type)
         kw: dict = {"help": help_text, "default": argparse.SUPPRESS}
         if m.get("choices"):
             kw["choices"] = m["choices"]
+            if "" in m["choices"]:  # "" means "unset" (the help says whose default applies): not a value to show
+                kw["metavar"] = "{" + ",".join(c for c in m["choices"] if c) + "}"
         if kind == "bool":
             kw["action"] = "store_true"
         elif kind.startswith("list"):

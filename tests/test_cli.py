@@ -38,6 +38,19 @@ def test_cost_v3_pretraining(capsys):
     assert code == 0 and c["gpu_hours"] == pytest.approx(2.664e6, rel=0.01) and c["usd"] == pytest.approx(5.33e6, rel=0.01)
 
 
+def test_cost_of_a_small_model_and_token_suffixes(capsys):
+    # a 512-token model is costed at its own sequence length, and a small cost is printed in units that show it
+    code, out, _ = run(capsys, "cost", "small", "--tokens", "1e9", "--gpu", "h100", "--json")
+    assert code == 0 and json.loads(out)["seq_len"] == 512
+    code, out, _ = run(capsys, "cost", "small", "--tokens", "1B", "--gpu", "h100")
+    assert code == 0 and "0.000M" not in out and "GPU-hours" in out
+    code, out, _ = run(capsys, "cost", "deepseek-v3", "--tokens", "14.8T", "--gpu", "h800", "--json")
+    assert code == 0 and json.loads(out)["tokens"] == pytest.approx(14.8e12)
+    code, out, _ = run(capsys, "cost", "deepseek-v3", "--tokens", "14.8e12", "--gpu", "h800", "--mfu", "0.3894",
+                       "--price", "2")
+    assert "2.674M GPU-hours, $5.347M at $2/GPU-hour, 54.4 days on 2048 GPUs" in out
+
+
 def test_unknown_preset_exits_2_and_lists_presets(capsys):
     code, out, err = run(capsys, "stats", "deepseek-v9")
     assert code == 2 and out == "" and "presets: tiny, small, mini, mini-dense, small-dense, small-lite" in err
@@ -56,6 +69,13 @@ def test_stats_of_a_checkpoint_dir(tmp_path, capsys):
     save_model(Transformer(get_preset("tiny")), tmp_path / "ck")
     code, out, _ = run(capsys, "stats", str(tmp_path / "ck"), "--json")
     assert code == 0 and json.loads(out)["total_params"] == 240720  # 207,952 + the 512-entry vocabulary
+
+
+def test_a_folder_of_runs_names_the_runs_inside_it(tmp_path, capsys):
+    save_model(Transformer(get_preset("tiny")), tmp_path / "speedrun" / "rl")
+    (tmp_path / "speedrun" / "figures").mkdir()
+    code, _, err = run(capsys, "stats", str(tmp_path / "speedrun"))
+    assert code == 2 and "the runs inside it: rl" in err and "figures" not in err
 
 
 def test_import_export_roundtrip(tmp_path, capsys):
@@ -109,6 +129,14 @@ def test_help_never_imports_torch_and_every_command_has_help():
         assert code == 0, name
 
 
+def test_help_shows_no_empty_choice(capsys):
+    assert main(["grpo", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "{sequence,token,constant}" in out and "{," not in out
+    assert main(["pretrain", "--help"]) == 0
+    assert "(default: none)" not in capsys.readouterr().out.split("--data", 2)[2].split("--tokenizer")[0]
+
+
 def test_a_closed_pipe_ends_quietly():
     r = subprocess.run(f"{sys.executable} -m nanoseek stats --compare | head -c 10", shell=True, capture_output=True,
                        text=True, timeout=120)
@@ -121,6 +149,10 @@ def test_tiny_is_usable_with_every_commands_defaults(tmp_path, capsys, monkeypat
     run = tmp_path / "tiny"
     assert main(["pretrain", "--preset", "tiny", "--out", str(run), "--steps", "2", "--n-problems", "50"]) == 0
     assert main(["generate", "--ckpt", str(run), "--prompt", "The cat"]) == 0
+    assert "=== prompt" not in capsys.readouterr().out  # one prompt: only its completion
+    assert main(["generate", "--ckpt", str(run), "--prompt", "The cat", "A dog", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("=== prompt 1 of 2 ===\n") and "\n\n=== prompt 2 of 2 ===\n" in out
     lines = iter(["What is 2 + 3?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert main(["chat", "--ckpt", str(run)]) == 0

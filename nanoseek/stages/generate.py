@@ -4,7 +4,8 @@
     nanoseek generate --ckpt runs/rl --template r1 --prompt "What is 3 + 4?" --temperature 0
     nanoseek chat --ckpt runs/rl            # the R1 template, streamed, the <think> part dimmed
 
-Only the generated text goes to stdout (one completion per prompt); speed and acceptance go to stderr.
+Only the generated text goes to stdout (one completion per prompt, each under a `=== prompt i of n ===` header
+when there are several; --jsonl for one JSON object per line); speed and acceptance go to stderr.
 """
 
 from __future__ import annotations
@@ -111,8 +112,13 @@ def generate(cfg: GenerateConfig) -> None:
     ids = [tokenizer.encode(p) for p in prompts]
     params = fit_context(cfg.sampling(), [len(i) for i in ids], model.cfg.max_seq_len, cfg.speculative)
     outs = Engine(model, tokenizer).generate(ids, params, speculative=cfg.speculative)
-    for g in outs:
-        print(json.dumps({"text": g.text, "finish_reason": g.finish_reason}) if cfg.jsonl else g.text)
+    for i, g in enumerate(outs):
+        if cfg.jsonl:
+            print(json.dumps({"text": g.text, "finish_reason": g.finish_reason}))
+        elif len(outs) > 1:  # several completions: each under a header naming its prompt, so they can be told apart
+            print(f"{'' if i == 0 else chr(10)}=== prompt {i + 1} of {len(outs)} ===\n{g.text}")
+        else:
+            print(g.text)
     st = outs.stats
     extra = f", draft acceptance {st.acceptance:.1%}" if cfg.speculative else ""
     print(f"[{len(outs)} prompt(s), {st.tokens} tokens in {st.seconds:.2f}s = {st.tokens_per_s:.1f} tokens/s{extra}]",

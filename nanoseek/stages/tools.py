@@ -42,12 +42,12 @@ class CostConfig:
 
     model: str = option(help=f"preset ({', '.join(PRESETS)}) or checkpoint directory", positional=True,
                         metavar="PRESET|CKPT")
-    tokens: float = option(help="training tokens, e.g. 14.8e12", above=0)
+    tokens: float = option(help="training tokens, e.g. 14.8e12 or 14.8T (K, M, B, T suffixes)", above=0)
     gpu: str = option(help="GPU type", choices=tuple(GPU_PEAK_FLOPS))
     mfu: float = option(DEFAULT_MFU, help="model FLOPs utilisation (DeepSeek-V3's measured value)", above=0, max=1)
     price: float = option(DEFAULT_PRICE, help="USD per GPU-hour (the V3 report's)", min=0)
     gpus: int = option(DEFAULT_GPUS, help="GPU count for the wall-clock estimate", min=1)
-    seq_len: int = option(4096, help="training sequence length", min=1)
+    seq_len: int = option(0, help="training sequence length (0: min(the model's max_seq_len, 4096))", min=0)
     json: bool = option(False, help="machine-readable output")
 
     def __post_init__(self):
@@ -160,15 +160,30 @@ def cost(cfg: CostConfig) -> None:
     from ..stats import training_cost
 
     name, mcfg = resolve_config(cfg.model)
-    c = training_cost(mcfg, cfg.tokens, cfg.gpu, cfg.mfu, cfg.price, cfg.gpus, cfg.seq_len)
+    seq_len = cfg.seq_len or min(mcfg.max_seq_len, 4096)  # a 512-token model is not trained on 4,096-token rows
+    c = training_cost(mcfg, cfg.tokens, cfg.gpu, cfg.mfu, cfg.price, cfg.gpus, seq_len)
     if cfg.json:
         print(json.dumps({"name": name, **c}, indent=2))
         return
     print(f"{name}: {human(c['tokens'])} tokens × {c['train_flops_per_token'] / 1e9:.1f} GFLOP/token "
           f"= {c['total_flops']:.3e} FLOP")
-    print(f"  {cfg.gpu.upper()} at {c['mfu']:.2%} MFU: {c['gpu_hours'] / 1e6:.3f}M GPU-hours, "
-          f"${c['usd'] / 1e6:.3f}M at ${c['price_per_gpu_hour']:g}/GPU-hour, "
-          f"{c['days']:.1f} days on {c['n_gpus']} GPUs")
+    print(f"  {cfg.gpu.upper()} at {c['mfu']:.2%} MFU: {_amount(c['gpu_hours'])} GPU-hours, "
+          f"${_amount(c['usd'])} at ${c['price_per_gpu_hour']:g}/GPU-hour, "
+          f"{_amount(c['days'] * 24 * 3600, seconds=True)} on {c['n_gpus']} GPUs")
+
+
+def _amount(x: float, seconds: bool = False) -> str:
+    """3 significant figures with an M/K unit where it helps (5.347M, 12.3K, 0.0468); a duration in days,
+    hours, minutes or seconds, whichever reads best."""
+    if seconds:
+        for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+            if x >= size:
+                return f"{x / size:.1f} {unit}"
+        return f"{x:.1f} seconds"
+    for unit, size in (("M", 1e6), ("K", 1e3)):
+        if x >= size:
+            return f"{x / size:.3f}{unit}"
+    return f"{x:.3g}"
 
 
 # ----------------------------------------------------------------------------- conversion
