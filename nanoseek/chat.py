@@ -2,10 +2,13 @@
 
 Ctrl-C stops the reply being written (the conversation stays as it was before that question); at the prompt
 it only clears the line. Ctrl-D or /exit leaves; /help lists the commands. Line editing and history come from
-readline when the terminal has it."""
+readline when the terminal has it. When the checkpoint's run recorded its task (evaluation.trained_on), the
+start says so and shows a question in that task's own format (/example asks it): a small model trained only on
+"State the final answer to the following arithmetic problem: 3 + 4 =" cannot answer "What is 3 + 4?"."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 from .engine import Engine, SamplingParams
@@ -15,6 +18,7 @@ DIM, RESET = "\033[2m", "\033[0m"
 MIN_PROMPT = 16  # tokens a turn needs at least (template + a short question)
 HELP = """commands:
   /reset   start a new conversation
+  /example ask the example question (in the format of the task the model was trained on)
   /help    this list
   /exit    leave (Ctrl-D does the same)
 Ctrl-C stops a reply while it is being written."""
@@ -58,9 +62,21 @@ def _line_editing() -> None:
             pass
 
 
-def chat(model, tokenizer, params: SamplingParams, speculative: bool = False, read=None) -> None:
+def intro(trained_on: dict | None) -> str:
+    """What the model was trained on and a question in that format, or "" when its run recorded no task."""
+    if not trained_on:
+        return ""
+    lines = [f"trained on: {trained_on['task']} {json.dumps(trained_on['task_args'])} ({trained_on['source']})"]
+    if trained_on.get("example"):
+        lines.append(f"try (/example): {trained_on['example']}")
+    return "\n".join(lines)
+
+
+def chat(model, tokenizer, params: SamplingParams, speculative: bool = False, read=None,
+         trained_on: dict | None = None) -> None:
     """Talk to the model in the R1 chat template (template.conversation, as the server uses); earlier turns
-    keep their answers and drop their reasoning, and the oldest turns go when the context is full."""
+    keep their answers and drop their reasoning, and the oldest turns go when the context is full.
+    `trained_on` (evaluation.trained_on) is shown at the start, its example question asked by /example."""
     check_settings(params, model.cfg.max_seq_len)
     engine = Engine(model, tokenizer)
     params.stop = list(params.stop) + CHAT_STOP
@@ -69,6 +85,9 @@ def chat(model, tokenizer, params: SamplingParams, speculative: bool = False, re
         read = input
         _line_editing()
     print("nanoseek chat — /help lists the commands, Ctrl-D or /exit leaves.", file=sys.stderr)
+    if intro(trained_on):
+        print(intro(trained_on), file=sys.stderr)
+    example = (trained_on or {}).get("example")
     while True:
         try:
             line = read("you> ").strip()
@@ -78,7 +97,10 @@ def chat(model, tokenizer, params: SamplingParams, speculative: bool = False, re
         except KeyboardInterrupt:  # at the prompt: drop the line, keep the conversation
             print("\n(Ctrl-D or /exit leaves)", file=sys.stderr)
             continue
-        if line.startswith("/"):
+        if line == "/example" and example:
+            print(f"you> {example}", file=sys.stderr)
+            line = example
+        elif line.startswith("/"):
             if _command(line, messages):
                 return
             continue

@@ -41,7 +41,34 @@ COMMANDS = {
     "export": ("stages.tools", "ExportConfig", "export_hf", "nanoseek checkpoint -> Hugging Face checkpoint"),
     "speedrun": ("stages.speedrun", "SpeedrunConfig", "run", "the whole recipe end to end, ending in OUT/report.md"),
 }
+# one runnable example per command, shown at the end of its --help (the run directories are a speedrun's)
+EXAMPLES = {
+    "stats": "nanoseek stats deepseek-v3 --compare",
+    "cost": "nanoseek cost deepseek-v3 --tokens 14.8T --gpu h800",
+    "pretrain": "nanoseek pretrain --preset mini --out runs/mini --steps 300 --seq-len 256 --batch-size 32",
+    "grpo": "nanoseek grpo --init runs/speedrun/coldstart --out runs/my-grpo --task chain_sum "
+            "--task-args '{\"min_terms\": 4, \"max_terms\": 4, \"max_digits\": 1}' --steps 60",
+    "sample": "nanoseek sample --ckpt runs/speedrun/rl --task chain_sum --out traces.jsonl --n 100 --keep correct",
+    "sft": "nanoseek sft --init runs/speedrun/student-cold --data runs/speedrun/traces.jsonl --out runs/my-sft",
+    "distill": "nanoseek distill --init runs/speedrun/student-cold --teacher runs/speedrun/rl --task chain_sum "
+               "--out runs/my-distill --steps 50",
+    "eval": "nanoseek eval --ckpt runs/speedrun/rl --n 200",
+    "generate": "nanoseek generate --ckpt runs/speedrun/rl --prompt "
+                "'State the final answer to the following arithmetic problem: 3 + 4 - 2 ='",
+    "chat": "nanoseek chat --ckpt runs/speedrun/rl",
+    "serve": "nanoseek serve --ckpt runs/speedrun/rl --port 8000",
+    "import": "nanoseek import path/to/DeepSeek-V3-hf runs/imported",
+    "export": "nanoseek export --ckpt runs/speedrun/rl exports/rl",
+    "speedrun": "nanoseek speedrun --out runs/speedrun",
+}
 _LAST = ("device", "precision", "threads")  # the shared compute options are listed after a command's own
+
+
+class _ExampleFormatter(argparse.HelpFormatter):
+    """Reflows the description as usual but prints the epilog (the example command) as written."""
+
+    def _fill_text(self, text, width, indent):
+        return text if text.startswith("example:") else super()._fill_text(text, width, indent)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,7 +170,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             continue
         cls = getattr(importlib.import_module(f".{module}", __package__), cls_name)
         description = inspect.cleandoc(cls.__doc__ or help_text)
-        cp = sub.add_parser(name, help=help_text, description=description)
+        cp = sub.add_parser(name, help=help_text, description=description, epilog=f"example:\n  {EXAMPLES[name]}",
+                            formatter_class=_ExampleFormatter)
         add_config_arguments(cp, cls)
         p.chosen = cp
     return p

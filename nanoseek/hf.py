@@ -3,10 +3,12 @@
 `load_hf(dir)` reads a `deepseek_v3`, `deepseek_v32` or `deepseek_v2` directory (config.json plus single or sharded
 safetensors, per-expert keys, FP8 weights with 128×128 `weight_scale_inv` blocks, the MTP layer
 `model.layers.{n_layers}.*`) into a nanoseek Transformer, one shard at a time. `save_hf(model, dir)` writes
-a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads, in DeepSeek's hub layout.
-V3.2 is V3's layout plus `self_attn.indexer.*`; V4's own layout and config live in hf_v4.py.
+a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads, in DeepSeek's hub layout; given the
+tokenizer, a complete one (`AutoTokenizer` with nanoseek's R1 chat template, `generate()` stopping at eos and
+sampling as R1 is evaluated). V3.2 is V3's layout plus `self_attn.indexer.*`; V4's own layout and config live in
+hf_v4.py.
 
-Only the config translation and a key map live here; the model itself never mentions Hugging Face.
+Only the config translation, a key map and the tokenizer files live here; the model never mentions Hugging Face.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -27,6 +30,8 @@ from .hf_v4 import (config_from_hf_v4, config_to_hf_v4, dequantize_fp4, fp8_v4_s
                     normalize_v4_key, v4_key, v4_mtp_layers, v4_scale_key)
 from .generations import build_model
 from .model import MLA, Transformer
+from .template import ANSWER, ASSISTANT, END_ANSWER, END_THINK, R1_SAMPLING, THINK, USER
+from .tokenizer import Tokenizer
 
 FAMILIES = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "deepseek_v4")
 
@@ -166,17 +171,21 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
         "rope_theta": cfg.rope_theta, "rope_scaling": _rope_to_hf(cfg),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    # transformers hard-codes each family's routing, but vLLM and SGLang build the router from these fields (as
+    # in DeepSeek's published configs): V2's softmax "greedy"/"group_limited_greedy", V3's sigmoid "noaux_tc",
+    # which is what makes them load mlp.gate.e_score_correction_bias. moe_layer_freq: every layer past the prefix.
     if v3:
-        d.update(rope_interleave=True, num_nextn_predict_layers=cfg.n_mtp_layers,
-                 scoring_func="sigmoid", topk_method="noaux_tc")  # the last two for tools that read them
+        d.update(rope_interleave=True, num_nextn_predict_layers=cfg.n_mtp_layers, scoring_func="sigmoid",
+                 topk_method="noaux_tc", moe_layer_freq=1)
+    else:
+        d.update(scoring_func="softmax", topk_method="group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy",
+                 moe_layer_freq=1)
     if cfg.family == "v32":
         if not v3:
             raise ValueError("deepseek_v32 routes with sigmoid scores: set score_func='sigmoid'")
         del d["rope_interleave"]  # V3.2's MLA RoPE is always interleaved (its indexer's never is)
         d.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_n_heads=cfg.index_n_heads,
                  index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk)
-    else:
-        d.update(scoring_func="softmax", topk_method="group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy")
     return d
 
 
@@ -283,16 +292,76 @@ def export_state(model: Transformer, fp8: bool = False) -> dict[str, torch.Tenso
     return out
 
 
+# ----------------------------------------------------------------------------- tokenizer and generation files
+
+
+def special_token_ids(tok: Tokenizer) -> dict:
+    """bos_token_id / eos_token_id, as DeepSeek's config.json and generation_config.json carry them."""
+    return {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)) if v is not None}
+
+
+def generation_config(tok: Tokenizer | None = None) -> dict:
+    """generation_config.json: `generate()`'s defaults (https://huggingface.co/docs/transformers/main_classes/text_generation).
+    Sampling as R1 is evaluated (template.R1_SAMPLING: temperature 0.6, top-p 0.95, what `nanoseek eval` uses and
+    DeepSeek-R1's own generation_config.json says); stopping at the tokenizer's eos."""
+    d = {"do_sample": True, "temperature": R1_SAMPLING.temperature, "top_p": R1_SAMPLING.top_p}
+    if tok is not None:
+        d.update(special_token_ids(tok), pad_token_id=tok.pad_id)  # generate() pads finished rows of a batch
+    return d
+
+
+def tokenizer_config(tok: Tokenizer, max_len: int) -> dict:
+    """tokenizer_config.json for transformers' fast tokenizer over tokenizer.json: the special tokens, nanoseek's
+    R1 chat template, and tokenization as nanoseek does it (no bos/eos added, no space clean-up on decode)."""
+    name = tok.tk.id_to_token
+    d = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id),
+         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+         "model_max_length": max_len, "chat_template": chat_template()}
+    if tok.bos_id is not None:
+        d["bos_token"] = name(tok.bos_id)
+    return d
+
+
+def chat_template() -> str:
+    """template.conversation as a Jinja chat template (https://huggingface.co/docs/transformers/chat_templating_writing):
+    the same string for the same messages, and "\\nAssistant: <think>" under add_generation_prompt, as r1_prompt
+    ends. Built from template.py's constants so the two cannot drift apart; Jinja's `trim` is Python's strip."""
+    lit = json.dumps  # a JSON string literal is a valid Jinja one (\n, \" and \uXXXX escapes included)
+    sep = "('\\n' if ns.body else '')"
+    reply = f"{lit(ASSISTANT + f'{THINK} {END_THINK} {ANSWER} ')} + content + {lit(' ' + END_ANSWER)}"
+    return "".join([
+        "{%- set ns = namespace(system='', body='') -%}{%- for m in messages -%}",
+        "{%- set content = m['content'] | string | trim -%}",
+        "{%- if m['role'] == 'system' -%}{%- set ns.system = content -%}",  # the last one, as in conversation()
+        f"{{%- elif m['role'] == 'user' -%}}{{%- set ns.body = ns.body + {sep} + {lit(USER)} + content -%}}",
+        f"{{%- elif m['role'] == 'assistant' -%}}{{%- set ns.body = ns.body + {sep} + {reply} -%}}",
+        "{%- else -%}{{ raise_exception('unknown message role ' + m['role'] + ' (system, user or assistant)') }}",
+        "{%- endif -%}{%- endfor -%}",
+        "{%- if ns.system -%}{{ ns.system + '\\n' }}{%- endif -%}{{ ns.body }}",
+        "{%- if add_generation_prompt -%}{%- if not messages or messages[-1]['role'] != 'user' -%}",
+        "{{ raise_exception('a conversation must end with a user message') }}{%- endif -%}",
+        f"{{{{ '\\n' + {lit(ASSISTANT + THINK)} }}}}{{%- endif -%}}",
+    ])
+
+
+def _write_json(file: Path, d: dict) -> None:
+    file.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
+
+
 # ----------------------------------------------------------------------------- save
 
 
-def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30, fp8: bool = False) -> None:
-    """Write config.json and safetensors (sharded above max_shard_bytes) in DeepSeek's hub layout.
+def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30, fp8: bool = False,
+            tokenizer_file: str | Path | None = None) -> None:
+    """Write config.json, generation_config.json and safetensors (sharded above max_shard_bytes) in DeepSeek's
+    hub layout; with tokenizer_file (a tokenizer.json), also that file, tokenizer_config.json (special tokens and
+    the R1 chat template) and the bos/eos ids in both configs.
 
     fp8=True writes DeepSeek-V3's FP8 checkpoint format (e4m3 weights, 128×128 weight_scale_inv blocks).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.load(tokenizer_file) if tokenizer_file is not None else None
     dtype = model.embed.weight.dtype
     hf_cfg = config_to_hf(model.cfg, dtype)
     if fp8:
@@ -300,7 +369,12 @@ def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30
                                          "weight_block_size": [128, 128]}
         if model.cfg.family == "v4":
             hf_cfg["quantization_config"]["scale_fmt"] = "ue8m0"
-    (path / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    if tok is not None:
+        hf_cfg.update(special_token_ids(tok))
+        shutil.copyfile(tokenizer_file, path / "tokenizer.json")  # byte for byte: an imported one stays DeepSeek's
+        _write_json(path / "tokenizer_config.json", tokenizer_config(tok, model.cfg.max_seq_len))
+    _write_json(path / "generation_config.json", generation_config(tok))
+    _write_json(path / "config.json", hf_cfg)
     state = export_state(model, fp8=fp8)
     shards, current, size = [], {}, 0
     for key in sorted(state):

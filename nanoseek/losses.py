@@ -82,16 +82,29 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return _LinearCrossEntropy.apply(h, weight, targets, ignore_index)
 
 
-def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor, router_log=None) -> tuple[torch.Tensor, list]:
+def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor, router_log=None, **packing) -> tuple[torch.Tensor, list]:
     """(mean next-token cross-entropy, [mean cross-entropy of MTP depth k for k = 1..D]) of a Transformer.
 
     inputs, targets (B, T): the tokens and the next tokens (IGNORE_INDEX skips a position); MTP depth k
-    predicts targets[:, k:]. The head and the loss are fused (`linear_cross_entropy`): no logits tensor."""
+    predicts targets[:, k:]. The head and the loss are fused (`linear_cross_entropy`): no logits tensor.
+    packing: `positions`/`segments` of packed documents (document_segments), passed to the model."""
 
     def head(h, weight, k):
         return linear_cross_entropy(h.flatten(0, 1), weight, targets[:, k:].flatten())
 
-    return model(inputs, return_mtp=True, router_log=router_log, head=head)
+    return model(inputs, return_mtp=True, router_log=router_log, head=head, **packing)
+
+
+def document_segments(tokens: torch.Tensor, eos_id: int) -> dict:
+    """{"segments", "positions"} (B, T) of a packed row whose documents each end with eos: the token after an eos
+    starts a new segment, and positions count from 0 within each segment (what the model sees at inference)."""
+    B, T = tokens.shape
+    starts = torch.zeros_like(tokens, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = tokens[:, :-1] == eos_id
+    index = torch.arange(T, device=tokens.device).expand(B, T)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # start of each one's segment
+    return {"segments": starts.long().cumsum(dim=1) - 1, "positions": index - first}
 
 
 def balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_seq: int, per_sequence: bool = True) -> torch.Tensor:

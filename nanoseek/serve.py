@@ -4,10 +4,12 @@
 
 Endpoints follow OpenAI's API reference (platform.openai.com/docs/api-reference): `GET /v1/models`,
 `POST /v1/completions`, `POST /v1/chat/completions` (both streaming as server-sent events ending in
-`data: [DONE]`), `GET /health`, and the chat page at `/`. Chat uses the R1 template (template.conversation);
-the reasoning comes back as `reasoning_content` (DeepSeek's API name) and `reasoning` (vLLM's), the answer as
-`content`. Unknown fields are ignored; invalid values get a 400 naming the field; when the running batch and
-the bounded queue are full a request gets a 429 at once.
+`data: [DONE]`), `GET /health`, `GET /info` (what the checkpoint was trained on, an example question in that
+task's format, the default sampling) and the chat page at `/`. A request without temperature or top_p is
+sampled at R1's setting (evaluation.R1_SAMPLING), as eval, chat and generate are. Chat uses the R1 template
+(template.conversation); the reasoning comes back as `reasoning_content` (DeepSeek's API name) and `reasoning`
+(vLLM's), the answer as `content`. Unknown fields are ignored; invalid values get a 400 naming the field;
+when the running batch and the bounded queue are full a request gets a 429 at once.
 
 One thread steps the engine's Batcher; the asyncio thread parses requests, submits them and streams each
 request's tokens as the engine produces them. A client that disconnects cancels its requests, and their slots
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import Batcher, Request, SamplingParams, sequence_seed
+from .evaluation import R1_SAMPLING
 from .options import ComputeOptions, check, option
 from .template import CHAT_STOP, conversation, held_suffix, split_reasoning
 
@@ -38,7 +41,8 @@ PAGE = Path(__file__).parent / "static" / "chat.html"
 @dataclass(kw_only=True)
 class ServeConfig(ComputeOptions):
     """Serve a checkpoint: /v1/models, /v1/completions and /v1/chat/completions (streaming as server-sent events),
-    /health, and the chat page at /. Binds 127.0.0.1 unless --host says otherwise; Ctrl-C drains and stops."""
+    /health, /info (what the checkpoint's run trained on, with an example question) and the chat page at /.
+    Binds 127.0.0.1 unless --host says otherwise; Ctrl-C drains and stops."""
 
     ckpt: str = option(help="checkpoint directory, or a run directory (its latest checkpoint); needs tokenizer.json")
     host: str = option("127.0.0.1", help="interface to bind (0.0.0.0 exposes the server)")
@@ -50,6 +54,11 @@ class ServeConfig(ComputeOptions):
 
     def __post_init__(self):
         check(self)
+
+
+# Shown by `nanoseek serve --help` (the API default is not a flag, so the description names it).
+ServeConfig.__doc__ += (f" Requests that set no temperature or top_p sample at temperature {R1_SAMPLING.temperature},"
+                        f" top-p {R1_SAMPLING.top_p} (R1's evaluation setting).")
 
 
 class APIError(Exception):
@@ -109,8 +118,9 @@ def parse_options(body: dict) -> Options:
     stream_options = _get(body, "stream_options", (dict,), {})
     return Options(
         max_tokens=max_tokens, max_tokens_field=field_name,
-        temperature=float(_get(body, "temperature", num, 1.0, lambda v: 0 <= v <= 2, "between 0 and 2")),
-        top_p=float(_get(body, "top_p", num, 1.0, lambda v: 0 < v <= 1, "in (0, 1]")),
+        temperature=float(_get(body, "temperature", num, R1_SAMPLING.temperature, lambda v: 0 <= v <= 2,
+                               "between 0 and 2")),
+        top_p=float(_get(body, "top_p", num, R1_SAMPLING.top_p, lambda v: 0 < v <= 1, "in (0, 1]")),
         top_k=_get(body, "top_k", (int,), 0, lambda v: v >= -1, "-1, 0 (off) or a positive integer"),
         seed=_get(body, "seed", (int,), None, lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
         stop=stop, n=_get(body, "n", (int,), 1, lambda v: 1 <= v <= 16, "between 1 and 16"),
@@ -453,8 +463,9 @@ async def collect(call: Call, fmt: Formatter) -> dict:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(model, tokenizer, cfg: ServeConfig, name: str):
-    """The FastAPI app serving `model` (eval mode, its dtype and device as given) under the id `name`."""
+def create_app(model, tokenizer, cfg: ServeConfig, name: str, trained_on: dict | None = None):
+    """The FastAPI app serving `model` (eval mode, its dtype and device as given) under the id `name`;
+    `trained_on` (evaluation.trained_on) is what /info reports and the page offers as an example."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -480,6 +491,10 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str):
 
     async def health(http):
         return JSONResponse({"status": "ok", "model": name, **engine.status()})
+
+    async def info(http):
+        return JSONResponse({"model": name, "max_model_len": context, "trained_on": trained_on,
+                             "sampling": R1_SAMPLING._asdict()})
 
     async def models(http):
         return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
@@ -519,6 +534,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str):
     app.add_exception_handler(APIError, api_error)
     app.add_route("/", page, methods=["GET"])
     app.add_route("/health", health, methods=["GET"])
+    app.add_route("/info", info, methods=["GET"])
     app.add_route("/v1/models", models, methods=["GET"])
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
@@ -587,6 +603,7 @@ def run(cfg: ServeConfig) -> None:
 
     import uvicorn
 
+    from .evaluation import trained_on
     from .runtime import prepare_inference, resolve, set_threads
     from .stages.common import load_checkpoint
 
@@ -595,7 +612,7 @@ def run(cfg: ServeConfig) -> None:
     rt = resolve(cfg.device, cfg.precision, rows=cfg.max_batch)  # a full batch decodes together
     model = prepare_inference(model, rt).eval()
     name = cfg.model_name or Path(cfg.ckpt).resolve().name
-    app = create_app(model, tokenizer, cfg, name)
+    app = create_app(model, tokenizer, cfg, name, trained_on(cfg.ckpt))
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, timeout_graceful_shutdown=cfg.grace,
                             log_level="info", access_log=False)
     print(f"nanoseek serve: {name} ({rt.precision} on {rt.device}, batch {cfg.max_batch}, queue {cfg.max_queue}) "

@@ -19,6 +19,8 @@ One module owns the format, so that the corpus, the tasks' prompts, GRPO, reject
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
 TAGS = (THINK, END_THINK, ANSWER, END_ANSWER)
 
@@ -102,3 +104,14 @@ def split_reasoning(completion: str, partial: bool = False) -> tuple[str, str]:
             rest = rest[: len(rest) - held_suffix(rest, [END_ANSWER])]
         rest = rest.split(END_ANSWER, 1)[0]
     return reasoning.strip(), rest.strip()
+
+
+class Sampling(NamedTuple):
+    temperature: float
+    top_p: float
+
+
+# The one sampling default for a trained reasoning model: eval, generate, chat, the API and the chat page all
+# read it, so a question asked on the page is sampled the way the model's scores were measured. R1's evaluation
+# setting (arXiv 2501.12948 §3): low enough to avoid the repetition and incoherence of 1.0, not greedy.
+R1_SAMPLING = Sampling(temperature=0.6, top_p=0.95)

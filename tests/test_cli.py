@@ -137,6 +137,21 @@ def test_help_shows_no_empty_choice(capsys):
     assert "(default: none)" not in capsys.readouterr().out.split("--data", 2)[2].split("--tokenizer")[0]
 
 
+def test_every_help_ends_with_an_example_that_parses(capsys):
+    """Each command's --help shows one example; its flags must be ones the command accepts."""
+    import shlex
+
+    from nanoseek.cli import COMMANDS, EXAMPLES, build_parser
+
+    assert set(EXAMPLES) == set(COMMANDS)
+    for name, example in EXAMPLES.items():
+        assert main([name, "--help"]) == 0
+        assert f"example:\n  {example}" in capsys.readouterr().out, name
+        argv = shlex.split(example)[1:]
+        args = build_parser(argv).parse_args(argv)  # exits 2 on an unknown or malformed flag
+        assert args.command == name
+
+
 def test_a_closed_pipe_ends_quietly():
     r = subprocess.run(f"{sys.executable} -m nanoseek stats --compare | head -c 10", shell=True, capture_output=True,
                        text=True, timeout=120)
@@ -205,3 +220,122 @@ def test_several_checkpoints_are_scored_at_one_precision(tmp_path, capsys, monke
     assert calls == [{"rows": 128}]  # one decision, at the n × k rows decoded together
     assert [r["precision"] for r in lines] == ["bf16", "bf16"] and lines[0]["runtime"] == lines[1]["runtime"]
     assert lines[0]["runtime"]["reason"].endswith("128 rows per matmul, bf16 from 128")
+
+
+# ----------------------------------------------------------------------------- defaults from the run's record (#39)
+
+FOUR = {"min_terms": 4, "max_terms": 4, "min_digits": 1, "max_digits": 1}
+
+
+def _terms(question: str) -> int:
+    """The number of terms of a chain_sum question ("… problem: 3 - 9 + 1 + 4 =")."""
+    return len(question.split(":")[1].replace("-", "+").split("+"))
+
+
+def _recorded_run(root, name: str, record: dict):
+    """A run directory: a tiny checkpoint with a tokenizer, and the run.json `record`."""
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["State the final answer to the following arithmetic problem: 3 + 4 - 1 =",
+                           "<think> 3 + 4 = 7 </think> <answer> 6 </answer>"] * 20, 300)
+    tok.save(root / "tokenizer.json")
+    run_dir = root / name
+    save_model(Transformer(get_preset("tiny", vocab_size=tok.vocab_size)), run_dir / "checkpoints" / "step_000001",
+               tokenizer_file=root / "tokenizer.json")
+    (run_dir / "run.json").write_text(json.dumps(record))
+    return run_dir
+
+
+def _eval(capsys, *argv):
+    code, out, err = run(capsys, "eval", *argv, "--n", "3", "--max-new-tokens", "2", "--json", "--threads", "1")
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+def test_eval_defaults_to_the_task_the_run_recorded(tmp_path, capsys):
+    """`eval --ckpt RL` scores RL's own task and options (not eval's family defaults), saying where they came
+    from; a --task-args that differs overrides them and says so."""
+    rl = _recorded_run(tmp_path, "rl", {"command": "grpo", "task": "chain_sum", "task_args": FOUR})
+    for flags in ([], ["--task", "chain_sum"]):  # --task alone, the same family: the recorded options still hold
+        code, (r,), err = _eval(capsys, "--ckpt", str(rl), *flags)
+        assert code == 0 and r["task"] == "chain_sum" and r["task_args"] == FOUR
+        assert all(_terms(p["question"]) == 4 for p in r["problems"])
+        assert f'eval: task chain_sum {json.dumps(FOUR)} from {rl / "run.json"}' in err
+    five = {"min_terms": 5, "max_terms": 5}
+    code, (r,), err = _eval(capsys, "--ckpt", str(rl / "checkpoints" / "step_000001"), "--task-args", json.dumps(five))
+    assert code == 0 and r["task_args"] == five and all(_terms(p["question"]) == 5 for p in r["problems"])
+    assert len([line for line in err.splitlines() if "overrides" in line]) == 1 and str(rl / "run.json") in err
+
+
+def test_eval_follows_the_init_chain_when_unambiguous(tmp_path, capsys, monkeypatch):
+    """An SFT run records only its data: its task is its --init's, a pretraining run whose worked chain_sum
+    problems outnumber the mixed ones. Relative inits are relative to where the runs were started (found from
+    the run's recorded --out), wherever the command runs now. Nothing recorded and no --task: exit 2."""
+    from nanoseek.evaluation import recorded_task
+
+    two = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    work = tmp_path / "work"
+    (work / "runs").mkdir(parents=True)
+    base = _recorded_run(work / "runs", "base", {"command": "pretrain", "out": "runs/base", "data": [],
+                                                 "easy_problems": 3000, "n_problems": 200, "easy_args": two})
+    cold = _recorded_run(work / "runs", "cold", {"command": "sft", "init": "runs/base", "out": "runs/cold",
+                                                 "data": ["runs/cold.jsonl"]})
+    monkeypatch.chdir(tmp_path)  # "runs/base" does not exist from here
+    task, args, source = recorded_task(cold)
+    assert (task, args, source.resolve()) == ("chain_sum", two, (base / "run.json").resolve())
+    code, (r,), err = _eval(capsys, "--ckpt", str(cold))
+    assert code == 0 and r["task_args"] == two and "from work/runs/base/run.json" in err
+    mixed = _recorded_run(tmp_path, "mixed", {"command": "pretrain", "data": [], "easy_problems": 100,
+                                              "n_problems": 6000, "easy_args": two})
+    assert recorded_task(mixed) is None  # mostly other families: no one task to default to
+    code, out, err = run(capsys, "eval", "--ckpt", str(mixed), "--n", "1", "--threads", "1")
+    assert code == 2 and out == "" and "no run.json records the task trained on; give --task" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_eval_of_runs_that_recorded_different_tasks_needs_task_args(tmp_path, capsys):
+    """Several checkpoints are scored on the same problems: their recordings must agree, else --task-args."""
+    a = _recorded_run(tmp_path, "a", {"command": "grpo", "task": "chain_sum", "task_args": FOUR})
+    b = _recorded_run(tmp_path, "b", {"command": "distill", "task": "chain_sum", "task_args": {**FOUR, "min_terms": 3}})
+    same = _recorded_run(tmp_path, "same", {"command": "grpo", "task": "chain_sum", "task_args": FOUR})
+    code, out, err = run(capsys, "eval", "--ckpt", str(a), str(b), "--n", "1", "--threads", "1")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "the runs recorded different tasks" in err and "give --task-args" in err
+    code, results, err = _eval(capsys, "--ckpt", str(a), str(b), "--task-args", json.dumps(FOUR))
+    assert code == 0 and [r["task_args"] for r in results] == [FOUR, FOUR]
+    assert "overrides what the run recorded" in err and str(b / "run.json") in err
+    code, results, err = _eval(capsys, "--ckpt", str(a), str(same))
+    assert code == 0 and [r["task_args"] for r in results] == [FOUR, FOUR] and "overrides" not in err
+
+
+def test_one_sampling_default_r1s(capsys):
+    """chat, generate and eval sample at R1's 0.6 / top-p 0.95 unless told otherwise (chat and generate used 1.0),
+    and --help says so."""
+    from nanoseek.stages.evaluate import EvalConfig
+    from nanoseek.stages.generate import ChatConfig, GenerateConfig
+
+    for make in (lambda: ChatConfig(ckpt="x"), lambda: GenerateConfig(ckpt="x"), lambda: EvalConfig(ckpt=["x"])):
+        cfg = make()
+        assert (cfg.temperature, cfg.top_p) == (0.6, 0.95), type(cfg).__name__
+    params = ChatConfig(ckpt="x").sampling()
+    assert (params.temperature, params.top_p) == (0.6, 0.95)
+    for command in ("chat", "generate", "serve"):
+        assert main([command, "--help"]) == 0
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert "0.6" in help_text and "0.95" in help_text, command
+    from nanoseek.evaluation import R1_SAMPLING  # the one place it is written
+
+    assert tuple(R1_SAMPLING) == (0.6, 0.95)
+
+
+def test_chat_starts_with_what_the_run_trained_on_and_an_example(tmp_path, capsys, monkeypatch):
+    """`nanoseek chat` names the recorded task and shows a question in its own format (not "What is 3 + 4?"),
+    which /example asks."""
+    rl = _recorded_run(tmp_path, "rl", {"command": "grpo", "task": "chain_sum", "task_args": FOUR})
+    lines = iter(["/example", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--ckpt", str(rl), "--max-new-tokens", "4", "--threads", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert f"trained on: chain_sum {json.dumps(FOUR)} ({rl / 'run.json'})" in err
+    example = err.split("try (/example): ")[1].splitlines()[0]
+    assert example.startswith("State the final answer to the following arithmetic problem: ") and _terms(example) == 4
+    assert f"you> {example}" in err and out.startswith("assistant> ")  # /example asked it

@@ -394,3 +394,101 @@ def test_sanity_ladder_grpo_drives_a_rare_behaviour_to_almost_always(tiny_checkp
     train(model, tok, task, cfg, resolve_algo(cfg), tmp_path)
     acc = [r["accuracy"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert sum(acc[:3]) / 3 < 0.3 and sum(acc[-5:]) / 5 >= 0.95, acc
+
+
+# ----------------------------------------------------------------------------- resume and the progress bar
+
+WALL_CLOCK = {"rollout_s", "rollout_tokens_per_s", "update_s", "reference_s"}  # timings, never reproducible
+
+
+def _rl_args(ckpt, out, *extra):
+    """A handful of tiny steps that exercise everything a checkpoint must carry: the optimizer, the sampling seeds,
+    the problem stream, a refreshed reference (β > 0) and held-out evaluations between checkpoints."""
+    return ["grpo", "--init", str(ckpt), "--task", "chain_sum", "--task-args", '{"max_terms": 2, "max_digits": 1}',
+            "--out", str(out), "--steps", "6", "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens",
+            "8", "--eval-every", "3", "--eval-n", "3", "--save-every", "2", "--ref-refresh", "3", "--warmup-steps",
+            "2", "--lr", "1e-3", "--precision", "fp32", "--threads", "1", *extra]
+
+
+def _reproducible(out):
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_kill_and_resume_continues_the_uninterrupted_run_exactly(tiny_checkpoint, tmp_path):
+    """SIGKILL after a checkpoint (possibly mid-step or mid-save), then --resume: every logged value of every
+    step and the final weights equal the uninterrupted run's, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from nanoseek import checkpoint as ckpt
+    from nanoseek.cli import main
+
+    assert main(_rl_args(tiny_checkpoint, tmp_path / "a")) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", *_rl_args(tiny_checkpoint, tmp_path / "b")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "b" / "checkpoints" / "step_000002"
+    deadline = time.time() + 120  # a safety net for a hung child, not a speed bound
+    while time.time() < deadline and not first.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= int(ckpt.step_dirs(tmp_path / "b")[-1].name[5:]) < 6  # killed mid-run
+    assert main(["grpo", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert _reproducible(tmp_path / "b") == _reproducible(tmp_path / "a")
+    weights = [load_file(str(d / "checkpoints" / "step_000006" / "model.safetensors")) for d in (tmp_path / "a",
+                                                                                                   tmp_path / "b")]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k])
+                                                          for k in weights[0])
+    # only the latest checkpoint keeps the optimizer state, and every checkpoint still verifies
+    assert [(d / "train_state").exists() for d in ckpt.step_dirs(tmp_path / "b")] == [False, False, True]
+    for d in ckpt.step_dirs(tmp_path / "b"):
+        ckpt.verify(d)
+
+
+def test_resume_refusals_and_a_finished_run(tiny_checkpoint, tmp_path, capsys):
+    from nanoseek.cli import main
+
+    out = tmp_path / "a"
+    args = _rl_args(tiny_checkpoint, out)
+    args[args.index("--steps") + 1] = "2"
+    assert main(args) == 0
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["grpo", "--out", str(out), "--resume", "--force"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["grpo", "--out", str(out), "--resume", "--lr", "0.1"]) == 2
+    assert "--lr 0.1 differs" in capsys.readouterr().err
+    assert main(["grpo", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert main(["grpo", "--out", str(out), "--resume", "--steps", "2"]) == 0
+    assert "nothing to do" in capsys.readouterr().err and (out / "metrics.jsonl").read_text() == before
+    assert main(["grpo", "--out", str(out), "--resume", "--steps", "3"]) == 0  # a larger --steps extends it
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def _final_bar(err: str) -> str:
+    return [line for line in err.replace("\r", "\n").splitlines() if line.startswith("grpo")][-1]
+
+
+def test_the_bar_reaches_the_last_step_and_shows_held_only_when_measured(tiny_checkpoint, tmp_path, capsys):
+    cfg = GRPOConfig(init=str(tiny_checkpoint), task="chain_sum", out=str(tmp_path / "rl"), steps=3,
+                     prompts_per_step=2, group_size=2, max_new_tokens=3, eval_every=0,
+                     task_args={"max_terms": 2, "max_digits": 1})
+    run(cfg)
+    bar = _final_bar(capsys.readouterr().err)
+    assert "3/3" in bar and "held" not in bar, bar
+
+
+def test_a_time_limited_bar_shows_the_limit_not_the_step_ceiling(tiny_checkpoint, tmp_path, capsys):
+    """--max-seconds with the default --steps 100000: the bar is the time limit's percentage, ending at 100%, and
+    never 'N/100000' with an ETA of days."""
+    cfg = GRPOConfig(init=str(tiny_checkpoint), task="chain_sum", out=str(tmp_path / "rl"), steps=100000,
+                     max_seconds=1e-6, prompts_per_step=2, group_size=2, max_new_tokens=3, eval_every=0,
+                     task_args={"max_terms": 2, "max_digits": 1})
+    run(cfg)
+    bar = _final_bar(capsys.readouterr().err)
+    assert "100000" not in bar and "100%" in bar and "step=1" in bar, bar

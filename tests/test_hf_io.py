@@ -1,5 +1,6 @@
 """Checkpoint interop details: sharding, FP8 weights, the MTP layer, config translation, and bad input."""
 
+import inspect
 import json
 
 import pytest
@@ -7,9 +8,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanoseek import Transformer, get_preset
-from nanoseek.checkpoint import CheckpointError
+from nanoseek.checkpoint import CheckpointError, save_model
+from nanoseek.cli import main
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.evaluation import evaluate
 from nanoseek.fp8 import dequantize_weight, quantize_weight
 from nanoseek.hf import config_from_hf, config_to_hf, load_hf, save_hf
+from nanoseek.template import conversation, r1_completion, r1_prompt
+from nanoseek.tokenizer import BOS, EOS, PAD, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -231,3 +237,106 @@ def test_corrupt_safetensors(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_hf(tmp_path)
+
+
+# ----------------------------------------------------------------------------- routing fields and complete exports
+
+ROUTING_PRESETS = ["tiny", "small", "deepseek-v3", "deepseek-v2-lite", "deepseek-v2", "tiny-v32", "deepseek-v3.2",
+                   "tiny-v4", "deepseek-v4-flash"]
+
+
+@pytest.mark.parametrize("name", ROUTING_PRESETS)
+def test_config_routing_fields_match_the_model_config(name):
+    """vLLM and SGLang build the router from these fields (transformers hard-codes each family's), so each must say
+    what the model does: a V3 declaring V2's softmax routing fails to load there (no e_score_correction_bias)."""
+    cfg = get_preset(name)
+    d = config_to_hf(cfg)
+    # DeepSeek's published configs: V2 softmax "greedy" / "group_limited_greedy", V3 / V3.2 sigmoid and V4
+    # sqrtsoftplus "noaux_tc" (top-k on scores plus the correction bias)
+    method = ("group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy") if cfg.score_func == "softmax" \
+        else "noaux_tc"
+    assert (d["scoring_func"], d["topk_method"]) == (cfg.score_func, method)
+    assert d.get("n_group", 1) == cfg.n_expert_groups and d.get("topk_group", 1) == cfg.n_limited_groups
+    assert d["norm_topk_prob"] == cfg.normalize_topk and d["routed_scaling_factor"] == cfg.route_scale
+    assert (d["n_routed_experts"], d["num_experts_per_tok"], d["n_shared_experts"]) == (
+        cfg.n_routed_experts, cfg.n_activated_experts, cfg.n_shared_experts)
+    assert d.get("first_k_dense_replace", 0) == cfg.n_dense_layers and d.get("moe_layer_freq", 1) == 1
+    if "num_nextn_predict_layers" in d:
+        assert d["num_nextn_predict_layers"] == cfg.n_mtp_layers
+
+
+Q = "What is 3 + 4?"
+DOC = r1_prompt(Q) + r1_completion("3 + 4 = 7.", "7")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny model that has memorised one R1 document (so greedy decoding reaches eos), its tokenizer, and the
+    Hugging Face directory `nanoseek export` wrote from its checkpoint."""
+    root = tmp_path_factory.mktemp("export")
+    tok = Tokenizer.train([DOC, r1_prompt("What is 2 + 5?") + r1_completion("2 + 5 = 7.", "7")] * 20, 300)
+    tok.save(root / "tokenizer.json")
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=tok.vocab_size))
+    model.init_weights()
+    ids = torch.tensor([tok.encode(DOC, eos=True)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(80):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    save_model(model, root / "ckpt", tokenizer_file=root / "tokenizer.json")
+    assert main(["export", "--ckpt", str(root / "ckpt"), "--to", "hf", str(root / "hf")]) == 0
+    return model, tok, root / "hf"
+
+
+def test_export_writes_token_ids_and_r1_sampling_defaults(exported):
+    _, tok, out = exported
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (tok.bos_id, tok.eos_id) == (0, 1)
+    gen = transformers.GenerationConfig.from_pretrained(out)
+    defaults = inspect.signature(evaluate).parameters  # the one place nanoseek keeps R1's evaluation sampling
+    assert (gen.temperature, gen.top_p) == (defaults["temperature"].default, defaults["top_p"].default) == (0.6, 0.95)
+    assert gen.do_sample and (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (0, 1, tok.pad_id)
+
+
+def test_exported_tokenizer_renders_the_r1_prompt(exported):
+    _, tok, out = exported
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (hf_tok.eos_token, hf_tok.bos_token, hf_tok.pad_token) == (EOS, BOS, PAD)
+    assert (hf_tok.eos_token_id, hf_tok.bos_token_id) == (tok.eos_id, tok.bos_id)
+    chat = [{"role": "user", "content": f"  {Q} "}]
+    text = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert text == r1_prompt(Q) == conversation(chat)
+    ids = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == hf_tok(text)["input_ids"] == tok.encode(r1_prompt(Q))
+    multi = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "7"}, {"role": "user", "content": 'say "é"\nagain'}]
+    assert hf_tok.apply_chat_template(multi, add_generation_prompt=True, tokenize=False) == conversation(multi)
+    assert hf_tok.decode(tok.encode(DOC)) == tok.decode(tok.encode(DOC))
+
+
+def test_exported_model_generates_like_the_engine(exported):
+    """Greedy transformers generate() on the chat template's ids, with only what the export wrote (eos from
+    generation_config.json), stops at eos with exactly the engine's tokens."""
+    model, tok, out = exported
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    prompt = hf_tok.apply_chat_template([{"role": "user", "content": Q}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    ours = Engine(model, tok).generate([r1_prompt(Q)], SamplingParams(temperature=0, max_new_tokens=40))[0]
+    with torch.no_grad():
+        theirs = hf.generate(prompt, do_sample=False, max_new_tokens=40)[0, prompt.shape[1]:].tolist()
+    assert ours.finish_reason == "eos" and theirs[-1] == tok.eos_id and len(theirs) < 40
+    assert theirs == ours.tokens
+
+
+def test_transformers_ignores_only_the_mtp_layer(exported):
+    """The load report's UNEXPECTED table is the MTP layer alone: transformers' DeepseekV3 silences only
+    `model.layers.61.*`, DeepSeek-V3's depth (docs/checkpoints.md)."""
+    model, _, out = exported
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"] and info["unexpected_keys"]
+    assert all(k.startswith(f"model.layers.{model.cfg.n_layers}.") for k in info["unexpected_keys"])

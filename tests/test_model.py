@@ -77,6 +77,40 @@ def test_grouped_moe_equals_loop_forward_and_backward():
         assert rel_err(a, b) < 1e-5
 
 
+def test_padded_inference_experts_equal_loop_and_grouped():
+    """Inference with few tokens runs the experts as padded batched matmuls (Experts.forward_padded); it must
+    equal the one-expert-at-a-time reference, and give way to the grouped path where padding would double rows."""
+    cfg = tiny(n_routed_experts=16, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=0.3)
+    for p in moe.experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(64, 1, cfg.dim)  # a decode step of 64 rows
+    with torch.no_grad():
+        weights, indices, _ = moe.gate(x.flatten(0, 1))
+        padded = moe.experts.forward_padded(x.flatten(0, 1), weights, indices)
+        assert padded is not None
+        assert rel_err(padded, moe.experts.forward_loop(x.flatten(0, 1), weights, indices)) < 1e-6
+        assert rel_err(moe(x), moe(x, loop=True)) < 1e-6
+        one_expert = torch.zeros_like(indices)  # every token on expert 0: padding would be 8x the rows
+        assert moe.experts.forward_padded(x.flatten(0, 1), weights, one_expert) is None
+    with torch.enable_grad():  # training never takes the padded path
+        xg = x.clone().requires_grad_()
+        moe(xg).sum().backward()
+        assert xg.grad is not None
+
+
+def test_rmsnorm_inference_path_is_bit_identical():
+    from nanoseek.model import RMSNorm
+
+    norm = RMSNorm(32)
+    torch.nn.init.normal_(norm.weight, std=0.5)
+    x = torch.randn(5, 7, 32)
+    with torch.no_grad():
+        fast = norm(x)
+    assert torch.equal(fast, norm(x).detach())
+
+
 def test_experts_with_no_tokens_get_zero_grad():
     cfg = tiny(n_routed_experts=8, n_activated_experts=1, n_expert_groups=1, n_limited_groups=1)
     moe = MoE(cfg)
@@ -259,3 +293,21 @@ def test_packed_samples_equal_separate_forwards(attn_impl):
         h = model.hidden(packed, positions=positions, segments=segments)
         torch.testing.assert_close(h[:, :7], model.hidden(a), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(h[:, 7:], model.hidden(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
+def test_document_mask_makes_a_packed_document_see_only_itself(attn_impl):
+    """pretrain --document-mask: a document packed after another scores exactly as it does alone from position 0."""
+    from nanoseek.losses import document_segments
+
+    cfg = tiny(attn_impl=attn_impl, n_mtp_layers=0)
+    model = random_model(cfg)
+    eos = 1
+    a, b = torch.randint(2, cfg.vocab_size, (1, 13)), torch.randint(2, cfg.vocab_size, (1, 20))
+    packed = torch.cat([a, torch.tensor([[eos]]), b], dim=1)
+    with torch.no_grad():
+        together = model(packed, **document_segments(packed, eos))
+        alone = model(b)
+        unmasked = model(packed)
+    torch.testing.assert_close(together[:, 14:], alone, rtol=1e-5, atol=1e-5)
+    assert (unmasked[:, 14:] - alone).abs().max() > 1e-3  # without the mask the first document leaks in

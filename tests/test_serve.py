@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .live_server import ANSWER, CONTENT, LOOP, REASONING, LiveServer, scripted_model, tokenizer
+from .live_server import ANSWER, CONTENT, REASONING, LiveServer, scripted_model, tokenizer
 from nanoseek.template import conversation, split_reasoning
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -367,75 +367,58 @@ def test_partial_split_only_ever_grows_into_the_final_split(pieces):
 # ----------------------------------------------------------------------------- the terminal chat, same template
 
 
-def _chat_context(tok, turns: int) -> int:
-    """The context in which `turns` scripted exchanges fit but one more question does not."""
-    from nanoseek.template import conversation
-
-    msgs = []
-    for i in range(turns):
-        msgs += [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": CONTENT}]
-    ids = tok.encode(conversation(msgs + [{"role": "user", "content": "once more"}]))
-    return len(ids) + 20 + 2 - 1  # max_new_tokens 20, the 2 spare positions: one token short
+# ----------------------------------------------------------------------------- defaults from the checkpoint (#39)
 
 
-def test_terminal_chat_uses_the_shared_template_and_drops_old_turns(tok, capsys):
-    from nanoseek.chat import chat
-    from nanoseek.engine import SamplingParams
+def test_requests_without_sampling_settings_get_r1s():
+    """The API's default sampling is R1's 0.6 / top-p 0.95, as chat, generate and eval use (it was 1.0 / 1.0)."""
+    from nanoseek.serve import parse_options
 
-    model = scripted_model(tok, max_seq_len=_chat_context(tok, 2))  # the third question must drop a turn
-    lines = iter(["hello there", "hello there", "once more", "/reset", "hello there", "/exit"])
-    chat(model, tok, SamplingParams(max_new_tokens=20, temperature=0), read=lambda prompt: next(lines))
-    out = capsys.readouterr()
-    replies = [line for line in out.out.split("assistant> ") if line]
-    assert len(replies) == 4 and all(r.strip() == "<think>" + ANSWER for r in replies)
-    assert out.err.count("older conversation dropped") == 1 and "conversation cleared" in out.err
+    opts = parse_options({})
+    assert (opts.temperature, opts.top_p) == (0.6, 0.95)
+    opts = parse_options({"temperature": 1.0, "top_p": 1})
+    assert (opts.temperature, opts.top_p) == (1.0, 1.0)
 
 
-def test_terminal_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(tok, capsys, monkeypatch):
-    """Ctrl-C mid-reply stops it and forgets that question only; Ctrl-C at the prompt only clears the line;
-    /help and unknown commands answer on stderr; the prompts sent show exactly the turns that were kept."""
-    from nanoseek import chat as chat_module
-    from nanoseek.engine import Engine, SamplingParams
-
-    model = scripted_model(tok)
-    seen, real = [], Engine.generate
-    interrupt = iter([False, True, False])  # the second question is interrupted while its reply streams
-
-    def generate(self, prompts, params, speculative=False, on_token=None, **kw):
-        seen.append(tok.decode(prompts[0]))
-        stop_now = next(interrupt)
-
-        def tap(row, token):
-            on_token(row, token)
-            if stop_now:
-                raise KeyboardInterrupt
-        return real(self, prompts, params, speculative=speculative, on_token=tap, **kw)
-
-    monkeypatch.setattr(Engine, "generate", generate)
-    script = iter(["hello there", KeyboardInterrupt, "/help", "/nope", "and again", "once more", "/exit"])
-
-    def read(prompt):
-        x = next(script)
-        if x is KeyboardInterrupt:
-            raise KeyboardInterrupt
-        return x
-
-    chat_module.chat(model, tok, SamplingParams(max_new_tokens=20, temperature=0), read=read)
-    err = capsys.readouterr().err
-    assert "(Ctrl-D or /exit leaves)" in err and "/reset" in err and "unknown command /nope" in err
-    assert "reply stopped" in err and "Traceback" not in err
-    assert "and again" in seen[1] and "and again" not in seen[2]  # the stopped question is forgotten
-    assert seen[2].count("User: ") == 2 and seen[2].count(CONTENT) == 1  # hello there + its answer, once more
+TRAINED = {"task": "chain_sum", "task_args": {"min_terms": 4, "max_terms": 4}, "source": "runs/rl/run.json",
+           "example": "State the final answer to the following arithmetic problem: 1 + 2 - 3 + 4 ="}
 
 
-def test_terminal_chat_rejects_impossible_settings_before_the_first_turn(tok):
-    from nanoseek.chat import chat
-    from nanoseek.engine import SamplingParams
+def test_info_reports_what_the_model_trained_on_for_the_page(tok, monkeypatch):
+    """/info gives the page the recorded task, an example question in its format and the default sampling; the
+    page shows the example in the empty chat and starts its temperature field at that default."""
+    import functools
 
-    model = scripted_model(tok, max_seq_len=64)
-    asked = []
-    with pytest.raises(ValueError, match="--max-new-tokens 60 leaves no room"):
-        chat(model, tok, SamplingParams(max_new_tokens=60), read=lambda p: asked.append(p) or "/exit")
-    assert not asked
+    from nanoseek import serve
+
+    monkeypatch.setattr(serve, "create_app", functools.partial(serve.create_app, trained_on=TRAINED))
+    with LiveServer(scripted_model(tok), tok, max_batch=2) as s:
+        info = get(s.url + "/info")
+        with urllib.request.urlopen(s.url + "/") as r:
+            page = r.read().decode()
+    assert info["trained_on"] == TRAINED and info["sampling"] == {"temperature": 0.6, "top_p": 0.95}
+    assert info["model"] == "tiny" and info["max_model_len"] == 512
+    assert 'fetch("/info")' in page and "t.example" in page and 'value="0.7"' not in page
 
 
+def test_serve_command_reads_the_run_record(tmp_path, tok, monkeypatch):
+    """`nanoseek serve --ckpt RUN` hands the app what RUN/run.json recorded, with an example in that format."""
+    import uvicorn
+
+    from nanoseek import serve
+    from nanoseek.checkpoint import save_model
+
+    tok.save(tmp_path / "tokenizer.json")
+    save_model(scripted_model(tok), tmp_path / "rl" / "checkpoints" / "step_000001",
+               tokenizer_file=tmp_path / "tokenizer.json")
+    (tmp_path / "rl" / "run.json").write_text(json.dumps({"command": "grpo", "task": "chain_sum",
+                                                           "task_args": TRAINED["task_args"]}))
+    seen = []
+    monkeypatch.setattr(serve, "create_app", lambda *args, **kw: seen.append(args[4:] or kw["trained_on"]))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
+    serve.run(serve.ServeConfig(ckpt=str(tmp_path / "rl"), port=0, threads=1, precision="fp32"))
+    (about,) = seen
+    about = about[0] if isinstance(about, tuple) else about
+    assert about["task"] == "chain_sum" and about["task_args"] == TRAINED["task_args"]
+    assert about["example"].startswith("State the final answer to the following arithmetic problem: ")
+    assert len(about["example"].split(":")[1].replace("-", "+").split("+")) == 4

@@ -166,3 +166,47 @@ def test_evaluate_lists_the_problems_it_scored(setup):
     assert all(len(p["correct"]) == 3 and p["answer"] == q.answer for p, q in zip(r["problems"], problems))
     assert r["accuracy"] == pytest.approx(sum(map(sum, (p["correct"] for p in r["problems"]))) / 15)
     json.dumps(r)  # what `nanoseek eval --json` prints
+
+
+def _sft_args(setup, out, *extra):
+    return ["sft", "--init", str(setup / "student"), "--data", str(setup / "traces.jsonl"), "--out", str(out),
+            "--epochs", "2", "--batch-size", "2", "--lr", "3e-3", "--warmup-steps", "2", "--save-every", "3",
+            "--precision", "fp32", "--threads", "1", *extra]
+
+
+def test_kill_and_resume_continues_the_uninterrupted_run_exactly(setup, tmp_path, capsys):
+    """SIGKILL after a checkpoint, then --resume: the same metrics.jsonl (every value, across the epoch boundary:
+    the data order is part of the checkpoint) and the same final weights, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from nanoseek import checkpoint as ckpt
+    from nanoseek.cli import main
+
+    assert main(_sft_args(setup, tmp_path / "a")) == 0
+    final = ckpt.step_dirs(tmp_path / "a")[-1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", *_sft_args(setup, tmp_path / "b")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "b" / "checkpoints" / "step_000003"
+    deadline = time.time() + 120  # a safety net for a hung child, not a speed bound
+    while time.time() < deadline and not first.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 3 <= int(ckpt.step_dirs(tmp_path / "b")[-1].name[5:]) < int(final.name[5:])  # killed mid-run
+    assert main(["sft", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    reference = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert read_metrics(tmp_path / "b" / "metrics.jsonl") == reference and reference[-1]["epoch"] == 2
+    a, b = (load_file(str(d / "checkpoints" / final.name / "model.safetensors")) for d in (tmp_path / "a",
+                                                                                          tmp_path / "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["sft", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert main(["sft", "--out", str(tmp_path / "b"), "--resume", "--force"]) == 2
+    assert main(["sft", "--out", str(tmp_path / "b"), "--resume", "--epochs", "3"]) == 2

@@ -18,15 +18,12 @@ of a comparison can be given equal compute.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from .. import checkpoint as ckpt
 from ..engine import Engine, SamplingParams, sequence_seed
 from ..losses import reverse_kl
 from ..optim import build_optimizer
@@ -37,6 +34,7 @@ from ..stats import forward_flops_per_token
 from ..tasks import TASKS, get_task
 from ..template import STOP
 from .common import MetricsLog, clear_run, load_checkpoint, save_step, write_run_json
+from .progress import StageBar
 
 
 @dataclass(kw_only=True)
@@ -96,7 +94,7 @@ def train(student, teacher, tokenizer, task, cfg: DistillConfig, out: Path) -> P
     optimizer = build_optimizer(student, cfg.lr, weight_decay=0.0)
     log, stream = MetricsLog(out / "metrics.jsonl"), task.stream(cfg.seed, "train")
     totals = {"flops": 0.0, "teacher_flops": 0.0}
-    bar = tqdm(total=cfg.steps, desc=f"distill {cfg.task}", unit="step", dynamic_ncols=True)
+    bar = StageBar(f"distill {cfg.task}", cfg.steps, max_flops=cfg.max_flops)  # the FLOPs limit, if any
     path, n_seq = None, 0
     for step in range(cfg.steps):
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
@@ -109,8 +107,7 @@ def train(student, teacher, tokenizer, task, cfg: DistillConfig, out: Path) -> P
         record.update(step=step + 1, lr=lr, problems_seen=len(stream.seen), flops_total=totals["flops"],
                       teacher_flops_total=totals["teacher_flops"])
         log.write(record)
-        bar.update(1)
-        bar.set_postfix(kl=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
+        bar.update(step + 1, flops=totals["flops"], kl=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
         last = step + 1 == cfg.steps or (cfg.max_flops and totals["flops"] >= cfg.max_flops)
         if (step + 1) % cfg.save_every == 0 or last:
             path = save_step(out, step + 1, student, tokenizer, {"stage": "distill", "init": str(cfg.init),

@@ -1,8 +1,10 @@
 """nanoseek generate / chat: text from a checkpoint through the latent-cache engine.
 
     nanoseek generate --ckpt runs/base --prompt "The capital of France is"
-    nanoseek generate --ckpt runs/rl --template r1 --prompt "What is 3 + 4?" --temperature 0
-    nanoseek chat --ckpt runs/rl            # the R1 template, streamed, the <think> part dimmed
+    nanoseek generate --ckpt runs/rl --template r1 --temperature 0 \
+        --prompt "State the final answer to the following arithmetic problem: 3 + 4 - 1 + 2 ="
+    nanoseek chat --ckpt runs/rl            # the R1 template, streamed, the <think> part dimmed; starts by
+                                            # naming the task runs/rl trained on, with an example question
 
 Only the generated text goes to stdout (one completion per prompt, each under a `=== prompt i of n ===` header
 when there are several; --jsonl for one JSON object per line); speed and acceptance go to stderr.
@@ -16,11 +18,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..engine import Engine, SamplingParams
+from ..evaluation import R1_SAMPLING, trained_on
 from ..options import ComputeOptions, check, option
 from ..runtime import prepare_inference, resolve, set_threads
 from .common import load_checkpoint
 
-_DEFAULTS = {f.name: f.default for f in fields(SamplingParams) if f.name != "stop"}  # the library's, in one place
+# The engine's library defaults, except temperature and top-p: a trained reasoning model is sampled at R1's
+# setting everywhere (evaluation.R1_SAMPLING), so what chat shows is what eval scored.
+_DEFAULTS = {**{f.name: f.default for f in fields(SamplingParams) if f.name != "stop"}, **R1_SAMPLING._asdict()}
 
 
 @dataclass(kw_only=True)
@@ -28,8 +33,10 @@ class SamplingOptions(ComputeOptions):
     ckpt: str = option(help="checkpoint directory, or a run directory (its latest checkpoint)")
     max_new_tokens: int = option(_DEFAULTS["max_new_tokens"], help="tokens to generate at most (lowered, with a "
                                  "note, when the model's context has less room)", min=1)
-    temperature: float = option(_DEFAULTS["temperature"], help="sampling temperature; 0 = greedy", min=0)
-    top_p: float = option(_DEFAULTS["top_p"], help="nucleus sampling mass (1 = off)", above=0, max=1)
+    temperature: float = option(_DEFAULTS["temperature"], help="sampling temperature (default: "
+                                f"{R1_SAMPLING.temperature}, R1's evaluation setting); 0 = greedy", min=0)
+    top_p: float = option(_DEFAULTS["top_p"], help=f"nucleus sampling mass (default: {R1_SAMPLING.top_p}, R1's "
+                          "evaluation setting); 1 = off", above=0, max=1)
     top_k: int = option(_DEFAULTS["top_k"], help="keep the k most likely tokens (0 = off)", min=0)
     seed: int = option(_DEFAULTS["seed"], help="sampling seed", min=0)
     stop: list[str] = option(default_factory=list, help="stop when any of these strings is generated", metavar="TEXT")
@@ -57,7 +64,9 @@ class GenerateConfig(SamplingOptions):
 @dataclass(kw_only=True)
 class ChatConfig(SamplingOptions):
     """Interactive chat in the R1 template: the reply streams as it is generated, its <think> part dimmed.
-    Ctrl-C stops the current reply; Ctrl-D (or /exit) leaves; /help lists the commands."""
+    It starts by naming the task the checkpoint's run recorded (run.json) with an example question in that task's
+    format (/example asks it). Ctrl-C stops the current reply; Ctrl-D (or /exit) leaves; /help lists the
+    commands."""
 
     def __post_init__(self):
         check(self)
@@ -131,4 +140,4 @@ def chat(cfg: ChatConfig) -> None:
     model, tokenizer, _ = load_for_inference(cfg)
     if cfg.speculative and model.cfg.n_mtp_layers == 0:
         raise ValueError(f"--speculative: {cfg.ckpt} has no MTP module (n_mtp_layers = 0)")
-    chat_loop(model, tokenizer, cfg.sampling(), speculative=cfg.speculative)
+    chat_loop(model, tokenizer, cfg.sampling(), speculative=cfg.speculative, trained_on=trained_on(cfg.ckpt))

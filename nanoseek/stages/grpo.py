@@ -38,10 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from .. import checkpoint as ckpt
 from ..engine import Engine, SamplingParams, sequence_seed
+from ..errors import Interrupted
 from ..evaluation import evaluate
 from ..losses import grpo_loss, group_advantages, k3_kl
 from ..model import MoE
@@ -53,7 +52,9 @@ from ..runtime import prepare_for_training, prepare_inference, resolve, set_thre
 from ..tasks import TASKS, get_task
 from ..tasks.base import combine
 from ..template import STOP
-from .common import MetricsLog, clear_run, load_checkpoint, save_step, write_run_json
+from . import resume
+from .common import MetricsLog, StopRequest, clear_run, load_checkpoint, write_run_json
+from .progress import StageBar
 
 ALGOS = {  # the settings each named recipe fixes
     "grpo": dict(scale_rewards="group", loss_norm="sequence", eps_high=0.2, beta=0.04, dynamic_sampling=False),
@@ -68,8 +69,9 @@ class GRPOConfig(ComputeOptions):
     Writes OUT/metrics.jsonl (per step: lr, rewards, diagnostics, held-out pass@1), OUT/heldout.jsonl and
     OUT/checkpoints/step_N/."""
 
-    init: str = option(help="starting checkpoint (a pretraining run directory or checkpoint)")
-    task: str = option(help=f"task family: {', '.join(TASKS)}")
+    init: str = option("", help="starting checkpoint, a pretraining run directory or checkpoint (default: none; "
+                       "required unless --resume)")
+    task: str = option("", help=f"task family: {', '.join(TASKS)} (default: none; required unless --resume)")
     out: str = option(help="run directory")
     task_args: dict = option(default_factory=dict, help='generator options as JSON, e.g. {"max_terms": 2}')
     algo: str = option("grpo", help="named recipe: sets eps-high, beta, loss-norm, scale-rewards and "
@@ -117,10 +119,29 @@ class GRPOConfig(ComputeOptions):
     max_seconds: float = option(0.0, help="stop after this wall time (0: run all --steps)", min=0)
     max_flops: float = option(0.0, help="stop once the run's FLOPs (rollouts + updates + the reference when β > 0, "
                               "stats.forward_flops_per_token) reach this (0: no limit)", min=0)
+    resume: bool = option(False, help="continue the run in --out from its latest checkpoint, exactly (a larger "
+                          "--steps, --max-seconds or --max-flops extends it; Ctrl-C saves a checkpoint first)")
     force: bool = option(False, help="replace an earlier grpo run in --out instead of refusing")
 
     def __post_init__(self):
         check(self)
+        if self.resume and self.force:
+            raise ValueError("--resume continues the run in --out and --force replaces it: give one of them")
+        if not self.resume and not (self.init and self.task):
+            raise ValueError("--init and --task are required (or --resume, to continue the run in --out)")
+
+    @classmethod
+    def from_cli(cls, given: dict) -> "GRPOConfig":
+        """The flags given on the command line; with --resume, the stored run's settings plus those flags."""
+        return cls.resume_of(**given) if given.get("resume") else cls(**given)
+
+    @classmethod
+    def resume_of(cls, out: str, **changes) -> "GRPOConfig":
+        """The configuration that continues the run in `out` (with `changes`, e.g. steps=100 to extend it)."""
+        return resume.resumed_config(cls, "grpo", {**changes, "out": str(out)}, extendable=EXTENDABLE)
+
+
+EXTENDABLE = ("steps", "max_seconds", "max_flops")  # the warm-up ignores the run's length: a longer run is the same run
 
 
 def resolve_algo(cfg: GRPOConfig) -> dict:
@@ -154,7 +175,9 @@ def run(cfg: GRPOConfig) -> Path:
     settings = resolve_algo(cfg)
     set_threads(cfg.threads)
     out = Path(cfg.out)
-    check_out_dir(out, "--out", own=own_run(out, "grpo"), force=cfg.force)
+    check_out_dir(out, "--out", own=own_run(out, "grpo"), resumable=cfg.resume, force=cfg.force)
+    if cfg.resume:
+        resume.latest(out)  # a run with nothing to resume from is refused before the model loads
     task = get_task(cfg.task, **cfg.task_args)
     model, tokenizer = load_checkpoint(cfg.init)
     if cfg.force:  # only now that the inputs are known good
@@ -162,60 +185,130 @@ def run(cfg: GRPOConfig) -> Path:
     return train(model, tokenizer, task, cfg, settings, out)
 
 
+def _done(cfg: GRPOConfig, state: dict) -> bool:
+    """Whether a saved run has reached a limit (after a resume that raised none, it has nothing left to do)."""
+    return state["step"] >= cfg.steps or bool(cfg.max_seconds and state["seconds"] > cfg.max_seconds) or bool(
+        cfg.max_flops and state["flops"] >= cfg.max_flops)
+
+
 def train(model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path) -> Path:
-    """The RL loop on a loaded model and any Task; returns the last checkpoint."""
+    """The RL loop on a loaded model (the initial policy) and any Task; returns the last checkpoint. With
+    cfg.resume it continues the run in `out` from its latest checkpoint."""
+    saved = resume.latest(out) if cfg.resume else None
+    if saved and saved[1]["finished"] and _done(cfg, saved[1]):
+        return resume.nothing_to_do(saved[0], saved[1]["step"])
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    model.mtp.requires_grad_(False)  # RL trains the next-token policy; the MTP drafter stays as pretrained
-    rt = resolve(cfg.device, cfg.precision, training=True)
-    model.to(rt.device)
-    forward = prepare_for_training(model, rt)  # bf16 compute copies of the fp32 masters (runtime.MixedPrecision)
-    rollout_rt = rt if cfg.rollout_dtype == "same" else resolve(cfg.device, cfg.rollout_dtype)
-    write_run_json(out, "grpo", {**dataclasses.asdict(cfg), "effective": settings, "runtime": rt.describe(),
-                                 "rollout_runtime": rollout_rt.describe()})
-    reference = prepare_inference(copy.deepcopy(model), rt).eval().requires_grad_(False)  # the initial policy
-    rollout_model = model if rollout_rt.precision == "fp32" else prepare_inference(copy.deepcopy(model), rollout_rt)
-    engine = eval_engine = Engine(rollout_model, tokenizer)
-    print(f"grpo: {rt.precision} update on {rt.device}, {rollout_rt.precision} rollouts", file=sys.stderr)
-    optimizer = build_optimizer(model, cfg.lr, weight_decay=0.0)
-    log, stream = MetricsLog(out / "metrics.jsonl"), task.stream(cfg.seed, "train")
-    heldout = task.problems(cfg.seed, cfg.eval_n, split="heldout") if cfg.eval_every else []
-    (out / "heldout.jsonl").write_text("".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer})
-                                               + "\n" for p in heldout))
-    if cfg.eval_every:  # the starting point, before any update
-        log.write({"step": 0, **_heldout(eval_engine, task, heldout, cfg)})
-    bar = tqdm(range(cfg.steps), desc=f"grpo {cfg.task}", unit="step", dynamic_ncols=True)
-    path, t_start, n_seq, flops = None, time.perf_counter(), 0, 0.0
-    for step in bar:
-        last = step + 1 == cfg.steps or (cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds)
+    r = _Run(model, tokenizer, task, cfg, settings, out, saved)
+    bar = StageBar(f"grpo {cfg.task}", cfg.steps, r.state["step"], cfg.max_seconds, cfg.max_flops,
+                   r.state["seconds"], r.state["flops"])
+    path, t_start = None, time.perf_counter() - r.state["seconds"]  # a resumed run's time limit counts all sessions
+    with StopRequest() as stop:  # Ctrl-C stops at the next step boundary
+        while True:
+            if stop.requested:  # the last finished step is saved, then the command ends with status 130
+                r.state["seconds"] = time.perf_counter() - t_start
+                path = r.save(finished=False)
+                bar.close()
+                raise Interrupted(f"interrupted after step {r.state['step']}; saved {path} (continue with --resume)")
+            step = r.state["step"]
+            last = step + 1 >= cfg.steps or bool(cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds)
+            record = r.step()
+            last = last or bool(cfg.max_flops and r.state["flops"] >= cfg.max_flops)
+            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
+                record.update(r.heldout())
+            r.log.write(record)
+            r.state["seconds"] = time.perf_counter() - t_start
+            held = {"held": f"{record['heldout_accuracy']:.2f}"} if "heldout_accuracy" in record else {}
+            bar.update(step + 1, r.state["seconds"], r.state["flops"], reward=f"{record['reward']:.2f}",
+                       acc=f"{record['accuracy']:.2f}", **held)
+            if (step + 1) % cfg.save_every == 0 or last:
+                path = r.save(finished=last)
+            if last:
+                break
+    bar.close()
+    return path
+
+
+class _Run:
+    """A GRPO run's moving parts: the policy, the reference (the initial policy, or the last --ref-refresh copy),
+    the engine's copy, the optimizer, the problem stream, the held-out set, and the counters a checkpoint carries
+    so that a resumed run continues exactly: step, sequences sampled (they number the sampling seeds), FLOPs and
+    seconds (the limits), plus the random generators."""
+
+    def __init__(self, model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path, saved=None):
+        self.model, self.tokenizer, self.task, self.cfg, self.settings, self.out = (model, tokenizer, task, cfg,
+                                                                                     settings, out)
+        torch.manual_seed(cfg.seed)
+        model.mtp.requires_grad_(False)  # RL trains the next-token policy; the MTP drafter stays as pretrained
+        self.rt = rt = resolve(cfg.device, cfg.precision, training=True)
+        model.to(rt.device)
+        self.forward = prepare_for_training(model, rt)  # bf16 compute copies of the fp32 masters
+        rollout_rt = rt if cfg.rollout_dtype == "same" else resolve(cfg.device, cfg.rollout_dtype)
+        write_run_json(out, "grpo", {**dataclasses.asdict(cfg), "effective": settings, "runtime": rt.describe(),
+                                     "rollout_runtime": rollout_rt.describe()})
+        self.reference = prepare_inference(copy.deepcopy(model), rt).eval().requires_grad_(False)  # initial policy
+        self.optimizer = build_optimizer(model, cfg.lr, weight_decay=0.0)
+        self.log, self.stream = MetricsLog(out / "metrics.jsonl"), task.stream(cfg.seed, "train")
+        self.state = {"step": 0, "sequences": 0, "flops": 0.0, "seconds": 0.0}
+        if saved is not None:
+            self._restore(*saved)
+        # the engine's copy is made after a restore: it holds the weights being trained
+        self.rollout_model = model if rollout_rt.precision == "fp32" else prepare_inference(copy.deepcopy(model),
+                                                                                             rollout_rt)
+        self.engine = Engine(self.rollout_model, tokenizer)
+        print(f"grpo: {rt.precision} update on {rt.device}, {rollout_rt.precision} rollouts", file=sys.stderr)
+        self.problems = task.problems(cfg.seed, cfg.eval_n, split="heldout") if cfg.eval_every else []
+        (out / "heldout.jsonl").write_text("".join(json.dumps({"id": p.id, "question": p.question,
+                                                               "answer": p.answer}) + "\n" for p in self.problems))
+        if cfg.eval_every and not self.state["step"]:  # the starting point, before any update
+            self.log.write({"step": 0, **self.heldout()})
+
+    def heldout(self) -> dict:
+        return _heldout(self.engine, self.task, self.problems, self.cfg)
+
+    def step(self) -> dict:
+        """One step: rollouts, the update, the engine's copy refreshed; returns its metrics record."""
+        cfg, settings, state = self.cfg, self.settings, self.state
+        step = state["step"]
         lr = warmup_lr(step, cfg.lr, cfg.warmup_steps)
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        repeats = stream.repeats
-        batch, record = collect(engine, task, stream, cfg, settings, n_seq)
-        n_seq += record.pop("sequences")
+        repeats = self.stream.repeats
+        batch, record = collect(self.engine, self.task, self.stream, cfg, settings, state["sequences"])
+        state["sequences"] += record.pop("sequences")
         if batch is not None:
             kl_now = settings["beta"] > 0 or (cfg.kl_every and step % cfg.kl_every == 0)
-            record.update(update(model, reference if kl_now else None, optimizer, batch, cfg, settings, forward))
-        if rollout_model is not model:  # the engine samples from the weights just trained
-            rollout_model.load_state_dict(model.state_dict())
-        flops += step_flops(model.cfg, record, settings["beta"], cfg.mu, record.get("optimizer_steps", 1) > cfg.mu)
-        last = last or bool(cfg.max_flops and flops >= cfg.max_flops)
-        record.update(step=step + 1, lr=lr, temperature=cfg.temperature, problems_seen=len(stream.seen),
-                      problems_repeated=stream.repeats - repeats, flops_total=flops)
+            record.update(update(self.model, self.reference if kl_now else None, self.optimizer, batch, cfg, settings,
+                                 self.forward))
+        if self.rollout_model is not self.model:  # the engine samples from the weights just trained
+            self.rollout_model.load_state_dict(self.model.state_dict())
+        state["flops"] += step_flops(self.model.cfg, record, settings["beta"], cfg.mu,
+                                     record.get("optimizer_steps", 1) > cfg.mu)
+        state["step"] = step + 1
+        record.update(step=step + 1, lr=lr, temperature=cfg.temperature, problems_seen=len(self.stream.seen),
+                      problems_repeated=self.stream.repeats - repeats, flops_total=state["flops"])
         if cfg.ref_refresh and (step + 1) % cfg.ref_refresh == 0:
-            reference.load_state_dict(model.state_dict())
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last):
-            record.update(_heldout(eval_engine, task, heldout, cfg))
-        log.write(record)
-        held = {"held": f"{record['heldout_accuracy']:.2f}"} if "heldout_accuracy" in record else {}
-        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}", **held)
-        if (step + 1) % cfg.save_every == 0 or last:
-            path = save_step(out, step + 1, model, tokenizer, {"stage": "grpo", "init": str(cfg.init),
-                                                                **rt.checkpoint_meta()})
-        if last:
-            break
-    return path
+            self.reference.load_state_dict(self.model.state_dict())
+        return record
+
+    def save(self, finished: bool) -> Path:
+        state = {**self.state, "finished": finished, "optimizer": self.optimizer.state_dict(),
+                 "stream": resume.stream_state(self.stream), "rng": resume.rng_state(),
+                 # a refreshed reference is not the initial policy a resume reloads from --init
+                 "reference": self.reference.state_dict() if self.cfg.ref_refresh else None}
+        meta = {"stage": "grpo", "init": str(self.cfg.init), **self.rt.checkpoint_meta()}
+        return resume.save(self.out, self.state["step"], self.model, self.tokenizer, meta, state)
+
+    def _restore(self, path: Path, saved: dict) -> None:
+        resume.check_precision(path, self.rt.precision)
+        resume.load_weights(path, self.model)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved["reference"] is not None:
+            self.reference.load_state_dict(saved["reference"])
+        resume.load_stream_state(self.stream, saved["stream"])
+        resume.set_rng_state(saved["rng"])
+        self.state = {k: saved[k] for k in self.state}
+        self.log.truncate_after(self.state["step"])  # a killed run may have logged steps past its checkpoint
+        print(f"resumed from {path} (step {self.state['step']})", file=sys.stderr)
 
 
 def step_flops(cfg, record: dict, beta: float, mu: int, minibatches: bool = False) -> float:

@@ -31,7 +31,7 @@ from .. import dist as ddp
 from ..corpus import EASY
 from ..data import PackedLoader, fixed_batches
 from ..fp8 import RECIPES, convert_to_fp8
-from ..losses import balance_loss, lm_loss
+from ..losses import balance_loss, document_segments, lm_loss
 from ..generations import build_model
 from ..model import Gate, RouterLog, Transformer
 from ..sparse import IndexerLog
@@ -92,6 +92,8 @@ class PretrainConfig(ComputeOptions):
                                 min=0)
     easy_args: dict = option(default_factory=lambda: dict(EASY[1]), help="chain_sum generator options of the "
                              "--easy-problems documents (default: two one-digit terms)")
+    document_mask: bool = option(False, help="each packed document attends only to itself, its positions "
+                                 "restarting at 0 as at inference (V3 packs without a mask)")
     resume: bool = option(False, help="continue the run in --out from its latest checkpoint (a larger --steps "
                           "extends it)")
     force: bool = option(False, help="replace an earlier run in --out instead of refusing")
@@ -186,7 +188,8 @@ def _run(cfg: PretrainConfig, out: Path, info: "ddp.DistInfo", where: "ddp.Where
         state = _restore(out, model, optimizer, loader, log, info)
     forward = prepare_for_training(model, rt)  # bf16: compute copies of the fp32 master weights
     forward = torch.compile(forward) if cfg.compile else forward
-    trainer = _Trainer(cfg, model, forward, optimizer, device, seq_len, info, peak_dtype=rt.dtype)
+    trainer = _Trainer(cfg, model, forward, optimizer, device, seq_len, info, peak_dtype=rt.dtype,
+                       eos_id=tokenizer.eos_id if cfg.document_mask else None)
     tok_file = out / "data" / "tokenizer.json"
 
     bar = tqdm(total=cfg.steps, initial=state["step"], desc="pretrain", unit="step", dynamic_ncols=True,
@@ -242,8 +245,9 @@ class _Trainer:
     """The computation of one optimiser step and of one held-out evaluation."""
 
     def __init__(self, cfg: PretrainConfig, model: Transformer, forward, optimizer, device, seq_len: int,
-                 info: "ddp.DistInfo", peak_dtype: torch.dtype = torch.float32):
+                 info: "ddp.DistInfo", peak_dtype: torch.dtype = torch.float32, eos_id: int | None = None):
         self.cfg, self.model, self.forward, self.opt, self.device = cfg, model, forward, optimizer, device
+        self.eos_id = eos_id  # set: documents are masked from each other (--document-mask)
         self.info = info
         self.gates = [m for m in model.modules() if isinstance(m, Gate)]
         # main layers with a learned router, in router-log order (V4's hash-routed layers have none)
@@ -260,11 +264,18 @@ class _Trainer:
             return RouterLog()
         return IndexerLog(dense=step < self.cfg.index_warmup * self.cfg.steps)
 
+    def _packing(self, x: torch.Tensor) -> dict:
+        """With --document-mask, the segments (B, T) and per-document positions (B, T) of the packed inputs: a
+        document ends with eos, so the token after an eos starts the next one."""
+        if self.eos_id is None:
+            return {}
+        return document_segments(x, self.eos_id)
+
     def _losses(self, batch: torch.Tensor, step: int):
         cfg = self.cfg
         x, y = batch[:, :-1], batch[:, 1:]
         router_log = self._router_log(step)
-        loss, mtp_losses = lm_loss(self.forward, x, y, router_log)
+        loss, mtp_losses = lm_loss(self.forward, x, y, router_log, **self._packing(x))
         lam = mtp_lambda_at(step, cfg.steps, cfg.mtp_lambda, cfg.mtp_lambda_final, cfg.mtp_switch)
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else None
         alpha = {"aux-free": cfg.seq_balance_alpha, "aux-loss": cfg.aux_loss_alpha}.get(cfg.balance, 0.0)
@@ -352,7 +363,8 @@ class _Trainer:
             chunks = batch.split(self.cfg.micro_batch or rows)
             for chunk in chunks:  # equal-sized chunks (check_layout), so the mean of their means is the mean
                 router_log = self._router_log(step)
-                loss, mtp_losses = lm_loss(self.forward, chunk[:, :-1], chunk[:, 1:], router_log)
+                loss, mtp_losses = lm_loss(self.forward, chunk[:, :-1], chunk[:, 1:], router_log,
+                                           **self._packing(chunk[:, :-1]))
                 weight = len(batches) * len(chunks)
                 ce += loss.item() / weight
                 mtp += torch.stack(mtp_losses).mean().item() / weight if mtp_losses else 0.0
@@ -461,6 +473,10 @@ def resumed_config(given: dict) -> PretrainConfig:
 def _check_run(cfg: PretrainConfig, out: Path, main: bool = True) -> None:
     """Everything that can be wrong with the run's settings or its OUT, found before any work starts."""
     mcfg = get_preset(cfg.preset, **cfg.model_overrides)  # ValueError naming a bad override
+    if cfg.document_mask and (mcfg.family != "v3" or mcfg.n_mtp_layers):
+        raise ValueError(f"--document-mask: only for V3-family models without MTP layers ({cfg.preset} has "
+                         f"{mcfg.n_mtp_layers} MTP layers, family {mcfg.family}: the MTP modules and the sparse "
+                         "attentions of V3.2/V4 take no document segments)")
     if not cfg.tokenizer and (cfg.vocab_size or mcfg.vocab_size) < MIN_VOCAB:
         raise ValueError(f"--vocab-size {cfg.vocab_size or mcfg.vocab_size}: a byte-level BPE tokenizer needs at "
                          f"least {MIN_VOCAB} entries (pass --vocab-size {MIN_VOCAB} or more)")

@@ -21,16 +21,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
 from .. import checkpoint as ckpt
+from ..errors import Interrupted
 from ..losses import IGNORE_INDEX, linear_cross_entropy
 from ..optim import build_optimizer, lr_at
 from ..options import ComputeOptions, check, check_out_dir, option, own_run
 from ..runtime import prepare_for_training, prepare_inference, resolve, set_threads
 from ..stats import forward_flops_per_token
 from ..tasks import is_heldout, question_from_prompt
-from .common import MetricsLog, clear_run, load_checkpoint, save_step, write_run_json
+from . import resume
+from .common import MetricsLog, StopRequest, clear_run, load_checkpoint, write_run_json
+from .progress import StageBar
 
 
 @dataclass(kw_only=True)
@@ -38,8 +39,10 @@ class SFTConfig(ComputeOptions):
     """Supervised fine-tuning on prompt/completion traces (cold start, distillation), packed with sample masking;
     --teacher adds logit distillation. Writes OUT/metrics.jsonl and OUT/checkpoints/step_N/."""
 
-    init: str = option(help="starting checkpoint (any nanoseek checkpoint, MoE or dense)")
-    data: list[str] = option(help="JSONL files with prompt and completion fields (e.g. from nanoseek sample)")
+    init: str = option("", help="starting checkpoint, any nanoseek checkpoint, MoE or dense (default: none; required "
+                       "unless --resume)")
+    data: list[str] = option(default_factory=list, help="JSONL files with prompt and completion fields, e.g. from "
+                             "nanoseek sample (default: none; required unless --resume)")
     out: str = option(help="run directory")
     epochs: int = option(2, help="passes over the data", min=1)
     batch_size: int = option(8, help="packed rows per optimizer step", min=1)
@@ -59,10 +62,27 @@ class SFTConfig(ComputeOptions):
     keep_heldout: bool = option(False, help="keep examples whose question is a held-out evaluation problem "
                                 "(dropped by default, by content)")
     seed: int = option(0, help="shuffling seed", min=0)
+    save_every: int = option(0, help="also checkpoint every N steps, for --resume (0: only at the end)", min=0)
+    resume: bool = option(False, help="continue the run in --out from its latest checkpoint, exactly (Ctrl-C saves "
+                          "a checkpoint first)")
     force: bool = option(False, help="replace an earlier sft run in --out instead of refusing")
 
     def __post_init__(self):
         check(self)
+        if self.resume and self.force:
+            raise ValueError("--resume continues the run in --out and --force replaces it: give one of them")
+        if not self.resume and not (self.init and self.data):
+            raise ValueError("--init and --data are required (or --resume, to continue the run in --out)")
+
+    @classmethod
+    def from_cli(cls, given: dict) -> "SFTConfig":
+        """The flags given on the command line; with --resume, the stored run's settings plus those flags."""
+        return cls.resume_of(**given) if given.get("resume") else cls(**given)
+
+    @classmethod
+    def resume_of(cls, out: str, **changes) -> "SFTConfig":
+        """The configuration that continues the run in `out`."""
+        return resume.resumed_config(cls, "sft", {**changes, "out": str(out)})
 
 
 def read_examples(patterns: list[str]) -> list[tuple[str, str]]:
@@ -156,7 +176,10 @@ def _losses(forward, teacher, b: dict, tau: float):
 def run(cfg: SFTConfig) -> Path:
     set_threads(cfg.threads)
     out = Path(cfg.out)
-    check_out_dir(out, "--out", own=own_run(out, "sft"), force=cfg.force)
+    check_out_dir(out, "--out", own=own_run(out, "sft"), resumable=cfg.resume, force=cfg.force)
+    saved = resume.latest(out) if cfg.resume else None
+    if saved and saved[1]["finished"]:  # nothing extends an SFT run: its cosine spans the whole of it
+        return resume.nothing_to_do(saved[0], saved[1]["step"])
     model, tokenizer = load_checkpoint(cfg.init)
     rt = resolve(cfg.device, cfg.precision, training=True)
     forward = prepare_for_training(model.to(rt.device), rt)  # bf16 compute copies of fp32 masters, or the model
@@ -180,48 +203,121 @@ def run(cfg: SFTConfig) -> Path:
     write_run_json(out, "sft", {**dataclasses.asdict(cfg), "examples": len(pairs), "dropped_heldout": dropped,
                                 "runtime": rt.describe()})
     model.mtp.requires_grad_(False)  # packed samples would leak through the MTP's look-ahead; it is not trained
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     step_flops = _flops_per_step(model.cfg, encoded, rows, cfg.batch_size)
-    total = math.ceil(cfg.max_flops / step_flops) if cfg.max_flops else cfg.epochs * steps_per_epoch
-    epochs = math.ceil(total / steps_per_epoch)
-    log, gen = MetricsLog(out / "metrics.jsonl"), torch.Generator().manual_seed(cfg.seed)
-    t_start, step = time.perf_counter(), 0
-    bar = tqdm(total=total, desc="sft", unit="step", dynamic_ncols=True)
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(rows), generator=gen).tolist()
-        for i in range(0, len(rows), cfg.batch_size):
-            b = {k: v.to(rt.device) for k, v in _batch([rows[j] for j in order[i:i + cfg.batch_size]]).items()}
-            lr = lr_at(_progress_step(step, total, time.perf_counter() - t_start, cfg.max_seconds), total, cfg.lr,
-                       warmup=min(1.0, cfg.warmup_steps / total), decay_start=0.0, decay_end=1.0, min_ratio=cfg.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            ce, kd = _losses(forward, teacher, b, cfg.kd_temperature)
-            loss, record = ce, {"step": step + 1, "epoch": epoch + 1, "loss": ce.item(), "lr": lr}
-            if kd is not None:
-                loss = (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd
-                record["kd_loss"] = kd.item()
-            loss.backward()
-            record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            record["tokens"] = int((b["targets"] != IGNORE_INDEX).sum())
-            record["flops_total"] = (step + 1) * step_flops
-            log.write(record)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if step == total or (cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds):
-                break
-        if step == total or (cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds):
-            break
-    bar.close()
-    return save_step(out, step, model.eval(), tokenizer, {"stage": "sft", "init": str(cfg.init),
-                                                           "examples": len(pairs), "rows": len(rows),
-                                                           "dropped_heldout": dropped, "flops": step * step_flops,
-                                                           **rt.checkpoint_meta()})
+    total = math.ceil(cfg.max_flops / step_flops) if cfg.max_flops else cfg.epochs * math.ceil(len(rows) /
+                                                                                             cfg.batch_size)
+    meta = {"stage": "sft", "init": str(cfg.init), "examples": len(pairs), "rows": len(rows),
+            "dropped_heldout": dropped, **rt.checkpoint_meta()}
+    job = _Job(model, forward, teacher, tokenizer, opt, rows, total, step_flops, meta, out, cfg)
+    if saved is not None:
+        job.restore(*saved, rt.precision)
+    return job.train()
+
+
+class _Order:
+    """Which rows each step trains on: a fresh permutation of the rows every epoch from one seeded generator,
+    drawn as the epoch starts. Its state (generator, epoch, permutation, position) travels in a checkpoint."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n_rows, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.epoch, self.pos, self.order = 0, n_rows, []  # at the end of "epoch 0": the first batch draws epoch 1
+
+    def next(self) -> tuple[int, list[int]]:
+        """(epoch, the rows of the next batch)."""
+        if self.pos >= self.n:
+            self.order, self.pos = torch.randperm(self.n, generator=self.gen).tolist(), 0
+            self.epoch += 1
+        rows = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return self.epoch, rows
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "epoch": self.epoch, "pos": self.pos, "order": self.order}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.epoch, self.pos, self.order = state["epoch"], state["pos"], state["order"]
+
+
+class _Job:
+    """The SFT loop over packed rows, with what a checkpoint carries for --resume to continue it exactly: the
+    optimizer, the data order, the step and the seconds trained (the time limit counts every session)."""
+
+    def __init__(self, model, forward, teacher, tokenizer, opt, rows, total, step_flops, meta, out, cfg):
+        self.model, self.forward, self.teacher, self.tokenizer, self.opt = model, forward, teacher, tokenizer, opt
+        self.rows, self.total, self.step_flops, self.meta, self.out, self.cfg = rows, total, step_flops, meta, out, cfg
+        self.order = _Order(len(rows), cfg.batch_size, cfg.seed)
+        self.log, self.step, self.seconds = MetricsLog(out / "metrics.jsonl"), 0, 0.0
+
+    def train(self) -> Path:
+        cfg, total, model = self.cfg, self.total, self.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        device = next(model.parameters()).device
+        bar = StageBar("sft", total, self.step, cfg.max_seconds, seconds=self.seconds)
+        t_start = time.perf_counter() - self.seconds
+        model.train()
+        with StopRequest() as stop:  # Ctrl-C stops at the next step boundary
+            while True:
+                if stop.requested:  # the last finished step is saved, then the command ends with status 130
+                    path = self.save(finished=False)
+                    bar.close()
+                    raise Interrupted(f"interrupted after step {self.step}; saved {path} (continue with --resume)")
+                epoch, batch_rows = self.order.next()
+                b = {k: v.to(device) for k, v in _batch([self.rows[j] for j in batch_rows]).items()}
+                lr = lr_at(_progress_step(self.step, total, time.perf_counter() - t_start, cfg.max_seconds), total,
+                           cfg.lr, warmup=min(1.0, cfg.warmup_steps / total), decay_start=0.0, decay_end=1.0,
+                           min_ratio=cfg.min_lr_ratio)
+                record = {"step": self.step + 1, "epoch": epoch, **_step(self.forward, self.teacher, self.opt,
+                                                                          params, b, lr, cfg)}
+                self.step += 1
+                record["flops_total"] = self.step * self.step_flops
+                self.log.write(record)
+                self.seconds = time.perf_counter() - t_start
+                bar.update(self.step, self.seconds, loss=f"{record['loss']:.3f}")
+                if self.step == total or (cfg.max_seconds and self.seconds > cfg.max_seconds):
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save(finished=False)
+        bar.close()
+        model.eval()
+        return self.save(finished=True)
+
+    def save(self, finished: bool) -> Path:
+        # a finished run is never continued: its checkpoint keeps no optimizer state (a third of the size)
+        state = {"step": self.step, "seconds": self.seconds, "finished": finished}
+        if not finished:
+            state.update(optimizer=self.opt.state_dict(), order=self.order.state_dict(), rng=resume.rng_state())
+        meta = {**self.meta, "flops": self.step * self.step_flops}
+        return resume.save(self.out, self.step, self.model, self.tokenizer, meta, state)
+
+    def restore(self, path: Path, saved: dict, precision: str) -> None:
+        resume.check_precision(path, precision)
+        resume.load_weights(path, self.model)
+        self.opt.load_state_dict(saved["optimizer"])
+        self.order.load_state_dict(saved["order"])
+        resume.set_rng_state(saved["rng"])
+        self.step, self.seconds = saved["step"], saved["seconds"]
+        self.log.truncate_after(self.step)  # a killed run may have logged steps past its checkpoint
+        print(f"resumed from {path} (step {self.step})", file=sys.stderr)
+
+
+def _step(forward, teacher, opt, params, b: dict, lr: float, cfg: SFTConfig) -> dict:
+    """One optimiser step on a packed batch; returns its metrics."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    ce, kd = _losses(forward, teacher, b, cfg.kd_temperature)
+    loss, record = ce, {"loss": ce.item(), "lr": lr}
+    if kd is not None:
+        loss = (1 - cfg.kd_weight) * ce + cfg.kd_weight * kd
+        record["kd_loss"] = kd.item()
+    loss.backward()
+    record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    record["tokens"] = int((b["targets"] != IGNORE_INDEX).sum())
+    return record
 
 
 def _flops_per_step(cfg, encoded: list[tuple[list[int], list[int]]], rows: list[dict], batch_size: int) -> float:

@@ -149,19 +149,21 @@ def _teacher(cfg: SpeedrunConfig, out: Path, steps: dict, stage) -> None:
     else:  # the embedded corpus, task-heavy: worked training problems of the pretraining rungs, a share of English
         data = ["--easy-problems", str(steps["task_docs"]), "--easy-args", json.dumps(RUNGS["pretrain"]["task_args"]),
                 "--natural-share", str(PLAN["natural_share"]), "--n-problems", str(PLAN["n_problems"])]
+    decay_start, decay_end = PLAN["pretrain_decay"]
     common = ["--seq-len", str(PLAN["seq_len"]), "--batch-size", str(steps["batch"]), "--warmup",
-              str(PLAN["warmup_frac"]), "--decay-start", "1", "--decay-end", "1", "--bias-update-stop", "1",
-              "--mtp-switch", "1", *data, *c["overrides"], *c["seed"]]
-    # A constant rate after the warm-up, no cosine: the cold start is the decay phase (an annealed base re-warmed
-    # to the cold start's rate diverged; docs/results/r1-zero.md).
+              str(PLAN["warmup_frac"]), "--decay-start", str(decay_start), "--decay-end", str(decay_end),
+              "--bias-update-stop", "1", "--mtp-switch", "1", *data, *c["overrides"], *c["seed"]]
+    mask = ["--document-mask"] if PLAN["document_mask"] else []
     stage("pretrain", ["pretrain", "--preset", cfg.preset, "--out", str(out / "base"), "--steps",
                        str(steps["pretrain"]), "--eval-every", str(steps["pretrain"]), "--save-every",
-                       str(steps["pretrain"]), "--vocab-size", str(cfg.vocab_size), *common],
+                       str(steps["pretrain"]), "--vocab-size", str(cfg.vocab_size), *common,
+                       *_maskable(cfg.preset, cfg, mask)],
           _finished(out / "base", steps["pretrain"]))
     tokenizer = str(out / "base" / "data" / "tokenizer.json")  # the student shares it (distillation needs it)
     stage("student-pretrain", ["pretrain", "--preset", cfg.student, "--out", str(out / "student-base"), "--steps",
                                str(steps["student_pretrain"]), "--eval-every", str(steps["student_pretrain"]),
-                               "--save-every", str(steps["student_pretrain"]), "--tokenizer", tokenizer, *common],
+                               "--save-every", str(steps["student_pretrain"]), "--tokenizer", tokenizer, *common,
+                               *_maskable(cfg.student, cfg, mask)],
           _finished(out / "student-base", steps["student_pretrain"]))
     cold = out / "coldstart.jsonl"
     if not cold.exists():
@@ -172,8 +174,9 @@ def _teacher(cfg: SpeedrunConfig, out: Path, steps: dict, stage) -> None:
           bool(ckpt.step_dirs(out / "coldstart")))
     stage("student-coldstart", ["sft", "--init", str(out / "student-base"), "--data", str(cold), "--out",
                                 str(out / "student-cold"), *sft], bool(ckpt.step_dirs(out / "student-cold")))
+    # one checkpoint, at the end: a stage counts as done once it has one (a killed stage restarts, never half-run)
     rl = [*RL_ARGS, *c["task"], *c["seed"], "--eval-every", str(PLAN["rl_eval_every"]), "--eval-n",
-          str(PLAN["rl_eval_n"])]
+          str(PLAN["rl_eval_n"]), "--save-every", "100000"]
     stage("grpo", ["grpo", "--init", str(out / "coldstart"), "--out", str(out / "rl"), "--steps",
                    str(steps["rl_steps"]), *rl], bool(ckpt.step_dirs(out / "rl")))
     stage("r1-zero", ["grpo", "--init", str(out / "base"), "--out", str(out / "r1-zero"), "--steps",
@@ -204,11 +207,21 @@ def _students(cfg: SpeedrunConfig, out: Path, steps: dict, stage) -> None:
           bool(ckpt.step_dirs(out / "control")) or n_traces == 0)
     stage("student-grpo", ["grpo", "--init", init, "--out", str(out / "student-rl"), "--steps", "100000",
                            *RL_ARGS, *c["task"], *c["seed"], "--eval-every", str(PLAN["rl_eval_every"]),
-                           "--eval-n", str(PLAN["rl_eval_n"]), *budget], bool(ckpt.step_dirs(out / "student-rl")))
+                           "--eval-n", str(PLAN["rl_eval_n"]), "--save-every", "100000", *budget],
+          bool(ckpt.step_dirs(out / "student-rl")))
     stage("onpolicy", ["distill", "--init", init, "--teacher", str(out / "rl"), "--out", str(out / "onpolicy"),
                        "--steps", "100000", "--max-new-tokens", str(RUNGS["rl"]["max_new_tokens"]), "--lr",
-                       str(PLAN["onpolicy_lr"]), *c["task"], *c["seed"], *budget],
+                       str(PLAN["onpolicy_lr"]), "--save-every", "100000", *c["task"], *c["seed"], *budget],
           bool(ckpt.step_dirs(out / "onpolicy")))
+
+
+def _maskable(preset: str, cfg: SpeedrunConfig, flags: list[str]) -> list[str]:
+    """--document-mask where the model takes document segments (V3 family, no MTP layers; `mini` and
+    `mini-dense`), nothing otherwise (e.g. `--preset small`, which keeps V3's MTP module)."""
+    from ..config import get_preset
+
+    m = get_preset(preset, **cfg.model_overrides)
+    return flags if m.family == "v3" and not m.n_mtp_layers else []
 
 
 def _finished(run_dir: Path, steps: int) -> bool:

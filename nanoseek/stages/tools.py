@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,10 +214,10 @@ def export_hf(cfg: ExportConfig) -> Path:
     check_out_dir(out, "OUT", own=_is_model_dir(out), force=cfg.force)
     source = resolve(cfg.ckpt)  # a run directory stands for its latest checkpoint, tokenizer included
     model = load_model(source)
+    tok = source / "tokenizer.json"
     with atomic_dir(out) as tmp:  # a full disk leaves no config.json without weights behind
-        save_hf(model, tmp, fp8=cfg.fp8)
-        if (source / "tokenizer.json").exists():
-            shutil.copyfile(source / "tokenizer.json", tmp / "tokenizer.json")
+        # with the tokenizer, the directory is complete: tokenizer files, chat template, eos/bos, sampling defaults
+        save_hf(model, tmp, fp8=cfg.fp8, tokenizer_file=tok if tok.exists() else None)
     family = json.loads((out / "config.json").read_text())["model_type"]
     print(f"exported {source} -> {out} (Hugging Face {family})", file=sys.stderr)
     return out
