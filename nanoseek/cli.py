@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mod = importlib.import_module(f".{module}", __package__)
         result = getattr(mod, fn_name)(make_config(getattr(mod, cls_name), given))
-        if isinstance(result, Path):
-            print(f"final checkpoint: {result}", file=sys.stderr)
+        if isinstance(result, Path):  # a checkpoint directory, or a file (the speedrun's report)
+            print(f"{'final checkpoint' if result.is_dir() else 'wrote'}: {result}", file=sys.stderr)
         return 0
     except KeyboardInterrupt as e:  # an Interrupted from a stage says what it saved
         print(f"\n{prog}: {e or 'interrupted'}", file=sys.stderr)
