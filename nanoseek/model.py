@@ -58,11 +58,16 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = _COMPUTE_DTYPE.get() or x.dtype
         if not torch.is_grad_enabled():  # inference: the same operations without autograd.Function's overhead
-            xf = x.float()
-            buf = xf * xf
-            r = torch.rsqrt(buf.mean(-1, keepdim=True).add_(self.eps))
-            return torch.mul(xf, r, out=buf).mul_(self.weight.float()).to(out_dtype)
+            return _rms_norm(x, self.weight, self.eps, out_dtype)[0]
         return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
+
+
+def _rms_norm(x, weight, eps, out_dtype):
+    """(y, r): the normed x in out_dtype and the reciprocal RMS r (B..., 1) that the backward reuses."""
+    xf = x.float()
+    buf = xf * xf  # x², then x·r·w in the same buffer
+    r = torch.rsqrt(buf.mean(-1, keepdim=True).add_(eps))
+    return torch.mul(xf, r, out=buf).mul_(weight.float()).to(out_dtype), r
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -76,11 +81,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
-        xf = x.float()
-        buf = xf * xf  # x², then x·r·w in the same buffer
-        r = torch.rsqrt(buf.mean(-1, keepdim=True).add_(eps))
+        y, r = _rms_norm(x, weight, eps, out_dtype)
         ctx.save_for_backward(x, weight, r)
-        return torch.mul(xf, r, out=buf).mul_(weight.float()).to(out_dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
