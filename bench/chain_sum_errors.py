@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoseek.engine import Engine, SamplingParams  # noqa: E402
 from nanoseek.runtime import prepare_inference, resolve, set_threads  # noqa: E402
-from nanoseek.stages.common import load_checkpoint  # noqa: E402
+from nanoseek.checkpoint import load  # noqa: E402
 from nanoseek.tasks import extract_answer, get_task  # noqa: E402
 from nanoseek.template import STOP  # noqa: E402
 
@@ -78,7 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     set_threads(args.threads)
     task = get_task("chain_sum", **args.task_args)
-    model, tokenizer = load_checkpoint(args.ckpt)
+    model, tokenizer = load(args.ckpt, require_tokenizer=True)
     model = prepare_inference(model, resolve("auto", "auto", rows=args.n))
     engine = Engine(model, tokenizer)
     params = SamplingParams(max_new_tokens=96, temperature=0.0, stop=list(STOP))

@@ -27,7 +27,7 @@ from bench.common import publish  # noqa: E402
 from nanoseek.engine import Engine  # noqa: E402
 from nanoseek.evaluation import evaluate  # noqa: E402
 from nanoseek.runtime import bf16_probe, prepare_inference, probe_shapes, resolve, set_threads  # noqa: E402
-from nanoseek.stages.common import load_checkpoint  # noqa: E402
+from nanoseek.checkpoint import load  # noqa: E402
 from nanoseek.tasks import get_task  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     task = get_task("chain_sum", **json.loads(a.task_args))
     engines, cfg = {}, None
     for precision in ("fp32", "bf16"):
-        model, tokenizer = load_checkpoint(a.ckpt)
+        model, tokenizer = load(a.ckpt, require_tokenizer=True)
         cfg = model.cfg
         engines[precision] = Engine(prepare_inference(model, resolve("cpu", precision)), tokenizer)
     lines = ["| rows | probe | auto | fp32 s | bf16 s | bf16_speedup | pass@1 fp32 / bf16 |",

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from nanoseek import load  # noqa: E402
 from nanoseek.metrics import read_metrics  # noqa: E402
-from nanoseek.stages.grpo import GRPOConfig, resolve_algo, train  # noqa: E402
+from nanoseek.stages.grpo import GRPOConfig, train  # noqa: E402
 from nanoseek.tasks import get_task  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main() -> int:
     cfg = GRPOConfig(init=a.init, task="chain_sum", out=str(out), steps=a.steps, prompts_per_step=a.problems,
                      group_size=8, max_new_tokens=a.max_new_tokens, lr=a.lr, eval_every=0, save_every=10**6,
                      temperature=a.temperature)
-    train(model, tokenizer, task, cfg, resolve_algo(cfg), out)
+    train(model, tokenizer, task, cfg, out)
     acc = [r["accuracy"] for r in read_metrics(out / "metrics.jsonl") if "accuracy" in r]
     print("rollout accuracy per 5 steps:", [round(sum(acc[i:i + 5]) / len(acc[i:i + 5]), 2)
                                             for i in range(0, len(acc), 5)])

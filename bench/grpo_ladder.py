@@ -76,7 +76,7 @@ def rung1(args, base: Path, root: Path, fresh: bool) -> dict:
     initialised `small` model with the base's tokenizer, whose first-token distribution is broad enough to
     pick characters at ~20% (a trained base may put most of its mass on one leading character)."""
     from nanoseek import Transformer, load
-    from nanoseek.stages.grpo import GRPOConfig, resolve_algo, train
+    from nanoseek.stages.grpo import GRPOConfig, train
     from nanoseek.tasks.families import StartsWithTask
 
     out = root / ("rung1-fresh" if fresh else "rung1")
@@ -90,7 +90,7 @@ def rung1(args, base: Path, root: Path, fresh: bool) -> dict:
         cfg = GRPOConfig(init=str(base), task="starts_with", out=str(out), steps=args.rung1_steps, prompts_per_step=8,
                          group_size=8, max_new_tokens=1, lr=args.rung1_lr, eval_every=0, save_every=10**9,
                          algo="grpo")
-        train(model, tok, task, cfg, resolve_algo(cfg), out)
+        train(model, tok, task, cfg, out)
         (out / "chars.json").write_text(json.dumps({"chars": task.chars, "base_rate": task.base_rate}) + "\n")
     acc = [r["accuracy"] for r in read_metrics(out / "metrics.jsonl")]
     first = lambda level: next((i + 1 for i in range(len(acc)) if sum(acc[i:i + 3]) / 3 >= level), None)  # noqa

@@ -58,7 +58,7 @@ def time_ours(model, tok, task, args) -> list[float]:
     times = []
     for step in range(args.steps + 1):
         t0 = time.perf_counter()
-        batch, _ = rollout(engine, task, task.problems(step, args.prompts), cfg, step)
+        batch = rollout(engine, task, task.problems(step, args.prompts), cfg, step)
         update(model, None, opt, batch, cfg, settings)
         times.append(time.perf_counter() - t0)
     return times[1:]

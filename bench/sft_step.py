@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import publish  # noqa: E402
-from nanoseek import model as model_module  # noqa: E402
+from nanoseek import kernels as model_module  # noqa: E402  (where the model looks up its packed-attention kernel)
 from nanoseek.config import get_preset  # noqa: E402
 from nanoseek.generations import build_model  # noqa: E402
 from nanoseek.optim import build_optimizer  # noqa: E402

@@ -189,13 +189,29 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Transfor
     return model.to(dtype)
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer or None) of a nanoseek checkpoint directory, or of a run's latest checkpoint."""
+def load(path: str | Path, dtype: torch.dtype = torch.float32, *, require_tokenizer: bool = False):
+    """(model, tokenizer or None) of a nanoseek checkpoint directory, or of a run's latest checkpoint.
+
+    require_tokenizer: a checkpoint without tokenizer.json is a CheckpointError (the text stages need one), named
+    before the weights are read."""
     path = resolve(path)
+    file = path / "tokenizer.json"
+    if require_tokenizer and not file.exists():
+        raise CheckpointError(f"{path}: the checkpoint has no tokenizer.json (text stages need one)")
     model = load_model(path, dtype)
     tokenizer = None
-    if (path / "tokenizer.json").exists():
+    if file.exists():
         from .tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(path / "tokenizer.json")
+        tokenizer = Tokenizer.load(file)
     return model, tokenizer
+
+
+def recorded_precision(path: str | Path) -> str | None:
+    """The compute precision ("fp32" or "bf16") the checkpoint's meta.json says it was trained in, or None (an
+    imported checkpoint, or one older than the record). Reads meta.json only: no checksum pass, no weights."""
+    try:
+        precision = json.loads((resolve(path) / "meta.json").read_text()).get("precision")
+    except (CheckpointError, OSError, ValueError):  # a model given in memory (tests, bench/) has no directory
+        return None
+    return precision if precision in ("fp32", "bf16") else None

@@ -36,7 +36,7 @@ COMMANDS = {
     "eval": ("stages.evaluate", "EvalConfig", "run", "held-out pass@1 / cons@k / response length on a task"),
     "generate": ("stages.generate", "GenerateConfig", "generate", "complete prompts with a checkpoint"),
     "chat": ("stages.generate", "ChatConfig", "chat", "talk to a checkpoint (R1 template, streamed)"),
-    "serve": ("serve", "ServeConfig", "run", "OpenAI-compatible server with continuous batching, and a chat page at /"),
+    "serve": ("stages.serve", "ServeConfig", "run", "OpenAI-compatible server with continuous batching, and a chat page at /"),
     "import": ("stages.tools", "ImportConfig", "import_hf", "Hugging Face DeepSeek checkpoint -> nanoseek checkpoint"),
     "export": ("stages.tools", "ExportConfig", "export_hf", "nanoseek checkpoint -> Hugging Face checkpoint"),
     "speedrun": ("stages.speedrun", "SpeedrunConfig", "run", "the whole recipe end to end, ending in OUT/report.md"),

@@ -6,6 +6,14 @@ official JSON configs map one to one; the fields after `mscale` in the first blo
 generation follows from the fields (`family`): `compress_ratios` set = V4 (hybrid CSA/HCA/sliding-window
 attention, mHC), else `index_n_heads` > 0 = V3.2 (MLA + DeepSeek Sparse Attention), else V2/V3 (dense MLA).
 The official presets and the sources of their numbers are listed in docs/v4.md.
+
+What the code does differently per generation is declared once, in `FAMILIES` (one `Family` record each), not
+as `family == "v4"` tests spread over the modules. This file is the bottom layer, so a record holds data and
+ModelConfig's own methods only; the three concerns that need code from higher layers keep a table keyed by the
+same names, looked up through `family_entry`: generations.CLASSES (the model class), stats.COUNTING (how its
+parameters, KV cache and attention FLOPs are counted) and hf.LAYOUTS (its Hugging Face config and tensor
+names). Adding a generation is a record here plus one entry in each of those tables (docs/architecture.md,
+"Adding a model generation"); a table without it fails on first use with a message naming the table.
 """
 
 from __future__ import annotations
@@ -15,6 +23,32 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model generation's properties that code elsewhere branches on (the record of `FAMILIES`)."""
+
+    selected_by: Callable[["ModelConfig"], bool]  # its config fields are set (the latest that holds wins)
+    validate: Callable[["ModelConfig", Callable], None]  # its own checks, called by ModelConfig.validate
+    # MLA (V2 report §2.1): heads of qk_head_dim over a kv_lora_rank latent, softmax scale with the YaRN
+    # temperature (V3 report §4.3); False = V4's shared-KV MQA, head_dim wide, with no temperature
+    mla: bool
+    # its attention takes packed-document segments (pretrain --document-mask); V3.2's sparse attention and V4's
+    # compressed attention take none
+    document_segments: bool
+    # pretraining trains the lightning indexer by its KL to the main attention, dense during a warm-up
+    # (V3.2 report §2.1.1: sparse.IndexerLog); V4's CSA indexer takes no such loss here
+    indexer_kl: bool
+
+
+def family_entry(table: dict, family: str, where: str):
+    """table[family], or one ValueError naming the table a new generation has to be added to."""
+    if family not in table:
+        raise ValueError(f"model family {family!r} is not registered in {where} (registered: {', '.join(table)}); "
+                         "a new generation needs an entry there (docs/architecture.md, 'Adding a model generation')")
+    return table[family]
 
 
 @dataclass
@@ -80,8 +114,14 @@ class ModelConfig:
     # ------------------------------------------------------------------ derived quantities
     @property
     def family(self) -> str:
-        """'v4' (hybrid compressed attention + mHC), 'v32' (MLA + sparse attention) or 'v3' (V2/V3 dense MLA)."""
-        return "v4" if self.compress_ratios else "v32" if self.index_n_heads > 0 else "v3"
+        """'v4' (hybrid compressed attention + mHC), 'v32' (MLA + sparse attention) or 'v3' (V2/V3 dense MLA):
+        the latest of FAMILIES whose fields this config sets."""
+        return next(name for name, fam in reversed(FAMILIES.items()) if fam.selected_by(self))
+
+    @property
+    def family_traits(self) -> Family:
+        """The Family record of this config's generation: what the rest of the code branches on."""
+        return FAMILIES[self.family]
 
     def layer_kind(self, layer: int) -> str:
         """A V4 layer's attention: 'sliding' (window only), 'csa' (compressed + indexer top-k) or 'hca'."""
@@ -110,7 +150,7 @@ class ModelConfig:
         """192^-1/2 for V3, times mscale² under YaRN (both q and k carry √t = 0.1·ln s + 1; V3 report §4.3).
 
         V4: head_dim^-1/2, without a YaRN temperature (as in transformers' DeepseekV4Attention)."""
-        if self.family == "v4":
+        if not self.family_traits.mla:
             return self.head_dim**-0.5
         scale = self.qk_head_dim**-0.5
         if self.uses_yarn and self.rope_factor > 1.0:  # like HF, no attention temperature when shrinking
@@ -136,14 +176,7 @@ class ModelConfig:
         need(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers must be between 0 and n_layers")
         need(self.n_mtp_layers >= 0, "n_mtp_layers must be >= 0")
         need(self.index_n_heads >= 0, "index_n_heads must be >= 0 (0 = no indexer)")
-        if self.family == "v4":
-            self._validate_v4(need)
-        else:
-            need(self.kv_lora_rank > 0, f"kv_lora_rank must be positive, got {self.kv_lora_rank}")
-            need(self.qk_nope_head_dim >= 0 and self.v_head_dim > 0, "qk_nope_head_dim >= 0 and v_head_dim > 0")
-            need(self.score_func != "sqrtsoftplus", "score_func sqrtsoftplus is V4's: set compress_ratios too")
-            need(self.n_hash_layers == 0 and self.swiglu_limit == 0,
-                 "n_hash_layers and swiglu_limit are V4 features: set compress_ratios too")
+        self.family_traits.validate(self, need)
         if self.index_n_heads > 0:
             need(self.q_lora_rank > 0, "the lightning indexer reads the query latent: q_lora_rank must be > 0")
             need(self.index_head_dim >= self.qk_rope_head_dim and self.index_head_dim % 2 == 0,
@@ -153,6 +186,14 @@ class ModelConfig:
             need(self.inter_dim > 0, "inter_dim must be positive for dense layers")
         if self.n_moe_layers > 0:
             self._validate_moe(need)
+
+    def _validate_mla(self, need) -> None:
+        """V2/V3/V3.2: MLA's dimensions, and none of V4's features."""
+        need(self.kv_lora_rank > 0, f"kv_lora_rank must be positive, got {self.kv_lora_rank}")
+        need(self.qk_nope_head_dim >= 0 and self.v_head_dim > 0, "qk_nope_head_dim >= 0 and v_head_dim > 0")
+        need(self.score_func != "sqrtsoftplus", "score_func sqrtsoftplus is V4's: set compress_ratios too")
+        need(self.n_hash_layers == 0 and self.swiglu_limit == 0,
+             "n_hash_layers and swiglu_limit are V4 features: set compress_ratios too")
 
     def _validate_v4(self, need) -> None:
         L, ratios = self.n_layers, self.compress_ratios
@@ -213,6 +254,21 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------- generations
+
+# The generations in order of release: a config is the latest one whose fields it sets (a V4 config sets
+# index_n_heads too). The model classes, counting rules and Hugging Face layouts of each live in
+# generations.CLASSES, stats.COUNTING and hf.LAYOUTS under the same names.
+FAMILIES: dict[str, Family] = {
+    "v3": Family(selected_by=lambda c: True, validate=ModelConfig._validate_mla, mla=True, document_segments=True,
+                 indexer_kl=False),  # V2 and V3: dense MLA
+    "v32": Family(selected_by=lambda c: c.index_n_heads > 0, validate=ModelConfig._validate_mla, mla=True,
+                  document_segments=False, indexer_kl=True),
+    "v4": Family(selected_by=lambda c: bool(c.compress_ratios), validate=ModelConfig._validate_v4, mla=False,
+                 document_segments=False, indexer_kl=False),
+}
 
 
 # ---------------------------------------------------------------------------- presets

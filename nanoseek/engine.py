@@ -58,6 +58,9 @@ class Stats:
     seconds: float = 0.0
     drafted: int = 0
     accepted: int = 0
+    # per decode forward, the prompt index of each of its rows (rows leave as their sequences finish): how full
+    # the batch ran, and what routing.RoutingCapture needs to rebuild each sequence's experts
+    decode_rows: list[list[int]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,8 +71,8 @@ class Stats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
-class Generations(list):
-    """The Generation of each prompt, in order, plus the call's `stats`."""
+class Completions(list):
+    """What Engine.generate returns: the Generation of each prompt, in order, plus the call's `stats`."""
 
     def __init__(self, generations: list[Generation], stats: Stats):
         super().__init__(generations)
@@ -427,14 +430,13 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | None = None,
-                 speculative: bool = False, on_token=None, seeds: list[int] | None = None,
-                 decode_rows: list | None = None) -> Generations:
+                 speculative: bool = False, on_token=None, seeds: list[int] | None = None) -> Completions:
         """Complete each prompt (token ids or text). on_token(row, token_id) is called as tokens are produced.
 
         Row i samples from its own generator seeded with seeds[i] (default: derived from params.seed and i), so
         a prompt given the same seed gets the same tokens in any batch, and repeated prompts get different ones.
-        Returns the generations (a list) with this call's `.stats`. `decode_rows`, when a list, receives for
-        every decode forward the prompt index of each of its rows (rows leave as their sequences finish).
+        Returns the generations (a list) with this call's `.stats` (tokens, time, drafts, the rows of every decode
+        forward).
         """
         params = params or SamplingParams()
         ids = [self._encode(p) for p in prompts]
@@ -452,19 +454,18 @@ class Engine:
                               max_len=max(len(p) for p in ids) + params.max_new_tokens + 1)
             for r in reqs:
                 batcher.submit(r)
-            batcher.trace = [] if decode_rows is not None else None
+            batcher.trace = []  # bounded by this call (a server's long-lived batcher leaves it off)
             while batcher.busy:
                 batcher.step()
-            if decode_rows is not None:
-                index = {id(r): i for i, r in enumerate(reqs)}
-                decode_rows.extend([index[id(r)] for r in rows] for rows in batcher.trace)
+            index = {id(r): i for i, r in enumerate(reqs)}
+            stats.decode_rows = [[index[id(r)] for r in rows] for rows in batcher.trace]
         gens = [r.generation() for r in reqs]
         stats.seconds = time.perf_counter() - t0
         stats.tokens = sum(len(g.tokens) for g in gens)
         for g in gens:
             if self.tokenizer is not None:
                 g.text = self._text(g, params)
-        return Generations(gens, stats)
+        return Completions(gens, stats)
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -182,12 +182,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: str = "blockwise",
 class FP8Linear(nn.Linear):
     """An nn.Linear (same parameters, same state-dict keys) whose matmul runs in FP8.
 
-    Under bf16 mixed precision its weight stays fp32 (`keep_fp32_weights`: quantised from the fp32 master, not
+    Under bf16 mixed precision its weight stays fp32 (runtime.FP32_MODULES: quantised from the fp32 master, not
     from a bf16 copy) while its input and output are bf16, like every operation around it (V3 report §3.3)."""
 
     recipe: str = "blockwise"
     ue8m0: bool = False
-    keep_fp32_weights = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = fp8_linear(x, self.weight, self.recipe, self.ue8m0)
@@ -205,11 +204,11 @@ def _fp8_grouped(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, recipe: s
 
 
 class FP8Experts(Experts):
-    """Routed experts whose grouped GEMMs run in FP8, one expert's token group at a time."""
+    """Routed experts whose grouped GEMMs run in FP8, one expert's token group at a time (weights fp32 under mixed
+    precision, as FP8Linear's)."""
 
     recipe: str = "blockwise"
     ue8m0: bool = False
-    keep_fp32_weights = True
 
     def matmul(self, x, w, ends):
         return _fp8_grouped(x, w, ends, self.recipe, self.ue8m0)

@@ -5,16 +5,14 @@ so this module sits above all three; everything that builds a model from a confi
 
 from __future__ import annotations
 
-from .config import ModelConfig
+from .config import ModelConfig, family_entry
 from .model import Transformer
 from .model_v4 import TransformerV4
 from .sparse import TransformerV32
 
-CLASSES = {"v3": Transformer, "v32": TransformerV32, "v4": TransformerV4}
+CLASSES = {"v3": Transformer, "v32": TransformerV32, "v4": TransformerV4}  # keyed like config.FAMILIES
 
 
 def build_model(cfg: ModelConfig) -> Transformer:
     """A freshly initialised model of cfg's generation (cfg.family)."""
-    if cfg.family not in CLASSES:
-        raise ValueError(f"unknown model family {cfg.family!r} (known: {', '.join(CLASSES)})")
-    return CLASSES[cfg.family](cfg)
+    return family_entry(CLASSES, cfg.family, "generations.CLASSES")(cfg)

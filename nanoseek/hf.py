@@ -9,6 +9,9 @@ sampling as R1 is evaluated). V3.2 is V3's layout plus `self_attn.indexer.*`; V4
 hf_v4.py.
 
 Only the config translation, a key map and the tokenizer files live here; the model never mentions Hugging Face.
+What differs between generations (config writer and reader, tensor names, FP8 scales, the MTP layers' layout) is
+one `Layout` record per generation in `LAYOUTS`, keyed by `ModelConfig.family` like config.FAMILIES; the
+functions here take it from there rather than testing the family.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import json
 import math
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .config import ModelConfig, family_entry
 from .errors import CheckpointError
 from .fp8 import dequantize_weight, fp8_state
 from .hf_v4 import (config_from_hf_v4, config_to_hf_v4, dequantize_fp4, fp8_v4_state, is_extra_v4_mtp,
@@ -32,8 +37,6 @@ from .generations import build_model
 from .model import MLA, Transformer
 from .template import ANSWER, ASSISTANT, END_ANSWER, END_THINK, R1_SAMPLING, THINK, USER
 from .tokenizer import Tokenizer
-
-FAMILIES = ("deepseek_v3", "deepseek_v32", "deepseek_v2", "deepseek_v4")
 
 
 # ----------------------------------------------------------------------------- config translation
@@ -71,11 +74,15 @@ def _rope_from_hf(d: dict) -> dict:
 
 def config_from_hf(d: dict) -> ModelConfig:
     """A Hugging Face config.json dict (deepseek_v2, deepseek_v3, deepseek_v32 or deepseek_v4) -> ModelConfig."""
-    family = d.get("model_type")
-    if family not in FAMILIES:
-        raise ValueError(f"unsupported model_type {family!r}; nanoseek reads {', '.join(FAMILIES)}")
-    if family == "deepseek_v4":
-        return config_from_hf_v4(d, _rope_from_hf(dict(d, rope_parameters=_v4_compress_rope(d))))
+    model_type = d.get("model_type")
+    readers = {t: layout.from_hf for layout in LAYOUTS.values() for t in layout.model_types}
+    if model_type not in readers:
+        raise ValueError(f"unsupported model_type {model_type!r}; nanoseek reads {', '.join(readers)}")
+    return readers[model_type](d)
+
+
+def _mla_fields(d: dict) -> dict:
+    """ModelConfig fields of a deepseek_v2 / v3 / v32 config (MLA); V2 and V3 differ in their routing only."""
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (DeepSeek models use silu)")
     if d.get("mlp_bias"):
@@ -94,14 +101,11 @@ def config_from_hf(d: dict) -> ModelConfig:
         max_seq_len=d.get("max_position_embeddings", 4096), norm_eps=d.get("rms_norm_eps", 1e-6),
         attn_bias=bool(d.get("attention_bias", False)), **_rope_from_hf(d),
     )
-    if family in ("deepseek_v3", "deepseek_v32"):
+    if d["model_type"] != "deepseek_v2":
         # transformers hard-codes V3 routing: sigmoid scores, groups scored by their top-2, always grouped
         fields.update(score_func="sigmoid", n_expert_groups=d.get("n_group") or 1,
                       n_limited_groups=d.get("topk_group") or 1, route_norm=bool(d.get("norm_topk_prob", True)),
                       n_mtp_layers=d.get("num_nextn_predict_layers", d.get("num_mtp_layers", 0)) or 0)
-        if family == "deepseek_v32":
-            fields.update(n_dense_layers=_leading_dense(d), index_n_heads=d.get("index_n_heads", 64),
-                          index_head_dim=d.get("index_head_dim", 128), index_topk=d.get("index_topk", 2048))
     else:
         method = d.get("topk_method", "greedy")
         if method not in ("greedy", "group_limited_greedy"):
@@ -110,6 +114,25 @@ def config_from_hf(d: dict) -> ModelConfig:
         # transformers' V2 router never renormalises the top-k softmax weights
         fields.update(score_func="softmax", route_norm=False, n_expert_groups=d.get("n_group") or 1 if grouped else 1,
                       n_limited_groups=d.get("topk_group") or 1 if grouped else 1)
+    return fields
+
+
+def _config_from_hf_v3(d: dict) -> ModelConfig:
+    return _mla_config(_mla_fields(d))
+
+
+def _config_from_hf_v32(d: dict) -> ModelConfig:
+    fields = _mla_fields(d)
+    fields.update(n_dense_layers=_leading_dense(d), index_n_heads=d.get("index_n_heads", 64),
+                  index_head_dim=d.get("index_head_dim", 128), index_topk=d.get("index_topk", 2048))
+    return _mla_config(fields)
+
+
+def _config_from_hf_v4(d: dict) -> ModelConfig:
+    return config_from_hf_v4(d, _rope_from_hf(dict(d, rope_parameters=_v4_compress_rope(d))))
+
+
+def _mla_config(fields: dict) -> ModelConfig:
     if fields["rope_factor"] == 1.0 and fields.get("rope_attn_factor", 1.0) != 1.0:
         raise ValueError("unsupported yarn rope_scaling with factor 1 and attention_factor != 1")
     if fields["n_routed_experts"] == 0:
@@ -148,8 +171,11 @@ def _v4_compress_rope(d: dict) -> dict:
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """ModelConfig -> Hugging Face config.json dict: deepseek_v4 / deepseek_v32 for those generations, else
     deepseek_v3 for sigmoid routing and deepseek_v2 for softmax."""
-    if cfg.family == "v4":
-        return config_to_hf_v4(cfg, dtype, _rope_to_hf(cfg))
+    return _layout(cfg).to_hf(cfg, dtype)
+
+
+def _config_to_hf_mla(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """deepseek_v3 (sigmoid routing) or deepseek_v2 (softmax)."""
     v3 = cfg.score_func == "sigmoid"
     if not v3 and cfg.normalize_topk:
         raise ValueError("deepseek_v2 cannot express renormalised softmax routing (route_norm=True)")
@@ -180,13 +206,22 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     else:
         d.update(scoring_func="softmax", topk_method="group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy",
                  moe_layer_freq=1)
-    if cfg.family == "v32":
-        if not v3:
-            raise ValueError("deepseek_v32 routes with sigmoid scores: set score_func='sigmoid'")
-        del d["rope_interleave"]  # V3.2's MLA RoPE is always interleaved (its indexer's never is)
-        d.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_n_heads=cfg.index_n_heads,
-                 index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk)
     return d
+
+
+def _config_to_hf_v32(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """deepseek_v3's config plus the indexer's fields."""
+    d = _config_to_hf_mla(cfg, dtype)
+    if cfg.score_func != "sigmoid":
+        raise ValueError("deepseek_v32 routes with sigmoid scores: set score_func='sigmoid'")
+    del d["rope_interleave"]  # V3.2's MLA RoPE is always interleaved (its indexer's never is)
+    d.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_n_heads=cfg.index_n_heads,
+             index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk)
+    return d
+
+
+def _config_to_hf_v4(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    return config_to_hf_v4(cfg, dtype, _rope_to_hf(cfg))
 
 
 def _rope_to_hf(cfg: ModelConfig) -> dict | None:
@@ -257,12 +292,16 @@ def hf_key(name: str, n_layers: int) -> str:
 
 def checkpoint_key(name: str, cfg: ModelConfig) -> str:
     """Our state-dict key -> the checkpoint's (HF names for V2/V3/V3.2, DeepSeek's for V4); '{e}' = expert index."""
-    return v4_key(name) if cfg.family == "v4" else hf_key(name, cfg.n_layers)
+    return _layout(cfg).key(name, cfg)
 
 
 def _scale_name(key: str, cfg: ModelConfig) -> str:
     """Where a quantized weight's scale lives: V4's `.scale` (UE8M0) or V3's `_scale_inv`."""
-    return v4_scale_key(key) if cfg.family == "v4" else key.removesuffix(".weight") + ".weight_scale_inv"
+    return _layout(cfg).scale_key(key)
+
+
+def _scale_inv_key(key: str) -> str:
+    return key.removesuffix(".weight") + ".weight_scale_inv"
 
 
 def export_state(model: Transformer, fp8: bool = False) -> dict[str, torch.Tensor]:
@@ -270,7 +309,7 @@ def export_state(model: Transformer, fp8: bool = False) -> dict[str, torch.Tenso
     embedding/head. With fp8, every weight DeepSeek ships in FP8 is written as float8_e4m3fn plus its scale."""
     cfg, out = model.cfg, {}
     v3 = cfg.score_func == "sigmoid"
-    quantized = (fp8_v4_state(model) if cfg.family == "v4" else fp8_state(model)) if fp8 else {}
+    quantized = _layout(cfg).fp8_state(model) if fp8 else {}
     quantized = {k: v for k, v in quantized.items() if not k.endswith("indexer.weights_proj.weight")}  # bf16 in V3.2
     for name, t in model.state_dict().items():
         key = checkpoint_key(name, cfg)
@@ -286,8 +325,8 @@ def export_state(model: Transformer, fp8: bool = False) -> dict[str, torch.Tenso
                 out[k], out[_scale_name(k, cfg)] = q, scale
             else:
                 out[k] = (t[e] if per_expert else t).contiguous()
-    for k in range(cfg.n_mtp_layers if cfg.family != "v4" else 0):  # DeepSeek's V3 layout repeats the shared
-        out[f"model.layers.{cfg.n_layers + k}.embed_tokens.weight"] = model.embed.weight.detach().clone()  # tensors
+    for k in range(cfg.n_mtp_layers if _layout(cfg).repeats_mtp_shared else 0):  # V3's copies of shared tensors
+        out[f"model.layers.{cfg.n_layers + k}.embed_tokens.weight"] = model.embed.weight.detach().clone()
         out[f"model.layers.{cfg.n_layers + k}.shared_head.head.weight"] = model.head.weight.detach().clone()
     return out
 
@@ -367,8 +406,8 @@ def save_hf(model: Transformer, path: str | Path, max_shard_bytes: int = 4 << 30
     if fp8:
         hf_cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [128, 128]}
-        if model.cfg.family == "v4":
-            hf_cfg["quantization_config"]["scale_fmt"] = "ue8m0"
+        if _layout(model.cfg).fp8_scale_fmt:
+            hf_cfg["quantization_config"]["scale_fmt"] = _layout(model.cfg).fp8_scale_fmt
     if tok is not None:
         hf_cfg.update(special_token_ids(tok))
         shutil.copyfile(tokenizer_file, path / "tokenizer.json")  # byte for byte: an imported one stays DeepSeek's
@@ -448,7 +487,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
     files = _weight_map(path)
-    found = v4_mtp_layers(files) if cfg.family == "v4" else _count_mtp_layers(files, cfg.n_layers)
+    found = _layout(cfg).mtp_layers(files, cfg)
     cfg = cfg.replace(n_mtp_layers=min(cfg.n_mtp_layers, found))
     block = tuple((hf_cfg.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     if block[0] != block[1]:
@@ -503,7 +542,7 @@ def _fill(model: Transformer, files: dict[str, Path], block: int, root: Path, ti
     for f in sorted(by_file):
         with safe_open(str(f), framework="pt") as sf:
             for raw in by_file[f]:
-                key = normalize_v4_key(raw) if cfg.family == "v4" else raw
+                key = _layout(cfg).normalize_key(raw)
                 if _skipped(key, cfg):
                     continue
                 if key not in targets:
@@ -537,8 +576,11 @@ def _skipped(key: str, cfg: ModelConfig) -> bool:
     we load are skipped rather than rejected."""
     if key.endswith("_scale_inv") or _IGNORED.fullmatch(key):
         return True
-    if cfg.family == "v4":
-        return key.endswith(".scale") or is_extra_v4_mtp(key, cfg.n_mtp_layers)
+    return _layout(cfg).skips(key, cfg)
+
+
+def _beyond_mtp(key: str, cfg: ModelConfig) -> bool:
+    """V3's layout: a decoder layer past the main ones and the MTP layers we load."""
     m = re.match(r"model\.layers\.(\d+)\.", key)
     return bool(m) and int(m.group(1)) >= cfg.n_layers + cfg.n_mtp_layers
 
@@ -549,3 +591,41 @@ def _scale_inv(key: str, files: dict[str, Path], cfg: ModelConfig) -> torch.Tens
         raise CheckpointError(f"FP8 tensor {key} has no {skey}")
     with safe_open(str(files[skey]), framework="pt") as sf:
         return sf.get_tensor(skey)
+
+
+# ----------------------------------------------------------------------------- per generation
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One generation's Hugging Face checkpoint: its config.json and the names and formats of its tensors."""
+
+    model_types: tuple[str, ...]  # the config.json model_type values read as this generation
+    from_hf: Callable[[dict], ModelConfig]
+    to_hf: Callable[[ModelConfig, torch.dtype], dict]
+    key: Callable[[str, ModelConfig], str]  # our state-dict key -> checkpoint key ('{e}' = expert index)
+    normalize_key: Callable[[str], str]  # a key as stored -> the form `key` gives (V4 ships two spellings)
+    scale_key: Callable[[str], str]  # an FP8 weight's key -> its scale's key
+    fp8_state: Callable  # model -> {our name: (fp8 weight, scale)} for the weights DeepSeek ships in FP8
+    fp8_scale_fmt: str | None  # quantization_config.scale_fmt (V4: ue8m0, power-of-two scales)
+    repeats_mtp_shared: bool  # every MTP layer repeats the shared embedding and head (DeepSeek's V3 layout)
+    mtp_layers: Callable  # (checkpoint keys, cfg) -> how many MTP layers the checkpoint holds
+    skips: Callable[[str, ModelConfig], bool]  # stored tensors the loader reads past: extra MTP layers, scales
+
+
+_V3_TENSORS = dict(key=lambda name, cfg: hf_key(name, cfg.n_layers), normalize_key=lambda key: key,
+                   scale_key=_scale_inv_key, fp8_state=fp8_state, fp8_scale_fmt=None, repeats_mtp_shared=True,
+                   mtp_layers=lambda keys, cfg: _count_mtp_layers(keys, cfg.n_layers), skips=_beyond_mtp)
+# Keyed like config.FAMILIES. V3.2 is V3's layout plus `self_attn.indexer.*` (which _ATTN maps by name).
+LAYOUTS: dict[str, Layout] = {
+    "v3": Layout(("deepseek_v3", "deepseek_v2"), _config_from_hf_v3, _config_to_hf_mla, **_V3_TENSORS),
+    "v32": Layout(("deepseek_v32",), _config_from_hf_v32, _config_to_hf_v32, **_V3_TENSORS),
+    "v4": Layout(("deepseek_v4",), _config_from_hf_v4, _config_to_hf_v4, key=lambda name, cfg: v4_key(name),
+                 normalize_key=normalize_v4_key, scale_key=v4_scale_key, fp8_state=fp8_v4_state, fp8_scale_fmt="ue8m0",
+                 repeats_mtp_shared=False, mtp_layers=lambda keys, cfg: v4_mtp_layers(keys),
+                 skips=lambda key, cfg: key.endswith(".scale") or is_extra_v4_mtp(key, cfg.n_mtp_layers)),
+}
+
+
+def _layout(cfg: ModelConfig) -> Layout:
+    return family_entry(LAYOUTS, cfg.family, "hf.LAYOUTS")

@@ -11,8 +11,6 @@ Dimension letters used in shape comments:
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from typing import NamedTuple
 
@@ -20,35 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
-from .packed_attention import CausalLatentAttention, masked_sdpa, segment_attention
-
-
-# The dtype the layers' matmuls compute in while a mixed-precision model runs (fp32 embedding table, bf16 other
-# weights: runtime.MixedPrecision in training, runtime.prepare_inference), None otherwise. It keeps the
-# residual stream in fp32: the embedding keeps the table's rows and norms round their output to this dtype.
-# A bf16 residual stream rounds away updates below 2^-8 of its size (the 0.006-scale embeddings first): the
-# trunk of a bf16 run then stalled for ~60 steps that fp32 did not (docs/results/precision-parity.md).
-_COMPUTE_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("compute_dtype", default=None)
-
-
-@contextlib.contextmanager
-def compute_dtype(dtype: torch.dtype):
-    """Within this block norms output `dtype` and the residual stream keeps the embedding table's dtype."""
-    token = _COMPUTE_DTYPE.set(dtype)
-    try:
-        yield
-    finally:
-        _COMPUTE_DTYPE.reset(token)
 
 
 class RMSNorm(nn.Module):
-    """y = w ⊙ x / sqrt(mean(x²) + eps), computed in fp32 whatever x's dtype, rounded once to x's dtype (to the
-    compute dtype inside `compute_dtype`, where x is the fp32 residual stream).
+    """y = w ⊙ x / sqrt(mean(x²) + eps), computed in fp32 whatever x's dtype and rounded once to `out_dtype`.
 
-    The weight stays fp32 under mixed precision (`keep_fp32_weights`: a gradient summed over every token)."""
+    out_dtype None (the default) is x's dtype. A mixed-precision model (runtime.py) sets it to the compute dtype:
+    the norm reading the fp32 residual stream then hands bf16 to the matmuls after it."""
 
-    keep_fp32_weights = True
+    out_dtype: torch.dtype | None = None
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -56,7 +36,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = _COMPUTE_DTYPE.get() or x.dtype
+        out_dtype = self.out_dtype or x.dtype
         if not torch.is_grad_enabled():  # inference: the same operations without autograd.Function's overhead
             return _rms_norm(x, self.weight, self.eps, out_dtype)[0]
         return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
@@ -129,12 +109,19 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_table(cfg: ModelConfig, n_positions: int) -> torch.Tensor:
-    """e^{i·t·f_j} for t < n_positions, times HF's yarn attention_factor, as real pairs (n_positions, R/2, 2).
-
-    Stored real (fp32) so that casting the model's dtype never touches it; use torch.view_as_complex.
-    """
+    """e^{i·t·f_j} for t < n_positions, times HF's yarn attention_factor, as fp32 real pairs (n_positions, R/2, 2);
+    torch.view_as_complex gives the complex table."""
     angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), rope_inv_freq(cfg))
     return torch.view_as_real(torch.polar(torch.full_like(angles, cfg.rope_attn_factor), angles))
+
+
+def rope_bits(table: torch.Tensor) -> torch.Tensor:
+    """An fp32 RoPE table as the int32 bit pattern a model keeps it in (`.view(torch.float32)` reads it back).
+
+    A cast of the model (model.to(dtype), .half()) converts its floating-point tensors only: held as
+    integers, the rotations keep fp32 precision whatever the weights are cast to (HF and DeepSeek compute them in
+    fp32 too), while .to(device) still moves the table."""
+    return table.view(torch.int32)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -257,7 +244,7 @@ class MLA(nn.Module):
             rows = torch.arange(B, device=x.device)[:, None]
             cache.kv[rows, positions] = kv.to(cache.kv.dtype)
             cache.pe[rows, positions] = k_pe[:, :, 0].to(cache.pe.dtype)
-            S = min(cache.kv.shape[1], -(-(int(positions.max()) + 1) // 64) * 64)  # as in _latent_blocks
+            S = kernels.key_count(int(positions.max()) + 1, cache.kv.shape[1])  # as in _latent_blocks
             kv, k_pe = cache.kv[:, :S], cache.pe[:, :S, None]  # (B, S, C), (B, S, 1, R)
         if (attn_impl or self.attn_impl) == "naive":
             o = self.attend_naive(q_nope, q_pe, kv, k_pe, positions, segments)
@@ -276,14 +263,9 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, P+R)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, H, -1)], dim=-1)  # (B, S, H, P+R)
         T = q.shape[1]
-        if q_pos is None and T == S and segments is not None and q.device.type == "cpu":  # packed samples
-            o = segment_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), segments,
-                                  self.softmax_scale)  # (B, H, T, V)
-            return o.transpose(1, 2)
-        if V < self.qk_head_dim:
-            # CPU flash attention needs equal qk and v head dims; zero columns cost far less than the
-            # fallback math kernel (3x slower at our sizes) and are sliced off below.
-            v = F.pad(v, (0, self.qk_head_dim - V))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, ·)
+        if q_pos is None and T == S and segments is not None:  # packed samples
+            return kernels.segment_causal(q, k, v, segments, self.softmax_scale).transpose(1, 2)  # (B, T, H, V)
         if q_pos is None and T == S and segments is None:
             mask, causal = None, True
         else:
@@ -291,11 +273,8 @@ class MLA(nn.Module):
             mask, causal = (torch.arange(S, device=kv.device) <= q_pos[..., None]).unsqueeze(1), False  # (B,1,T,S)
             if segments is not None:
                 mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
-            scale=self.softmax_scale,
-        )  # (B, H, T, max(V, P+R))
-        return o[..., :V].transpose(1, 2)  # (B, T, H, V)
+        o = kernels.sdpa(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)  # (B, H, T, V)
+        return o.transpose(1, 2)  # (B, T, H, V)
 
     def attend_absorb(self, q_nope, q_pe, kv, k_pe, q_pos: torch.Tensor | None = None,
                       segments: torch.Tensor | None = None, block: int = 128, fused: bool = True) -> torch.Tensor:
@@ -304,8 +283,8 @@ class MLA(nn.Module):
         Every head shares one key [c_KV | k_pe] (C+R) and one value c_KV (C), so the H heads of a query attend
         like multi-query attention ("MQA mode", as FlashMLA calls it). q_pos (B, T) gives each query's position
         among the S keys; by default the queries are the last T positions (S > T when earlier keys come from a
-        cache). Over a whole sequence (no q_pos, T == S) and `fused`, `_latent_causal` runs it (training's fast
-        path); otherwise `_latent_blocks`, which is also its reference. Returns (B, T, H, V).
+        cache). Over a whole sequence (no q_pos, T == S) and `fused`, `kernels.latent_causal` runs it (training's
+        fast path); otherwise `_latent_blocks`, which is also its reference. Returns (B, T, H, V).
         """
         B, T, H, P = q_nope.shape
         S, C = kv.shape[1], self.kv_lora_rank
@@ -315,31 +294,10 @@ class MLA(nn.Module):
         q = torch.cat([q_lat, q_pe], dim=-1)  # (B, T, H, C+R)
         k = torch.cat([kv, k_pe[:, :, 0]], dim=-1)  # (B, S, C+R)
         if fused and q_pos is None and T == S:
-            o_lat = self._latent_causal(q, k, kv, segments)
+            o_lat = kernels.latent_causal(q, k, kv, segments, self.softmax_scale)
         else:
             o_lat = self._latent_blocks(q, k, kv, q_pos, segments, block)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
-
-    def _latent_causal(self, q, k, kv, segments: torch.Tensor | None) -> torch.Tensor:
-        """Causal latent attention over a whole sequence, (B, T, H, C). On CPU, when the probabilities fit a memory
-        budget, `CausalLatentAttention` (blockwise, probabilities kept for the backward), and for packed samples
-        `segment_attention`; otherwise F.scaled_dot_product_attention with one key/value head shared by the H
-        query heads (enable_gqa) and the value zero-padded to the key width C+R (the CPU flash kernel needs equal
-        widths)."""
-        B, T, H, _ = q.shape
-        C, R = kv.shape[-1], k.shape[-1] - kv.shape[-1]
-        if segments is None and q.device.type == "cpu" and B * H * T * T <= _SAVED_PROBS_LIMIT:
-            o = CausalLatentAttention.apply(q.flatten(1, 2) * self.softmax_scale, k, kv, H, 64)
-            return o.view(B, T, H, C)
-        if segments is not None:  # packed samples: on CPU only the keys a block can see, else one masked SDPA
-            attend = segment_attention if q.device.type == "cpu" else masked_sdpa
-            o = attend(q.transpose(1, 2), k.unsqueeze(1), kv.unsqueeze(1), segments, self.softmax_scale)
-            return o.transpose(1, 2)  # (B, T, H, C)
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.unsqueeze(1), F.pad(kv, (0, R)).unsqueeze(1), is_causal=True,
-            scale=self.softmax_scale, enable_gqa=True,
-        )  # (B, H, T, C+R)
-        return o[..., :C].transpose(1, 2)
 
     def _latent_blocks(self, q, k, kv, q_pos: torch.Tensor | None, segments: torch.Tensor | None,
                        block: int) -> torch.Tensor:
@@ -355,9 +313,7 @@ class MLA(nn.Module):
         for t0 in range(0, T, block):
             t1 = min(T, t0 + block)
             pos = q_pos[:, t0:t1].repeat_interleave(H, dim=1)  # (B, rows): each row's position
-            # keys up to the block's last query position, rounded up to 64 (masked below) so that decoding, whose
-            # key count grows by one per token, reuses a few GEMM shapes (oneDNN builds a bf16 kernel per shape)
-            visible = min(S, -(-(int(pos.max()) + 1) // 64) * 64)
+            visible = kernels.key_count(int(pos.max()) + 1, S)  # the keys up to the block's last query (+ masked)
             scores = q[:, t0 * H:t1 * H] @ k[:, :visible].transpose(1, 2)  # (B, rows, visible)
             future = torch.arange(visible, device=kv.device) > pos[..., None]
             if segments is not None:  # packed samples never see each other
@@ -366,9 +322,6 @@ class MLA(nn.Module):
             probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(kv.dtype)
             outs.append(probs @ kv[:, :visible])  # (B, rows, C)
         return torch.cat(outs, dim=1).view(B, T, H, C)
-
-
-_SAVED_PROBS_LIMIT = 1 << 26  # B·H·T² up to 64M probabilities (128 MB in bf16, half that kept) per layer
 
 
 # ----------------------------------------------------------------------------- feed-forward
@@ -396,8 +349,6 @@ class Gate(nn.Module):
     max score (softmax/V2), and only the best n_limited_groups groups stay eligible.
     """
 
-    keep_fp32_weights = True  # routing runs in fp32 in every precision (runtime.prepare_for_training)
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.topk, self.n_groups, self.topk_groups = cfg.n_activated_experts, cfg.n_expert_groups, cfg.n_limited_groups
@@ -406,8 +357,11 @@ class Gate(nn.Module):
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):
+        # The bias is running state, not a weight: aux-loss-free balancing adds ±γ to it after every step, and
+        # hf.load_hf copies a checkpoint's fp32 bias in after casting the model to the dtype asked for. So a cast
+        # of the weights (model.to(...)) leaves it an fp32 buffer, whose later updates and loads are not rounded.
         super()._apply(fn, recurse)
-        self.bias.data = self.bias.data.float()  # the selection bias stays fp32 whatever the weights' dtype
+        self.bias.data = self.bias.data.float()
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -460,9 +414,7 @@ class Experts(nn.Module):
             xs = _GatherRows.apply(x, src, slot_pos, K)  # (N·K, D): row j is token src[j] // K
             ys = self.dispatch(xs, torch.diff(ends, prepend=ends.new_zeros(1)), self)
         else:
-            # bf16 GEMMs go to oneDNN, which builds a kernel per new shape: rounding each expert's group up to a
-            # multiple of 32 rows keeps the shapes few and cached (fp32 GEMMs go to MKL and need no padding)
-            src, slot_pos, ends = _dispatch(indices, self.n_experts, 1 if x.dtype == torch.float32 else 32)
+            src, slot_pos, ends = _dispatch(indices, self.n_experts, kernels.group_rows(x.dtype))
             xs = _GatherRows.apply(x, src.clamp(max=N * K - 1), slot_pos, K)  # padding rows read any real row
             ys = self.ffn_groups(xs, ends)
         ys = _GatherRows.apply(ys, slot_pos, src, 1)  # back to (n, k) order; padding rows are never read
@@ -510,7 +462,7 @@ class Experts(nn.Module):
 
     def matmul(self, x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """The grouped GEMM of every projection (a subclass may change its numerics, e.g. to FP8)."""
-        return grouped_mm(x, w, ends)
+        return kernels.grouped_mm(x, w, ends)
 
     def forward_loop(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Reference: one expert at a time, as in DeepSeek's inference code. Used by tests only."""
@@ -568,14 +520,6 @@ class _GatherRows(torch.autograd.Function):
         if ctx.fold > 1:
             g = g.view(-1, ctx.fold, g.shape[-1]).sum(dim=1)
         return g, None, None, None
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Rows x[ends[e-1]:ends[e]] @ w[e] for every e. x: (M, in), w: (E, in, out), ends: (E,) int32."""
-    if hasattr(torch, "_grouped_mm"):
-        return torch._grouped_mm(x, w, offs=ends)
-    starts = [0] + ends[:-1].tolist()
-    return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends.tolist()))])
 
 
 class MoE(nn.Module):
@@ -665,23 +609,21 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTP(cfg, moe=has_moe, block_cls=self.block_cls) for _ in range(cfg.n_mtp_layers))
-        self.register_buffer("freqs_cis", rope_table(cfg, cfg.max_seq_len), persistent=False)
+        self.register_buffer("rope_bits", rope_bits(rope_table(cfg, cfg.max_seq_len)), persistent=False)
         self.init_weights()
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.freqs_cis.dtype != torch.float32:  # casting the weights must not round the RoPE table
-            self.reset_buffers(rope_only=True)
-        return self
+    @property
+    def freqs_cis(self) -> torch.Tensor:
+        """The RoPE table (max_seq_len, R/2, 2) in fp32, read from its bits (see `rope_bits`)."""
+        return self.rope_bits.view(torch.float32)
 
     @torch.no_grad()
-    def reset_buffers(self, rope_only: bool = False) -> None:
-        """Recompute the RoPE table (fp32) and, unless rope_only, zero the routing biases."""
-        self.freqs_cis = rope_table(self.cfg, self.cfg.max_seq_len).to(self.freqs_cis.device)
-        if not rope_only:
-            for m in self.modules():
-                if isinstance(m, Gate):
-                    m.bias.zero_()
+    def reset_buffers(self) -> None:
+        """Recompute the RoPE table and zero the routing biases."""
+        self.rope_bits = rope_bits(rope_table(self.cfg, self.cfg.max_seq_len)).to(self.rope_bits.device)
+        for m in self.modules():
+            if isinstance(m, Gate):
+                m.bias.zero_()
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None) -> None:
@@ -714,17 +656,13 @@ class Transformer(nn.Module):
             return out
         return out, [project(hk, k) for k, hk in enumerate(self.mtp_hidden(h, tokens, router_log), start=1)]
 
-    def mixed_precision(self):
-        """The context the layers run in: with an fp32 embedding table and lower-precision weights elsewhere
-        (the head's dtype), the residual stream stays fp32 and norms round to the weights' dtype."""
-        cdt = self.head.weight.dtype
-        return compute_dtype(cdt) if self.embed.weight.dtype == torch.float32 != cdt else contextlib.nullcontext()
-
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, T, D): the start of the residual stream, in the table's dtype in a mixed-precision
-        model (see `mixed_precision`), else in the layers' dtype."""
-        rows = self.embed(tokens)
-        return rows if _COMPUTE_DTYPE.get() is not None else rows.to(self.head.weight.dtype)
+        """Token embeddings (B, T, D), the start of the residual stream, in the table's dtype. Each block adds its
+        output to the stream, so it keeps that dtype: fp32 in a mixed-precision model, whose table stays fp32 while
+        its norms round to the compute dtype for the blocks' matmuls (runtime.py). A bf16 stream would round away
+        updates below 2^-8 of its size, and a bf16 run's trunk stalled for ~60 steps that fp32 did not
+        (docs/results/precision-parity.md)."""
+        return self.embed(tokens)
 
     def hidden(self, tokens: torch.Tensor, router_log: list | None = None, positions: torch.Tensor | None = None,
                segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -736,11 +674,10 @@ class Transformer(nn.Module):
         if T > self.freqs_cis.shape[0]:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.freqs_cis.shape[0]}")
         freqs_cis = self._freqs_at(positions) if positions is not None else torch.view_as_complex(self.freqs_cis[:T])
-        with self.mixed_precision():
-            h = self.embed_tokens(tokens)
-            for layer in self.layers:
-                h = layer(h, freqs_cis, router_log, segments=segments)
-            return self.norm(h)
+        h = self.embed_tokens(tokens)
+        for layer in self.layers:
+            h = layer(h, freqs_cis, router_log, segments=segments)
+        return self.norm(h)
 
     def mtp_hidden(self, h: torch.Tensor, tokens: torch.Tensor, router_log: list | None = None) -> list[torch.Tensor]:
         """Hidden states of each MTP depth k, (B, T-k, D): position i there predicts token i+k+1."""
@@ -748,8 +685,7 @@ class Transformer(nn.Module):
         for k, mtp in enumerate(self.mtp, start=1):
             # depth k at position i combines h^{k-1}_i with the embedding of token i+k (causal chain kept)
             freqs = torch.view_as_complex(self.freqs_cis[: T - k])
-            with self.mixed_precision():
-                h = mtp(h[:, :-1], self.embed_tokens(tokens[:, k:]), freqs, router_log)
+            h = mtp(h[:, :-1], self.embed_tokens(tokens[:, k:]), freqs, router_log)
             out.append(h)
         return out
 
@@ -774,15 +710,13 @@ class Transformer(nn.Module):
         """Final-normed hidden states (B, T, D) of tokens at `positions` (B, T), reading and extending the cache.
         Attention runs in the latent space by default: the cache holds latents, nothing is re-expanded."""
         freqs = self._freqs_at(positions)
-        with self.mixed_precision():
-            h = self.embed_tokens(tokens)
-            for layer, cache in zip(self.layers, caches):
-                h = layer(h, freqs, cache=cache, positions=positions, attn_impl=attn_impl)
-            return self.norm(h)
+        h = self.embed_tokens(tokens)
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, freqs, cache=cache, positions=positions, attn_impl=attn_impl)
+        return self.norm(h)
 
     def mtp_cached(self, depth: int, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
                    cache: LayerCache, attn_impl: str = "absorb") -> torch.Tensor:
         """MTP depth `depth` (1-based) at `positions`: h_i (the previous depth's hidden) with token i+depth."""
-        with self.mixed_precision():
-            return self.mtp[depth - 1](h, self.embed_tokens(next_tokens), self._freqs_at(positions), cache=cache,
-                                       positions=positions, attn_impl=attn_impl)
+        return self.mtp[depth - 1](h, self.embed_tokens(next_tokens), self._freqs_at(positions), cache=cache,
+                                   positions=positions, attn_impl=attn_impl)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .attention_v4 import AttentionV4, V4Cache
 from .config import ModelConfig
-from .model import MLP, Experts, Gate, RMSNorm, RouterLog, Transformer, rope_table
+from .model import MLP, Experts, Gate, RMSNorm, RouterLog, Transformer, rope_bits, rope_table
 
 
 def sinkhorn(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -40,10 +40,8 @@ def sinkhorn(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 class HyperConnection(nn.Module):
     """One mHC site: maps the streams to the collapse A (pre), the spread C (post) and the mixer B (comb).
 
-    Its weights stay fp32 under mixed precision (`keep_fp32_weights`), as the router's: the coefficients are
-    computed in fp32 and Sinkhorn's projection should not start from rounded weights."""
-
-    keep_fp32_weights = True
+    The coefficients are computed in fp32 (a mixed-precision model keeps these weights fp32 too, as the router's:
+    runtime.FP32_MODULES), so Sinkhorn's projection starts from unrounded values."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -73,9 +71,8 @@ class HyperConnection(nn.Module):
 
 
 class HyperHead(nn.Module):
-    """The final collapse of the streams: Σ_n (sigmoid(a_n) + eps) · X_n, a from the RMSNorm'd streams."""
-
-    keep_fp32_weights = True  # as HyperConnection's
+    """The final collapse of the streams: Σ_n (sigmoid(a_n) + eps) · X_n, a from the RMSNorm'd streams (in fp32,
+    as HyperConnection's)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -249,8 +246,8 @@ class TransformerV4(Transformer):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPV4(cfg) for _ in range(cfg.n_mtp_layers))
         main, compress = self._rope_tables()
-        self.register_buffer("freqs_main", main, persistent=False)
-        self.register_buffer("freqs_compress", compress, persistent=False)
+        self.register_buffer("rope_bits_main", rope_bits(main), persistent=False)  # fp32 bits, as V3's rope_bits
+        self.register_buffer("rope_bits_compress", rope_bits(compress), persistent=False)
         self.init_weights()
 
     def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,24 +256,17 @@ class TransformerV4(Transformer):
         return (rope_table(cfg.replace(rope_factor=1.0), cfg.max_seq_len),
                 rope_table(cfg.replace(rope_theta=cfg.compress_rope_theta), cfg.max_seq_len))
 
-    def _apply(self, fn, recurse=True):
-        nn.Module._apply(self, fn, recurse)
-        if self.freqs_main.dtype != torch.float32:  # casting the weights must not round the RoPE tables
-            self.reset_buffers(rope_only=True)
-        return self
-
     @torch.no_grad()
-    def reset_buffers(self, rope_only: bool = False) -> None:
-        """Recompute the RoPE tables and, unless rope_only, zero the routing biases and redraw the hash tables."""
-        device = self.freqs_main.device
+    def reset_buffers(self) -> None:
+        """Recompute the RoPE tables, zero the routing biases and redraw the hash tables."""
+        device = self.rope_bits_main.device
         main, compress = self._rope_tables()
-        self.freqs_main, self.freqs_compress = main.to(device), compress.to(device)
-        if not rope_only:
-            for m in self.modules():
-                if isinstance(m, Gate):
-                    m.bias.zero_()
-            for i, m in enumerate(m for m in self.modules() if isinstance(m, HashGate)):
-                m.reset_table(seed=i)  # each hash layer its own table
+        self.rope_bits_main, self.rope_bits_compress = rope_bits(main).to(device), rope_bits(compress).to(device)
+        for m in self.modules():
+            if isinstance(m, Gate):
+                m.bias.zero_()
+        for i, m in enumerate(m for m in self.modules() if isinstance(m, HashGate)):
+            m.reset_table(seed=i)  # each hash layer its own table
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None) -> None:
@@ -295,46 +285,44 @@ class TransformerV4(Transformer):
         self.reset_buffers()
 
     def table(self, kind: str) -> torch.Tensor:
-        return torch.view_as_complex(self.freqs_main if kind == "sliding" else self.freqs_compress)
+        """The complex RoPE table (max_seq_len, R/2) of a layer kind."""
+        bits = self.rope_bits_main if kind == "sliding" else self.rope_bits_compress
+        return torch.view_as_complex(bits.view(torch.float32))
 
     # ------------------------------------------------------------------ full sequences
 
     def embedding(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The rows that start the streams. In a mixed-precision model (fp32 table, bf16 blocks: see
-        Transformer.mixed_precision) they stay fp32, so the streams are fp32 sums of the blocks' bf16 outputs,
-        as V3's residual stream; otherwise they are cast to the layers' dtype."""
+        """The rows that start the streams, in the table's dtype (Transformer.embed_tokens): in a mixed-precision
+        model fp32, so the streams are fp32 sums of the blocks' bf16 outputs, as V3's residual stream."""
         return self.embed_tokens(tokens)
 
     def streams(self, tokens: torch.Tensor, router_log=None, attn_impl: str | None = None) -> torch.Tensor:
         """The residual streams after the last block, (B, T, N, D)."""
-        if tokens.shape[1] > self.freqs_main.shape[0]:
-            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.freqs_main.shape[0]}")
-        with self.mixed_precision():
-            x = self.embedding(tokens).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)
-            for layer in self.layers:
-                x = layer(x, tokens, self.table(layer.attn.kind), router_log, attn_impl=attn_impl)
-            return x
+        if tokens.shape[1] > self.rope_bits_main.shape[0]:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.rope_bits_main.shape[0]}")
+        x = self.embedding(tokens).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)
+        for layer in self.layers:
+            x = layer(x, tokens, self.table(layer.attn.kind), router_log, attn_impl=attn_impl)
+        return x
 
     def hidden(self, tokens: torch.Tensor, router_log=None, positions=None, segments=None) -> torch.Tensor:
         """The main model's final-normed hidden states (B, T, D)."""
         if positions is not None or segments is not None:
             raise ValueError("V4 attention compresses across the whole row: packed samples (positions/segments) "
                              "are not supported; train V4 on unpacked rows")
-        with self.mixed_precision():
-            return self.norm(self.hc_head(self.streams(tokens, router_log)))
+        return self.norm(self.hc_head(self.streams(tokens, router_log)))
 
     def forward(self, tokens: torch.Tensor, return_mtp: bool = False, router_log=None, head=None):
         """As Transformer.forward: logits (B, T, vocab), with return_mtp also [MTP logits (B, T-k, vocab)]."""
         project = (lambda h, k: self.head(h)) if head is None else (lambda h, k: head(h, self.head.weight, k))
-        with self.mixed_precision():
-            x = self.streams(tokens, router_log)
-            out = project(self.norm(self.hc_head(x)), 0)
-            if not return_mtp:
-                return out
-            mtp, table = [], self.table("sliding")
-            for k, module in enumerate(self.mtp, start=1):
-                x, h = module(x[:, :-1], self.embedding(tokens[:, k:]), tokens[:, k:], table, router_log)
-                mtp.append(project(h, k))
+        x = self.streams(tokens, router_log)
+        out = project(self.norm(self.hc_head(x)), 0)
+        if not return_mtp:
+            return out
+        mtp, table = [], self.table("sliding")
+        for k, module in enumerate(self.mtp, start=1):
+            x, h = module(x[:, :-1], self.embedding(tokens[:, k:]), tokens[:, k:], table, router_log)
+            mtp.append(project(h, k))
         return out, mtp
 
     def mtp_hidden(self, h, tokens, router_log=None):
@@ -350,23 +338,19 @@ class TransformerV4(Transformer):
 
     def streams_cached(self, tokens, positions, caches, attn_impl=None) -> torch.Tensor:
         """Residual streams (B, T, N, D) of tokens at `positions` (B, T), reading and extending the caches."""
-        if int(positions.max()) >= self.freqs_main.shape[0]:
-            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.freqs_main.shape[0]}")
-        with self.mixed_precision():
-            x = self.embedding(tokens).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)
-            for layer, cache in zip(self.layers, caches):
-                x = layer(x, tokens, self.table(layer.attn.kind), cache=cache, positions=positions,
-                          attn_impl=attn_impl)
-            return x
+        if int(positions.max()) >= self.rope_bits_main.shape[0]:
+            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.rope_bits_main.shape[0]}")
+        x = self.embedding(tokens).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, tokens, self.table(layer.attn.kind), cache=cache, positions=positions, attn_impl=attn_impl)
+        return x
 
     def hidden_cached(self, tokens, positions, caches, attn_impl=None) -> torch.Tensor:
         """Final-normed hidden states (B, T, D) of tokens at `positions` (B, T), reading and extending the caches."""
-        with self.mixed_precision():
-            return self.norm(self.hc_head(self.streams_cached(tokens, positions, caches, attn_impl)))
+        return self.norm(self.hc_head(self.streams_cached(tokens, positions, caches, attn_impl)))
 
     def mtp_cached(self, depth: int, x: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor, cache):
         """MTP depth `depth` at `positions`: x the previous depth's streams (B, T, N, D) (streams_cached for
         depth 1), next_tokens the tokens `depth` ahead. Returns (streams, final-normed hidden (B, T, D))."""
-        with self.mixed_precision():
-            return self.mtp[depth - 1](x, self.embedding(next_tokens), next_tokens, self.table("sliding"),
-                                       cache=cache, positions=positions)
+        return self.mtp[depth - 1](x, self.embedding(next_tokens), next_tokens, self.table("sliding"),
+                                   cache=cache, positions=positions)

@@ -5,13 +5,20 @@
 from what the hardware is, never from a stopwatch, so one kind of host always makes the same choice: bf16 on a CUDA
 GPU with bf16 support; on a CPU, bf16 only where it multiplies bf16 natively (AMX or AVX512-BF16, as torch reports)
 and the stage trains or decodes at least DECODE_BF16_ROWS rows together; fp32 elsewhere (on AVX2-only CPUs bf16 is
-emulated, 20-100× slower). The choice and its reason are recorded in run.json and in every checkpoint.
+emulated, 20-100× slower). The choice and its reason are recorded in run.json and in every checkpoint, and a
+stage that scores or trains a checkpoint (eval, sample, sft, grpo, distill) passes the precision the checkpoint
+recorded (`recorded=`): under `auto` it computes in that precision wherever this hardware runs it natively, so
+every evaluation of one run is computed one way. The interactive commands (generate, chat, serve) keep the
+throughput rule: a one-row chat on an AMX Xeon runs ~6× slower in bf16, and nothing is scored there.
 
 bf16 is mixed precision (Micikevicius et al. 2018, arXiv 1710.03740; DeepSeek-V3 report §3.3): the parameters,
 their gradients and the optimizer state stay fp32 ("master weights"); `prepare_for_training` gives a forward
 that runs on bf16 copies of the matmul weights, so activations, matmuls and their backward run in bf16, while
 the model keeps fp32 where precision matters (RMSNorm statistics, softmax statistics, router scores and the
 selection bias, cross-entropy; see model.py and losses.py). `prepare_inference` casts a model for the engine.
+Both apply the policy to the model from outside, as torchtitan's converters do: which modules keep fp32 weights
+(FP32_MODULES) and what the norms round to (`set_compute_dtype`); model.py holds only the math and the plain
+attributes set here, and nanoseek/kernels.py the kernel choices that follow from a tensor's device and dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .fp8 import FP8Experts, FP8Linear
+from .model import Gate, RMSNorm
+from .model_v4 import HyperConnection, HyperHead
 from .options import DEVICES, PRECISIONS  # declared once, with the flags
 
 # On a CPU with native bf16, decoding gains from bf16 only when each matmul multiplies enough rows: a bf16 call has a
@@ -69,12 +79,15 @@ class Runtime:
         return {"precision": self.precision, "precision_reason": self.reason}
 
 
-def resolve(device: str = "auto", precision: str = "auto", rows: int = 1024, training: bool = False) -> Runtime:
+def resolve(device: str = "auto", precision: str = "auto", rows: int = 1024, training: bool = False,
+            recorded: str | None = None) -> Runtime:
     """The Runtime for `--device` and `--precision` (ValueError naming the flag for a bad value). Times nothing.
 
     rows: the rows (tokens) each matmul multiplies: 1024 stands for prefill; a decoding stage passes the sequences it
     decodes together (`eval`: n × k, `sample`: its batch, `generate`: the prompts, `chat`: 1, `serve`: --max-batch).
     training: the stage trains (pretrain, SFT, GRPO), whose matmuls multiply thousands of rows whatever `rows` says.
+    recorded: the precision the loaded checkpoint was trained in (checkpoint.recorded_precision); under `auto` it
+    wins over `rows` and `training`, except that bf16 falls back to fp32 where this hardware would emulate it.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -85,9 +98,16 @@ def resolve(device: str = "auto", precision: str = "auto", rows: int = 1024, tra
             raise ValueError("--precision bf16: this GPU has no bf16 support; use --precision fp32")
         if precision != "auto":
             return Runtime(dev, precision, "requested", precision)
+        if recorded == "fp32" or (recorded == "bf16" and ok):
+            return Runtime(dev, recorded, f"recorded by the checkpoint ({recorded})", precision)
         return Runtime(dev, "bf16", "CUDA GPU with bf16", precision) if ok else \
             Runtime(dev, "fp32", "CUDA GPU without bf16: fp32", precision)
     native, isa = native_bf16(), cpu_isa()
+    if precision == "auto" and recorded in ("fp32", "bf16"):
+        if recorded == "bf16" and not native:
+            return Runtime(dev, "fp32", f"the checkpoint recorded bf16; CPU without native bf16 ({isa}): fp32",
+                           precision)
+        return Runtime(dev, recorded, f"recorded by the checkpoint ({recorded})", precision)
     if precision == "bf16" and not native:
         _warn_once(f"--precision bf16: this CPU has no native bf16 matmuls ({isa}), so bf16 is emulated and much "
                    f"slower than fp32; --precision auto would choose fp32")
@@ -191,16 +211,35 @@ def _seconds_per_matmul(M: int, K: int, N: int, dtype: torch.dtype, budget: floa
 # ----------------------------------------------------------------------------- models in a precision
 
 
+# The modules whose own weights stay fp32 in every precision, each for a numerical reason; under bf16 every other
+# weight computes as a bf16 copy (the output head too: its logits feed an fp32 softmax, losses.py).
+FP32_MODULES = (
+    nn.Embedding,  # its rows start the fp32 residual stream (Transformer.embed_tokens); its gradient sums many rows
+    RMSNorm,  # a weight whose gradient sums over every token; the statistics are fp32 anyway
+    Gate,  # routing scores and the expert selection must not move with rounding (GateV4 too)
+    HyperConnection, HyperHead,  # V4's mHC: coefficients and Sinkhorn's projection in fp32, from unrounded weights
+    FP8Linear, FP8Experts,  # quantised from the fp32 master, not from a bf16 copy
+)
+
+
 def keeps_fp32(module: nn.Module) -> bool:
-    """Whether a module's own weights stay fp32 in every precision: modules marking `keep_fp32_weights` (the
-    router, whose scores and selection must not move with rounding; norms; FP8 layers, which quantise from the
-    fp32 master) and the embedding (its rows start the fp32 residual stream; its sparse gradient sums many rows)."""
-    return getattr(module, "keep_fp32_weights", False) or isinstance(module, nn.Embedding)
+    """Whether a module's own weights stay fp32 in every precision (FP32_MODULES)."""
+    return isinstance(module, FP32_MODULES)
 
 
 def fp32_params(model: nn.Module) -> set[int]:
     """ids of the parameters that stay fp32 in every precision (those of `keeps_fp32` modules)."""
     return {id(p) for m in model.modules() if keeps_fp32(m) for p in m.parameters(recurse=False)}
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Make `model` compute in `dtype` around an fp32 residual stream, or (None) undo it: every RMSNorm rounds its
+    fp32 result to `dtype` (RMSNorm.out_dtype), so the norm reading the stream hands `dtype` to the matmuls after
+    it, while the embedding rows (the table stays fp32) and the blocks' outputs added to them stay fp32. With None
+    a norm returns its input's dtype: an fp32 model, or one cast to a single dtype by hand."""
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.out_dtype = dtype
 
 
 class MixedPrecision:
@@ -215,38 +254,53 @@ class MixedPrecision:
         self.model, self.dtype = model, dtype
         keep = fp32_params(model)
         self.names = [n for n, p in model.named_parameters() if id(p) not in keep and p.is_floating_point()]
+        self.norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
 
     def compute_weights(self) -> dict[str, torch.Tensor]:
         params = dict(self.model.named_parameters())
         return {n: params[n].to(self.dtype) for n in self.names}
 
     def __call__(self, *args, **kwargs):
-        return torch.func.functional_call(self.model, self.compute_weights(), args, kwargs, strict=False)
+        # The norms round to bf16 for this call only (set_compute_dtype's setting, undone after it): the same model
+        # also runs as itself in fp32 (a GRPO run's fp32 rollouts). The backward, which runs after, never reads it.
+        before = [m.out_dtype for m in self.norms]
+        for m in self.norms:
+            m.out_dtype = self.dtype
+        try:
+            return torch.func.functional_call(self.model, self.compute_weights(), args, kwargs, strict=False)
+        finally:
+            for m, dtype in zip(self.norms, before):
+                m.out_dtype = dtype
 
 
 def prepare_for_training(model: nn.Module, rt: Runtime):
     """The forward a training step calls: the model itself in fp32, a MixedPrecision view of it in bf16. A model
-    sharded by FSDP2 (dist.parallelize) is returned as it is: FSDP makes its bf16 compute copies itself.
+    sharded by FSDP2 (dist.parallelize) is returned as it is, its norms set to round to rt's dtype: FSDP makes its
+    bf16 compute copies itself, so each of its forwards is a mixed-precision one.
 
     The model's parameters stay fp32 either way (build the optimizer on `model`, save `model`)."""
     from torch.distributed.fsdp import FSDPModule
 
-    return model if rt.precision == "fp32" or isinstance(model, FSDPModule) else MixedPrecision(model, rt.dtype)
+    if isinstance(model, FSDPModule):
+        set_compute_dtype(model, rt.dtype if rt.precision != "fp32" else None)
+        return model
+    return model if rt.precision == "fp32" else MixedPrecision(model, rt.dtype)
 
 
 def prepare_inference(model: nn.Module, rt: Runtime) -> nn.Module:
     """Cast a model in place for inference in `rt`'s precision and move it to `rt.device`.
 
-    bf16: every weight except the router's, the norms' and the embedding table (see `fp32_params`), so
-    inference computes exactly what the MixedPrecision training forward computes, fp32 residual stream included
-    (Transformer.mixed_precision); the routing bias and the RoPE table stay fp32 (Gate._apply,
-    Transformer._apply). The engine then allocates its latent cache in bf16 (the head's dtype)."""
+    bf16: every weight except those of FP32_MODULES (router, norms, embedding table, ...), and the norms round
+    to bf16 (`set_compute_dtype`), so inference computes exactly what the MixedPrecision training forward
+    computes, fp32 residual stream included. Buffers are not cast: the routing bias stays fp32, and the RoPE table
+    is kept as fp32 bits in any case. The engine then allocates its latent cache in bf16 (the head's dtype)."""
     model.to(rt.device)
     keep = fp32_params(model)
     with torch.no_grad():
         for p in model.parameters():
-            if id(p) not in keep and p.is_floating_point():
-                p.data = p.data.to(rt.dtype)
+            if p.is_floating_point():
+                p.data = p.data.to(torch.float32 if id(p) in keep else rt.dtype)
+    set_compute_dtype(model, rt.dtype if rt.precision != "fp32" else None)
     return model
 
 

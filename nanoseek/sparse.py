@@ -291,8 +291,7 @@ class TransformerV32(Transformer):
                       attn_impl: str | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, D) of tokens at `positions` (B, T), reading and extending the caches."""
         freqs = self._freqs_at(positions)
-        with self.mixed_precision():
-            h = self.embed_tokens(tokens)
-            for layer, cache in zip(self.layers, caches):
-                h = layer(h, freqs, cache=cache, positions=positions, attn_impl=attn_impl)
-            return self.norm(h)
+        h = self.embed_tokens(tokens)
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, freqs, cache=cache, positions=positions, attn_impl=attn_impl)
+        return self.norm(h)

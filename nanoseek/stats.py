@@ -15,13 +15,17 @@ Conventions (stated wherever numbers are printed):
 - V3.2 and V4 attention FLOPs count what the sparse/compressed attention reads: V3.2's indexer scores all S
   keys and MLA reads min(S, index_topk); V4 reads its window plus the compressed entries (top-k in CSA).
   `inference_flops_per_token` is the cost of decoding one token after S: 2 × active + attention.
+
+How each generation is counted is one `Counting` record in `COUNTING`, keyed by `ModelConfig.family` like
+config.FAMILIES: a new attention variant adds its entry there instead of a branch in every public function.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
-from .config import ModelConfig
+from .config import ModelConfig, family_entry
 
 BYTES_BF16 = 2
 
@@ -67,8 +71,12 @@ def _block_params(cfg: ModelConfig, moe: bool) -> tuple[int, int]:
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    if cfg.family == "v4":
-        return v4_param_counts(cfg)
+    """total_params, active_params, mtp_params and embedding_params of cfg (conventions above)."""
+    return _counting(cfg).params(cfg)
+
+
+def mla_param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """V2/V3/V3.2: dense prefix and MoE blocks around MLA (+ indexer), MTP modules with eh_proj."""
     embed = head = cfg.vocab_size * cfg.dim
     dense_total, _ = _block_params(cfg, moe=False)
     moe_total, moe_active = _block_params(cfg, moe=True)
@@ -83,8 +91,11 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
 def kv_cache_bytes(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, int]:
     """Cache bytes per token; for V4 averaged over a context of seq_len tokens (default: min(max_seq_len, 4096))."""
-    if cfg.family == "v4":
-        return v4_kv_cache_bytes(cfg, seq_len or min(cfg.max_seq_len, 4096))
+    return _counting(cfg).kv_cache(cfg, seq_len or min(cfg.max_seq_len, 4096))
+
+
+def _mla_kv_cache_bytes(cfg: ModelConfig, S: int) -> dict[str, int]:
+    """V2/V3/V3.2: the same entries for every token, whatever the context S."""
     absorbed = (cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.index_n_heads else 0))
     absorbed *= cfg.n_layers * BYTES_BF16
     naive = cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.n_layers * BYTES_BF16
@@ -113,15 +124,16 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, include_mtp: bool = Tr
     """Training FLOPs per token, optionally with what the MTP modules add (their block, eh_proj, head pass)."""
     flops = model_stats(cfg, seq_len)["train_flops_per_token"]
     if include_mtp and cfg.n_mtp_layers:
-        if cfg.family == "v4":
-            per_depth = v4_param_counts(cfg)["mtp_active"] // cfg.n_mtp_layers + cfg.vocab_size * cfg.dim
-            attn = 3 * _v4_layer_attention_flops(cfg, "sliding", seq_len, causal=True)
-        else:
-            _, block_active = _block_params(cfg, moe=cfg.n_moe_layers > 0)
-            per_depth = block_active + 2 * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
-            attn = 3 * attention_flops(cfg, seq_len, causal=True) / cfg.n_layers  # every layer alike
+        per_depth, attn = _counting(cfg).mtp_depth(cfg, seq_len)
         flops += cfg.n_mtp_layers * (6 * per_depth + attn)
     return flops
+
+
+def _mla_mtp_depth(cfg: ModelConfig, S: int) -> tuple[float, float]:
+    """One MTP depth: (active params of its block, eh_proj and the head pass; training attention FLOPs)."""
+    _, block_active = _block_params(cfg, moe=cfg.n_moe_layers > 0)
+    per_depth = block_active + 2 * cfg.dim * cfg.dim + cfg.vocab_size * cfg.dim
+    return per_depth, 3 * attention_flops(cfg, S, causal=True) / cfg.n_layers  # every layer alike
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
@@ -147,11 +159,18 @@ def attention_flops(cfg: ModelConfig, S: int, causal: bool) -> float:
     causal positions of an S-token sequence (training), or for one query after S keys (decoding). Multiply by
     3 for forward + backward. V2/V3 MLA: H·(d_qk + d_v)·2 per key in both cases (absorbed decoding reads
     C + R and C per head per key instead; reported by `inference_flops_per_token`)."""
-    if cfg.family == "v4":
-        return sum(_v4_layer_attention_flops(cfg, cfg.layer_kind(i), S, causal) for i in range(cfg.n_layers))
+    return _counting(cfg).attention_flops(cfg, S, causal)
+
+
+def _mla_attention_flops(cfg: ModelConfig, S: int, causal: bool) -> float:
+    """V2/V3: every head reads every visible key."""
     keys = _mean_seen(S, S, causal)
-    if cfg.family == "v3":
-        return 2 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * keys
+    return 2 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * keys
+
+
+def _dsa_attention_flops(cfg: ModelConfig, S: int, causal: bool) -> float:
+    """V3.2: the indexer scores every visible key, MLA reads its top-k."""
+    keys = _mean_seen(S, S, causal)
     index = 2 * cfg.index_n_heads * (cfg.index_head_dim + 1) * keys  # J·I MACs per key, then the J weights
     sparse = _mean_seen(S, cfg.index_topk, causal)
     return cfg.n_layers * (2 * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * sparse + index)
@@ -171,19 +190,27 @@ def _v4_layer_attention_flops(cfg: ModelConfig, kind: str, S: int, causal: bool)
     return 4 * cfg.n_heads * cfg.head_dim * (window + seen) + index
 
 
+def _v4_attention_flops(cfg: ModelConfig, S: int, causal: bool) -> float:
+    return sum(_v4_layer_attention_flops(cfg, cfg.layer_kind(i), S, causal) for i in range(cfg.n_layers))
+
+
 def inference_flops_per_token(cfg: ModelConfig, context: int) -> float:
     """FLOPs to decode one token after `context` tokens: 2 × active params + attention (absorbed MLA reads
     2·H·(2C + R) per key; V3.2 and V4 as in attention_flops)."""
     active = param_counts(cfg)["active_params"]
-    if cfg.family == "v3":
-        attn = 2 * cfg.n_layers * cfg.n_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * context
-    elif cfg.family == "v32":
-        keys = min(context, cfg.index_topk)
-        attn = cfg.n_layers * (2 * cfg.n_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * keys
-                               + 2 * cfg.index_n_heads * (cfg.index_head_dim + 1) * context)
-    else:
-        attn = attention_flops(cfg, context, causal=False)
-    return 2 * active + attn
+    return 2 * active + _counting(cfg).decode_attention_flops(cfg, context)
+
+
+def _mla_decode_flops(cfg: ModelConfig, context: int) -> float:
+    """Absorbed MLA decoding: scores over C + R and the weighted sum over C, per head per cached key."""
+    return 2 * cfg.n_layers * cfg.n_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * context
+
+
+def _dsa_decode_flops(cfg: ModelConfig, context: int) -> float:
+    """Absorbed MLA over the indexer's top-k, plus the indexer over every cached key."""
+    keys = min(context, cfg.index_topk)
+    return cfg.n_layers * (2 * cfg.n_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * keys
+                           + 2 * cfg.index_n_heads * (cfg.index_head_dim + 1) * context)
 
 
 # ----------------------------------------------------------------------------- V4
@@ -237,6 +264,43 @@ def v4_kv_cache_bytes(cfg: ModelConfig, S: int) -> dict[str, int]:
             total += (S // m) * (cfg.head_dim + (cfg.index_head_dim if kind == "csa" else 0))
     return {"kv_cache_bytes_per_token": round(total * BYTES_BF16 / S),
             "kv_cache_bytes_per_token_naive": cfg.n_layers * cfg.head_dim * BYTES_BF16}
+
+
+def _v4_mtp_depth(cfg: ModelConfig, S: int) -> tuple[float, float]:
+    """One V4 MTP depth: its sliding-window block, projections and head pass; that block's attention FLOPs."""
+    per_depth = v4_param_counts(cfg)["mtp_active"] // cfg.n_mtp_layers + cfg.vocab_size * cfg.dim
+    return per_depth, 3 * _v4_layer_attention_flops(cfg, "sliding", S, causal=True)
+
+
+# ----------------------------------------------------------------------------- per generation
+
+
+@dataclass(frozen=True)
+class Counting:
+    """How one generation's parameters, KV cache and attention FLOPs are counted."""
+
+    params: Callable[[ModelConfig], dict[str, int]]  # param_counts' record
+    kv_cache: Callable[[ModelConfig, int], dict[str, int]]  # bytes per token of an S-token context
+    attention_flops: Callable[[ModelConfig, int, bool], float]  # attention_flops (forward, per token)
+    decode_attention_flops: Callable[[ModelConfig, int], float]  # attention of one token decoded after a context
+    mtp_depth: Callable[[ModelConfig, int], tuple[float, float]]  # one MTP depth: (active params, training attention)
+    cache_holds: tuple[str, str]  # what a token's KV cache holds: (this generation's cache, the naive per-head one)
+
+
+# Keyed like config.FAMILIES. V3.2 is V3's MLA (indexer parameters and cache included there) with sparse reads.
+COUNTING: dict[str, Counting] = {
+    "v3": Counting(mla_param_counts, _mla_kv_cache_bytes, _mla_attention_flops, _mla_decode_flops, _mla_mtp_depth,
+                   ("absorbed MLA latent + rope key, bf16", "per-head K and V, bf16")),
+    "v32": Counting(mla_param_counts, _mla_kv_cache_bytes, _dsa_attention_flops, _dsa_decode_flops, _mla_mtp_depth,
+                    ("MLA latent + rope key + indexer key, bf16", "per-head K and V + indexer key, bf16")),
+    "v4": Counting(v4_param_counts, v4_kv_cache_bytes, _v4_attention_flops,
+                   lambda cfg, context: _v4_attention_flops(cfg, context, causal=False), _v4_mtp_depth,
+                   ("window + compressed entries, averaged over the context, bf16", "every token's raw K=V, bf16")),
+}
+
+
+def _counting(cfg: ModelConfig) -> Counting:
+    return family_entry(COUNTING, cfg.family, "stats.COUNTING")
 
 
 # ----------------------------------------------------------------------------- dense GQA models

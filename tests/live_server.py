@@ -73,7 +73,7 @@ class LiveServer:
     def __init__(self, model, tok, **config):
         import uvicorn
 
-        from nanoseek.serve import ServeConfig, create_app
+        from nanoseek.stages.serve import ServeConfig, create_app
 
         self.sock = free_socket()
         self.port = self.sock.getsockname()[1]
@@ -96,12 +96,12 @@ class LiveServer:
         self.sock.close()
 
     @property
-    def engine(self):
-        return self.app.state.engine
+    def worker(self):
+        return self.app.state.worker
 
     def wait_until(self, condition, what: str, limit: float = 60.0) -> None:
-        """Poll the engine's status until condition(status) holds (limit only guards against a hang)."""
+        """Poll the worker's status until condition(status) holds (limit only guards against a hang)."""
         deadline = time.monotonic() + limit
-        while not condition(self.engine.status()):
-            assert time.monotonic() < deadline, f"gave up waiting for {what}: {self.engine.status()}"
+        while not condition(self.worker.status()):
+            assert time.monotonic() < deadline, f"gave up waiting for {what}: {self.worker.status()}"
             time.sleep(0.01)

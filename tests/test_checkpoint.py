@@ -16,6 +16,8 @@ def test_save_load_roundtrip(tmp_path):
     assert tok is None
     for (n, a), b in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), n
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):  # what the text stages ask for
+        load(tmp_path / "ckpt", require_tokenizer=True)
 
 
 def test_failed_save_keeps_the_old_checkpoint(tmp_path):

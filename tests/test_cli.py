@@ -176,6 +176,12 @@ def test_tiny_is_usable_with_every_commands_defaults(tmp_path, capsys, monkeypat
                  "1", "--eval-n", "8"]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error" not in err.lower(), err[-2000:]
+    # countdown's prompts (~200 tokens) and the default 96 new tokens do not fit tiny's 256 positions: the response
+    # limit is fitted to the model, and the run says so
+    assert main(["grpo", "--init", str(run), "--task", "countdown", "--out", str(tmp_path / "rl-countdown"),
+                 "--steps", "1", "--eval-n", "4", "--prompts-per-step", "2", "--group-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 96 capped to" in err and "Traceback" not in err, err[-2000:]
 
 
 def test_eval_of_several_checkpoints_equals_evaluating_each_alone(tmp_path, capsys):
@@ -200,9 +206,11 @@ def test_eval_of_several_checkpoints_equals_evaluating_each_alone(tmp_path, caps
 
 
 def test_several_checkpoints_are_scored_at_one_precision(tmp_path, capsys, monkeypatch):
-    """Scores compared side by side are computed the same way: the precision is decided once, for all of them, from
-    the hardware and the rows decoded together (when a probe decided per checkpoint, a teacher and its student fell
-    on both sides of its threshold). Here a CPU with native bf16 and 128 rows: bf16 for both, for one reason."""
+    """Scores compared side by side are computed the same way: the precision is decided once, for all of them (when
+    a probe decided per checkpoint, a teacher and its student fell on both sides of its threshold): the one their
+    checkpoints recorded when they agree, else from the hardware and the rows decoded together. Here a CPU with
+    native bf16 and 128 rows."""
+    from nanoseek import checkpoint as ckpt
     from nanoseek import runtime
     from nanoseek.stages import evaluate
 
@@ -211,15 +219,23 @@ def test_several_checkpoints_are_scored_at_one_precision(tmp_path, capsys, monke
         assert main(["pretrain", "--preset", "tiny", "--out", str(run_dir), "--steps", "1", "--n-problems", "50",
                      "--eval-batches", "0", "--precision", "fp32", "--model-overrides", json.dumps(overrides)]) == 0
     monkeypatch.setattr(runtime, "native_bf16", lambda: True)
-    calls = []
-    monkeypatch.setattr(evaluate, "resolve", lambda *args, **kw: calls.append(kw) or runtime.resolve(*args, **kw))
-    capsys.readouterr()
-    assert main(["eval", "--ckpt", *map(str, runs), "--task", "chain_sum", "--n", "32", "--k", "4",
-                 "--max-new-tokens", "2", "--json"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert calls == [{"rows": 128}]  # one decision, at the n × k rows decoded together
-    assert [r["precision"] for r in lines] == ["bf16", "bf16"] and lines[0]["runtime"] == lines[1]["runtime"]
-    assert lines[0]["runtime"]["reason"].endswith("128 rows per matmul, bf16 from 128")
+
+    def scored():
+        calls = []
+        monkeypatch.setattr(evaluate, "resolve", lambda *args, **kw: calls.append(kw) or runtime.resolve(*args, **kw))
+        capsys.readouterr()
+        assert main(["eval", "--ckpt", *map(str, runs), "--task", "chain_sum", "--n", "32", "--k", "4",
+                     "--max-new-tokens", "2", "--json"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert len(calls) == 1 and lines[0]["runtime"] == lines[1]["runtime"]  # one decision for both
+        return calls[0], [r["precision"] for r in lines], lines[0]["runtime"]["reason"]
+
+    assert scored() == ({"rows": 128, "recorded": "fp32"}, ["fp32", "fp32"], "recorded by the checkpoint (fp32)")
+    meta = ckpt.step_dirs(runs[1])[-1] / "meta.json"  # b no longer says: the records disagree, the hardware decides
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "precision"}))
+    call, precisions, reason = scored()
+    assert call == {"rows": 128, "recorded": None} and precisions == ["bf16", "bf16"]
+    assert reason.endswith("128 rows per matmul, bf16 from 128")
 
 
 # ----------------------------------------------------------------------------- defaults from the run's record (#39)

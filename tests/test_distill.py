@@ -1,5 +1,5 @@
-"""On-policy distillation (reverse KL on the student's own samples), equal-compute budgets (--max-flops), and the
-error bars every speedrun score and comparison carries."""
+"""On-policy distillation (reverse KL on the student's own samples), its exact --resume, equal-compute budgets
+(--max-flops), and the error bars every speedrun score and comparison carries."""
 
 import json
 import math
@@ -110,6 +110,55 @@ def test_max_flops_gives_each_arm_the_same_compute(models, tmp_path):
                           max_new_tokens=8, max_flops=budget, threads=1))
     d = read_metrics(tmp_path / "d" / "metrics.jsonl")
     assert d[-1]["flops_total"] >= budget > d[-2]["flops_total"]
+
+
+def _distill_args(models, out, *extra):
+    """A handful of tiny steps that exercise what a checkpoint must carry: the optimizer (through its warm-up), the
+    sampling seeds, the problem stream, the FLOPs counted."""
+    return ["distill", "--init", str(models / "student"), "--teacher", str(models / "teacher"), "--task", "chain_sum",
+            "--task-args", json.dumps(TASK), "--out", str(out), "--steps", "6", "--prompts-per-step", "2",
+            "--samples", "2", "--max-new-tokens", "8", "--save-every", "2", "--warmup-steps", "3", "--lr", "1e-3",
+            "--precision", "fp32", "--threads", "1", *extra]
+
+
+WALL_CLOCK = {"rollout_s", "step_s"}  # timings, never reproducible
+
+
+def _reproducible(out):
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_kill_and_resume_continues_the_uninterrupted_run_exactly(models, tmp_path, capsys):
+    """SIGKILL after a checkpoint (possibly mid-step or mid-save), then --resume: every logged value of every step
+    and the final weights equal the uninterrupted run's, bit for bit; a larger --steps extends the finished run."""
+    from safetensors.torch import load_file
+
+    from tests.killing import kill_after
+
+    from nanoseek import checkpoint as ckpt
+    from nanoseek.cli import main
+
+    assert main(_distill_args(models, tmp_path / "a")) == 0
+    kill_after(_distill_args(models, tmp_path / "b"), tmp_path / "b" / "checkpoints" / "step_000002")
+    assert 2 <= int(ckpt.step_dirs(tmp_path / "b")[-1].name[5:]) < 6  # killed mid-run
+    assert main(["distill", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert _reproducible(tmp_path / "b") == _reproducible(tmp_path / "a")
+    weights = [load_file(str(d / "checkpoints" / "step_000006" / "model.safetensors")) for d in (tmp_path / "a",
+                                                                                                   tmp_path / "b")]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k])
+                                                          for k in weights[0])
+    # only the latest checkpoint keeps the training state, and every checkpoint still verifies
+    assert [(d / "train_state").exists() for d in ckpt.step_dirs(tmp_path / "b")] == [False, False, True]
+    for d in ckpt.step_dirs(tmp_path / "b"):
+        ckpt.verify(d)
+    capsys.readouterr()
+    assert main(["distill", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert main(["distill", "--out", str(tmp_path / "b"), "--resume", "--force"]) == 2
+    assert main(["distill", "--out", str(tmp_path / "b"), "--resume", "--lr", "0.1"]) == 2
+    assert "--lr 0.1 differs" in capsys.readouterr().err
+    assert main(["distill", "--out", str(tmp_path / "b"), "--resume", "--steps", "7"]) == 0  # the run goes on
+    assert [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == list(range(1, 8))
 
 
 # ----------------------------------------------------------------------------- error bars

@@ -15,7 +15,9 @@ from nanoseek.checkpoint import save_model
 from nanoseek.losses import grpo_loss, group_advantages, k3_kl, token_logprobs
 from nanoseek.stages.common import read_metrics
 from nanoseek.engine import Engine, Generation
-from nanoseek.stages.grpo import (ALGOS, GRPOConfig, RoutingHooks, collect, resolve_algo, rollout, run, train, update,
+from nanoseek.rollouts import RolloutBatch
+from nanoseek.routing import RoutingHooks
+from nanoseek.stages.grpo import (ALGOS, GRPOConfig, collect_rollouts, resolve_algo, rollout, run, train, update,
                                   warmup_lr)
 from nanoseek.tasks import get_task, is_heldout, problem_key
 from nanoseek.tasks.families import StartsWithTask
@@ -72,9 +74,11 @@ def test_token_logprobs_and_entropy():
 
 def test_algorithm_presets_and_overrides():
     cfg = GRPOConfig(init="x", task="chain_sum", out="y", algo="dapo")
-    assert resolve_algo(cfg) == ALGOS["dapo"]
-    cfg = GRPOConfig(init="x", task="chain_sum", out="y", algo="grpo", beta=0.0, loss_norm="token")
-    assert resolve_algo(cfg)["beta"] == 0.0 and resolve_algo(cfg)["loss_norm"] == "token"
+    assert dataclasses.asdict(resolve_algo(cfg)) == {**ALGOS["dapo"], "eps_low": 0.2}
+    cfg = GRPOConfig(init="x", task="chain_sum", out="y", algo="grpo", beta=0.0, loss_norm="token", eps_low=0.1)
+    settings = resolve_algo(cfg)
+    assert settings.beta == 0.0 and settings.loss_norm == "token" and settings.eps_low == 0.1
+    assert settings.eps_high == ALGOS["grpo"]["eps_high"]  # not given: the algorithm's
     with pytest.raises(ValueError, match="--algo"):
         resolve_algo(GRPOConfig(init="x", task="chain_sum", out="y", algo="ppo"))
 
@@ -103,11 +107,11 @@ def test_one_update_changes_every_trainable_parameter(tiny_checkpoint):
     gen = torch.Generator().manual_seed(0)
     prompts = [tok.encode(r1_prompt("What is 2 + 3?"))] * 4
     completions = [torch.randint(0, tok.vocab_size, (n,), generator=gen).tolist() for n in (5, 9, 3, 7)]
-    batch = {"prompts": prompts, "completions": completions, "rewards": torch.tensor([[1.0, 0.0, 0.5, 0.0]]),
-             "pad": tok.pad_id}
+    batch = RolloutBatch(prompts=prompts, completions=completions, rewards=torch.tensor([[1.0, 0.0, 0.5, 0.0]]),
+                         pad=tok.pad_id)
     cfg = GRPOConfig(init="x", task="chain_sum", out="y", mu=2, micro_batch=3, lr=1e-3)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    stats = update(model, None, opt, batch, cfg, {**resolve_algo(cfg), "beta": 0.0})
+    stats = update(model, None, opt, batch, cfg, dataclasses.replace(resolve_algo(cfg), beta=0.0))
     unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
     assert not unchanged, unchanged
     assert stats["grad_norm"] > 0 and 0 <= stats["clip_frac"] <= 1
@@ -134,8 +138,8 @@ def test_updates_move_probability_toward_rewarded_completions(tiny_checkpoint):
     model.mtp.requires_grad_(False)
     prompt = tok.encode(r1_prompt("What is 2 + 3?"))
     good, bad = [17, 18, 19], [40, 41, 42]
-    batch = {"prompts": [prompt] * 8, "completions": [good, bad] * 4,
-             "rewards": torch.tensor([[1.0, 0.0] * 4]), "pad": tok.pad_id}
+    batch = RolloutBatch(prompts=[prompt] * 8, completions=[good, bad] * 4, rewards=torch.tensor([[1.0, 0.0] * 4]),
+                         pad=tok.pad_id)
 
     def logp(completion):
         with torch.no_grad():
@@ -180,8 +184,8 @@ def test_warmup_does_not_depend_on_the_run_length():
 def _batch_from_rollout(model, tok, temperature, rollout_model=None, n_prompts=2, G=4, new=6):
     task = get_task("chain_sum", max_terms=2, max_digits=1)
     cfg = GRPOConfig(init="x", task="chain_sum", out="y", group_size=G, max_new_tokens=new, temperature=temperature)
-    batch, _ = rollout(Engine(rollout_model or model, tok), task, task.problems(0, n_prompts), cfg, 0)
-    batch["rewards"] = torch.tensor([[1.0, 0.0] * (G // 2)] * n_prompts)  # give every group a signal
+    batch = rollout(Engine(rollout_model or model, tok), task, task.problems(0, n_prompts), cfg, 0)
+    batch.rewards = torch.tensor([[1.0, 0.0] * (G // 2)] * n_prompts)  # give every group a signal
     return batch, cfg
 
 
@@ -263,6 +267,12 @@ def test_stage_logs_fresh_problems_lr_and_heldout_set(tiny_checkpoint, tmp_path)
     for key in ("kl", "kl_rollout", "logp_gap_abs_mean", "routing_mismatch", "frac_zero_std", "frac_format_only",
                 "entropy", "clip_frac", "is_ratio_max", "reward_accuracy", "temperature", "heldout_cons"):
         assert key in records[-1], key
+    # what the policy wrote: --log-samples (2) rollouts per step, of the step's own problems, with their reward
+    samples = read_metrics(tmp_path / "rl" / "samples.jsonl")
+    assert [r["step"] for r in samples] == [1, 1, 2, 2, 3, 3, 4, 4]
+    for r in samples:
+        assert r["problem"] in records[r["step"] - 1]["problems"] and r["question"] and isinstance(r["completion"], str)
+        assert r["reward"] == r["accuracy"] in (0.0, 1.0)  # w_accuracy 1, w_format 0
 
 
 def test_kl_every_spaces_out_the_reference_forward_when_beta_is_zero(tiny_checkpoint, tmp_path):
@@ -280,7 +290,7 @@ class _ScriptedEngine:
         self.tokenizer, self.model = tok, types.SimpleNamespace(layers=[])
         self.calls = 0
 
-    def generate(self, prompts, params, seeds, decode_rows=None):
+    def generate(self, prompts, params, seeds):
         self.calls += 1
         out = []
         for i, prompt in enumerate(prompts):
@@ -297,11 +307,13 @@ def test_dynamic_sampling_draws_more_prompts_until_the_step_is_full(tiny_checkpo
     task = StartsWithTask("a")
     cfg = GRPOConfig(init="x", task="-", out="y", prompts_per_step=4, group_size=2, algo="dapo")
     engine = _ScriptedEngine(tok)
-    batch, record = collect(engine, task, task.stream(0, "train"), cfg, resolve_algo(cfg), 0)
-    assert engine.calls == record["sampling_rounds"] >= 2 and batch["rewards"].shape == (4, 2)
-    assert (batch["rewards"].std(dim=1) > 0).all() and record["kept_groups"] == 1.0
+    batch, record = collect_rollouts(engine, task, task.stream(0, "train"), cfg, resolve_algo(cfg), 0)
+    assert engine.calls == record["sampling_rounds"] >= 2 and batch.rewards.shape == (4, 2)
+    assert (batch.rewards.std(dim=1) > 0).all() and record["kept_groups"] == 1.0
+    assert len(batch.completions) == len(batch.scores) == 8 and len(batch.problem_ids) == len(batch.questions) == 4
     plain = dataclasses.replace(cfg, dynamic_sampling="off")
-    batch, record = collect(_ScriptedEngine(tok), task, task.stream(0, "train"), plain, resolve_algo(plain), 0)
+    batch, record = collect_rollouts(_ScriptedEngine(tok), task, task.stream(0, "train"), plain, resolve_algo(plain),
+                                     0)
     assert record["sampling_rounds"] == 1 and 0 < record["frac_zero_std"] < 1
 
 
@@ -315,10 +327,10 @@ def test_captured_rollout_routing_matches_the_full_forward(tiny_checkpoint):
 
     model, tok = load(tiny_checkpoint)
     batch, _ = _batch_from_rollout(model, tok, temperature=1.0, n_prompts=3, G=3, new=8)
-    routes = batch["routes"]
+    routes = batch.routes
     assert routes is not None and len(routes) == 9
     agree = total = 0
-    for p, c, r in zip(batch["prompts"], batch["completions"], routes):
+    for p, c, r in zip(batch.prompts, batch.completions, routes):
         log = []
         with torch.no_grad():
             model.hidden(torch.tensor([p + c[:-1]]), router_log=log)
@@ -368,13 +380,13 @@ def test_bf16_rollouts_show_a_gap_and_replay_removes_the_routing_part(tiny_check
     # the mismatch is measured before replay replaces a gate's experts: at the first MoE layer (same input either
     # way) it is the same with and without replay; later layers see replayed experts' outputs, so theirs may differ
     from nanoseek.rollouts import pack_completions
-    from nanoseek.stages.grpo import _forward, _pack_routes
+    from nanoseek.routing import completion_logprobs_routed, pack_routes
 
-    inputs, targets, mask = pack_completions(batch["prompts"], batch["completions"], batch["pad"])
-    routes = _pack_routes(batch["routes"], inputs.shape[1])
+    inputs, targets, mask = pack_completions(batch.prompts, batch.completions, batch.pad)
+    routes = pack_routes(batch.routes, inputs.shape[1])
     with torch.no_grad():
-        first_plain = _forward(model, model, inputs, targets, mask, 1.0, routes, False)[2][0]
-        first_replay = _forward(model, model, inputs, targets, mask, 1.0, routes, True)[2][0]
+        first_plain = completion_logprobs_routed(model, model, inputs, targets, mask, 1.0, routes, False)[2][0]
+        first_replay = completion_logprobs_routed(model, model, inputs, targets, mask, 1.0, routes, True)[2][0]
     assert first_plain.any() and torch.equal(first_plain, first_replay)
 
 
@@ -391,7 +403,7 @@ def test_sanity_ladder_grpo_drives_a_rare_behaviour_to_almost_always(tiny_checkp
     assert 0.15 < task.base_rate < 0.25
     cfg = GRPOConfig(init="-", task="starts_with", out=str(tmp_path), steps=50, prompts_per_step=8, group_size=8,
                      max_new_tokens=1, lr=3e-3, eval_every=0, save_every=1000, algo=algo)
-    train(model, tok, task, cfg, resolve_algo(cfg), tmp_path)
+    train(model, tok, task, cfg, tmp_path)
     acc = [r["accuracy"] for r in read_metrics(tmp_path / "metrics.jsonl")]
     assert sum(acc[:3]) / 3 < 0.3 and sum(acc[-5:]) / 5 >= 0.95, acc
 
@@ -417,29 +429,20 @@ def _reproducible(out):
 def test_kill_and_resume_continues_the_uninterrupted_run_exactly(tiny_checkpoint, tmp_path):
     """SIGKILL after a checkpoint (possibly mid-step or mid-save), then --resume: every logged value of every
     step and the final weights equal the uninterrupted run's, bit for bit."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from safetensors.torch import load_file
+
+    from tests.killing import kill_after
 
     from nanoseek import checkpoint as ckpt
     from nanoseek.cli import main
 
     assert main(_rl_args(tiny_checkpoint, tmp_path / "a")) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", *_rl_args(tiny_checkpoint, tmp_path / "b")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "b" / "checkpoints" / "step_000002"
-    deadline = time.time() + 120  # a safety net for a hung child, not a speed bound
-    while time.time() < deadline and not first.exists() and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after(_rl_args(tiny_checkpoint, tmp_path / "b"), tmp_path / "b" / "checkpoints" / "step_000002")
     assert 2 <= int(ckpt.step_dirs(tmp_path / "b")[-1].name[5:]) < 6  # killed mid-run
     assert main(["grpo", "--out", str(tmp_path / "b"), "--resume"]) == 0
     assert _reproducible(tmp_path / "b") == _reproducible(tmp_path / "a")
+    samples = [read_metrics(d / "samples.jsonl") for d in (tmp_path / "a", tmp_path / "b")]
+    assert samples[0] == samples[1] and len(samples[0]) == 12  # 2 per step, none lost or repeated by the kill
     weights = [load_file(str(d / "checkpoints" / "step_000006" / "model.safetensors")) for d in (tmp_path / "a",
                                                                                                    tmp_path / "b")]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k])

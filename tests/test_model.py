@@ -221,6 +221,8 @@ def test_init_std_and_norms():
 
 
 def test_dtype_cast_keeps_fp32_routing_bias_and_rope():
+    """A cast by hand rounds the weights only: the routing bias stays an fp32 buffer (Gate._apply) and the RoPE
+    tables, kept as fp32 bit patterns, are not touched at all (V3's and V4's)."""
     model = Transformer(tiny(rope_factor=4.0, original_seq_len=16))
     rope = model.freqs_cis.clone()
     model = model.to(torch.bfloat16)
@@ -228,6 +230,25 @@ def test_dtype_cast_keeps_fp32_routing_bias_and_rope():
     assert model.freqs_cis.dtype == torch.float32 and torch.equal(model.freqs_cis, rope)
     assert model.embed.weight.dtype == torch.bfloat16
     assert model(torch.randint(0, 256, (1, 8))).dtype == torch.bfloat16
+    v4 = build_model(get_preset("tiny-v4"))
+    tables = [v4.table(kind).clone() for kind in ("sliding", "csa")]
+    v4 = v4.half().to(torch.bfloat16)
+    assert all(torch.equal(v4.table(kind), t) for kind, t in zip(("sliding", "csa"), tables))
+
+
+def test_model_py_holds_the_math_not_the_precision_policy_or_device_kernel_choices():
+    """model.py is the papers' math: the precision policy (which weights stay fp32, what the norms round to) is
+    applied from outside by runtime.py, and kernel choices that depend on a tensor's device or dtype live in
+    kernels.py. A cheap guard against their coming back."""
+    from pathlib import Path
+
+    import nanoseek.model
+
+    source = Path(nanoseek.model.__file__).read_text()
+    for banned in ('"cpu"', "'cpu'", "device.type", "ContextVar", "contextvars", "torch.bfloat16", "torch.float16",
+                   "keep_fp32", "runtime import"):
+        assert banned not in source, banned
+    assert "onednn" not in source.lower()
 
 
 def test_dense_only_model():

@@ -24,11 +24,12 @@ import torch
 
 from nanoseek import Transformer, get_preset
 from nanoseek import checkpoint as ckpt
+from nanoseek import kernels
 from nanoseek.cli import main
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.fp8 import FP8Experts, FP8Linear, convert_to_fp8
 from nanoseek.losses import cross_entropy_reference, linear_cross_entropy, lm_loss
-from nanoseek.model import Experts, RouterLog, _dispatch
+from nanoseek.model import Experts, RMSNorm, RouterLog, _dispatch
 from nanoseek.optim import build_optimizer
 from nanoseek import runtime
 from nanoseek.runtime import (MixedPrecision, Runtime, bf16_probe, prepare_for_training, prepare_inference,
@@ -111,22 +112,49 @@ def test_auto_gives_the_same_answer_every_time(no_timing):
                                                                         >= runtime.DECODE_BF16_ROWS) else "fp32")
 
 
-def test_eval_decides_auto_precision_at_its_decoding_batch(tmp_path, capsys, monkeypatch):
+def test_eval_decides_auto_precision_at_its_decoding_batch_unless_the_checkpoint_recorded_one(tmp_path, capsys,
+                                                                                             monkeypatch):
+    """A checkpoint that recorded no precision (an import, an older run) is scored in what the rows decoded together
+    call for; one that recorded its precision is scored in it, whatever the rows (every evaluation of a run computed
+    one way)."""
     run = tmp_path / "tiny"
     assert main(["pretrain", "--preset", "tiny", "--out", str(run), "--steps", "1", "--n-problems", "50",
                  "--precision", "fp32"]) == 0
     monkeypatch.setattr(runtime, "native_bf16", lambda: True)  # as on an AMX or AVX512-BF16 CPU
-    for n, k, expected in ((8, 1, "fp32"), (40, 4, "bf16")):  # 8 rows decode together, then 160
+
+    def evaluated(n, k):
         capsys.readouterr()
         assert main(["eval", "--ckpt", str(run), "--task", "chain_sum", "--n", str(n), "--k", str(k),
                      "--max-new-tokens", "4", "--json"]) == 0
-        record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    for n, k in ((8, 1), (40, 4)):  # 8 rows decode together, then 160: the checkpoint's fp32 both times
+        record = evaluated(n, k)
+        assert record["precision"] == "fp32" and "recorded by the checkpoint" in record["runtime"]["reason"]
+    meta = ckpt.step_dirs(run)[-1] / "meta.json"  # meta.json is outside its own checksums: forget the record
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items()
+                                if not k.startswith("precision")}))
+    assert ckpt.recorded_precision(run) is None
+    for n, k, expected in ((8, 1, "fp32"), (40, 4, "bf16")):
+        record = evaluated(n, k)
         assert record["precision"] == expected and f"{n * k} rows" in record["runtime"]["reason"]
+
+
+def test_a_recorded_precision_wins_under_auto_where_the_hardware_runs_it(monkeypatch, no_timing):
+    for native in (False, True):
+        monkeypatch.setattr(runtime, "native_bf16", lambda: native)
+        for kw in ({"training": True}, {"rows": 1}, {"rows": 800}):
+            assert resolve("cpu", "auto", recorded="fp32", **kw).precision == "fp32"
+            rt = resolve("cpu", "auto", recorded="bf16", **kw)
+            assert rt.precision == ("bf16" if native else "fp32"), (native, kw)  # never emulated by default
+            assert "recorded" in rt.reason
+            assert resolve("cpu", "fp32", recorded="bf16", **kw).reason == "requested"  # a flag overrides it
+        assert resolve("cpu", "auto", rows=800, recorded=None).precision == ("bf16" if native else "fp32")
 
 
 def test_training_stages_take_bf16_where_decoding_few_rows_does_not(tmp_path, capsys, monkeypatch):
     """On a CPU with native bf16 pretraining and SFT train in bf16 and say why in their run files and checkpoints,
-    while evaluation of the same checkpoint decoding 32 rows together stays in fp32. (This CPU may emulate bf16:
+    and evaluation of the same checkpoint decoding 32 rows together uses the bf16 it recorded. (This CPU may emulate bf16:
     the model is tiny and trains one step, and pretraining's MFU peak is stubbed, since with native_bf16 patched
     it would time emulated bf16 matmuls.)"""
     monkeypatch.setattr(runtime, "native_bf16", lambda: True)
@@ -144,10 +172,11 @@ def test_training_stages_take_bf16_where_decoding_few_rows_does_not(tmp_path, ca
     assert main(["sft", "--init", str(run), "--data", str(traces), "--out", str(sft), "--epochs", "1"]) == 0
     assert json.loads((sft / "run.json").read_text())["runtime"]["precision"] == "bf16"
     assert json.loads((ckpt.step_dirs(sft)[-1] / "meta.json").read_text())["precision"] == "bf16"
-    capsys.readouterr()
+    capsys.readouterr()  # 32 rows decoded together would be fp32 by the rows rule; the checkpoint recorded bf16
     assert main(["eval", "--ckpt", str(run), "--task", "chain_sum", "--n", "8", "--k", "4", "--max-new-tokens",
                  "4", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["precision"] == "fp32"
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["precision"] == "bf16" and record["runtime"]["reason"] == "recorded by the checkpoint (bf16)"
 
 
 def test_forced_bf16_on_a_cpu_without_native_bf16_warns_once_and_measures_nothing(monkeypatch, no_timing):
@@ -281,8 +310,13 @@ def test_the_residual_stream_stays_fp32_while_the_matmuls_run_in_bf16():
         for h in hooks:
             h.remove()
         assert seen == [("residual", torch.float32), ("attn", torch.bfloat16), ("final", torch.bfloat16)]
-    with torch.no_grad():  # outside a mixed-precision model nothing changes: fp32 in, fp32 out
+    # MixedPrecision sets the norms' rounding for its call only: the fp32 model runs as itself, fp32 in, fp32 out
+    assert all(m.out_dtype is None for m in model.modules() if isinstance(m, RMSNorm))
+    with torch.no_grad():
         assert model(tokens).dtype == torch.float32
+    back = prepare_inference(prepare_inference(copy.deepcopy(model), bf16_runtime()), resolve("cpu", "fp32"))
+    with torch.no_grad():  # an inference model prepared again in fp32 computes in fp32 throughout
+        assert back(tokens).dtype == torch.float32 and all(p.dtype == torch.float32 for p in back.parameters())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -298,7 +332,8 @@ def test_fused_latent_attention_equals_blockwise_reference(dtype, packed):
     outs, grads = [], []
     for fused in (True, False):
         k = torch.cat([kv, pe], -1)
-        o = attn._latent_causal(q, k, kv, segments) if fused else attn._latent_blocks(q, k, kv, None, segments, 16)
+        o = (kernels.latent_causal(q, k, kv, segments, attn.softmax_scale) if fused
+             else attn._latent_blocks(q, k, kv, None, segments, 16))
         outs.append(o)
         grads.append(torch.autograd.grad(o.float().square().sum(), (q, kv, pe)))
     # fp32: the same sums in another order; bf16: the fused kernel rounds its probabilities to bf16 before P·V
@@ -321,6 +356,7 @@ def test_padded_expert_dispatch_is_a_consistent_layout():
 
 
 def test_grouped_bf16_experts_with_padding_equal_the_loop():
+    assert kernels.group_rows(torch.bfloat16) > 1 == kernels.group_rows(torch.float32)  # bf16 groups are padded
     torch.manual_seed(6)
     experts = Experts(8, 64, 32).to(torch.bfloat16)
     torch.nn.init.normal_(experts.w1, std=0.1), torch.nn.init.normal_(experts.w2, std=0.1)

@@ -251,22 +251,22 @@ def test_a_run_given_another_runs_tokenizer_reuses_its_token_streams(tmp_path, m
     instead of rebuilding the corpus; a tokenizer with other content is not taken for it."""
     import numpy as np
 
-    from nanoseek.stages import common
+    from nanoseek.stages import pretrain_data
     from nanoseek.tokenizer import Tokenizer
 
     monkeypatch.setenv("NANOSEEK_CACHE", str(tmp_path / "cache"))
     docs = {"train": [f"the quick brown fox jumps over {i} lazy dogs" for i in range(300)], "heldout": ["a dog"]}
     builds = []
-    monkeypatch.setattr(common, "_split_documents", lambda cfg: builds.append(cfg.tokenizer) or docs)
+    monkeypatch.setattr(pretrain_data, "_split_documents", lambda cfg: builds.append(cfg.tokenizer) or docs)
     teacher = PretrainConfig(out=str(tmp_path / "t"), preset="tiny", vocab_size=300)
-    _, train, _ = common.prepare_data(teacher, tmp_path / "t")
+    _, train, _ = pretrain_data.prepare_data(teacher, tmp_path / "t")
     student = dataclasses.replace(teacher, out=str(tmp_path / "s"), tokenizer=str(tmp_path / "t/data/tokenizer.json"))
-    _, train_s, _ = common.prepare_data(student, tmp_path / "s")
+    _, train_s, _ = pretrain_data.prepare_data(student, tmp_path / "s")
     assert builds == [""] and np.array_equal(train, train_s)
     other = tmp_path / "other.json"
     Tokenizer.train([d.upper() for d in docs["train"]], 300).save(other)
-    _, train_o, _ = common.prepare_data(dataclasses.replace(student, out=str(tmp_path / "o"), tokenizer=str(other)),
-                                        tmp_path / "o")
+    _, train_o, _ = pretrain_data.prepare_data(dataclasses.replace(student, out=str(tmp_path / "o"),
+                                                                   tokenizer=str(other)), tmp_path / "o")
     assert builds == ["", str(other)] and not np.array_equal(train, train_o)
 
 

@@ -1,10 +1,12 @@
 """`nanoseek serve` driven by the official `openai` client against a live server on 127.0.0.1: both endpoints,
 streaming and not, the reasoning split, stop strings, seeds, log-probs, bad input (400), a full queue (429), a
-burst, client disconnects, 32 concurrent streams, and Ctrl-C on the real command."""
+burst, client disconnects, 32 concurrent streams, the API key (401), the access log, and Ctrl-C on the real
+command."""
 
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -256,7 +258,7 @@ def test_32_concurrent_streams_complete_with_correct_usage(server, tok):
 
 
 def test_client_disconnect_frees_the_slot(server, client):
-    before = server.engine.status()["cancelled"]
+    before = server.worker.status()["cancelled"]
     stream = client.completions.create(model="tiny", prompt="hello ping", temperature=0, max_tokens=400, stream=True)
     got = []
     for chunk in stream:
@@ -306,7 +308,93 @@ def test_full_queue_gets_429_and_a_burst_leaves_the_server_up(tok):
         assert client.completions.create(model="tiny", prompt="hello ping", temperature=0,
                                          max_tokens=2).choices[0].text == " pong ping"
         s.wait_until(lambda st: st["running"] == st["waiting"] == 0, "the server to drain")
-        assert s.engine.outstanding == 0
+        assert s.worker.outstanding == 0
+
+
+# ----------------------------------------------------------------------------- the API key and the access log (#39)
+
+
+def get_status(url: str, headers: dict | None = None) -> tuple:
+    """(status, headers, body) of a GET, whatever the status."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {})) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
+
+
+def test_an_api_key_guards_every_v1_path_and_nothing_else(tok):
+    with LiveServer(scripted_model(tok), tok, max_batch=2, api_key="s3cret") as s:
+        keyed = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
+        r = keyed.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=50)
+        assert r.choices[0].message.content == CONTENT and [m.id for m in keyed.models.list().data] == ["tiny"]
+        wrong = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cre", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as e:
+            wrong.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        assert e.value.body["type"] == "invalid_request_error" and "Incorrect API key" in e.value.body["message"]
+        with pytest.raises(openai.AuthenticationError):
+            wrong.completions.create(model="tiny", prompt="a", max_tokens=2, stream=True)
+        for path in ("/v1/models", "/v1/no-such-endpoint"):  # before routing: a later endpoint is guarded too
+            status, headers, body = get_status(s.url + path)
+            assert status == 401 and headers.get("WWW-Authenticate") == "Bearer", path
+            assert "didn't provide an API key" in json.loads(body)["error"]["message"]
+        assert get_status(s.url + "/v1/models", {"Authorization": "Basic s3cret"})[0] == 401
+        assert get_status(s.url + "/v1/models", {"Authorization": "bearer s3cret"})[0] == 200  # the scheme's case
+        for path in ("/", "/health", "/info"):  # static page, probes, what the model is: no key
+            assert get_status(s.url + path)[0] == 200, path
+        assert "Authorization" in get_status(s.url + "/")[2]  # the page sends the key it is given
+
+
+ACCESS = re.compile(r'(\S+) - "(\w+) (\S+) HTTP/[\d.]+" (\d{3}) \d+\.\d ms(?: tokens_in=(\d+) tokens_out=(\d+))?$')
+
+
+def test_one_access_log_line_per_request_unless_silenced(tok, capsys):
+    """Method, path, status and time of every request on stderr, and the tokens of an API call: a stream's line
+    comes at its end, so it counts all the tokens."""
+    with LiveServer(scripted_model(tok), tok, max_batch=2, api_key="k") as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0)
+        client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=50)
+        list(client.completions.create(model="tiny", prompt="hello ping", temperature=0, max_tokens=3, stream=True))
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).models.list()
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny", prompt="a", max_tokens=0)
+        get(s.url + "/health")
+    # read once the server has stopped: every response, streams included, has written its line by then
+    lines = [m.groups() for m in map(ACCESS.match, capsys.readouterr().err.splitlines()) if m]
+    assert all(line[0].startswith("127.0.0.1:") for line in lines)
+    prompt = str(len(tok.encode(conversation(HELLO))))
+    expected = [("POST", "/v1/chat/completions", "200", prompt, "7"),
+                ("POST", "/v1/completions", "200", str(len(tok.encode("hello ping"))), "3"),
+                ("GET", "/v1/models", "401", None, None),
+                ("POST", "/v1/completions", "400", None, None),
+                ("GET", "/health", "200", None, None)]
+    # in any order: the client leaves a stream at [DONE], maybe before the server sends the stream's end
+    assert sorted((tuple(line[1:]) for line in lines), key=repr) == sorted(expected, key=repr)
+    with LiveServer(scripted_model(tok), tok, max_batch=2, no_access_log=True) as s:
+        get(s.url + "/health")
+        openai.OpenAI(base_url=s.url + "/v1", api_key="k", max_retries=0).models.list()
+    assert not [line for line in capsys.readouterr().err.splitlines() if ACCESS.match(line)]
+
+
+def test_the_command_takes_the_key_from_the_environment_unless_given(tmp_path, tok, monkeypatch):
+    import uvicorn
+
+    from nanoseek.checkpoint import save_model
+    from nanoseek.stages import serve
+
+    tok.save(tmp_path / "tokenizer.json")
+    save_model(scripted_model(tok), tmp_path / "ckpt", tokenizer_file=tmp_path / "tokenizer.json")
+    keys = []
+    monkeypatch.setattr(serve, "create_app", lambda model, tokenizer, cfg, *args, **kw: keys.append(cfg.api_key))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)
+    monkeypatch.setenv("NANOSEEK_API_KEY", "from-env")
+    for flag in ("", "from-flag"):
+        serve.run(serve.ServeConfig(ckpt=str(tmp_path / "ckpt"), port=0, threads=1, precision="fp32", api_key=flag))
+    monkeypatch.delenv("NANOSEEK_API_KEY")
+    serve.run(serve.ServeConfig(ckpt=str(tmp_path / "ckpt"), port=0, threads=1, precision="fp32"))
+    assert keys == ["from-env", "from-flag", ""]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -324,7 +412,7 @@ def test_serve_command_stops_cleanly_on_ctrl_c(tmp_path, tok):
     sock.close()
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--ckpt", str(tmp_path / "ckpt"), "--port",
                              str(port), "--threads", "1", "--precision", "fp32"], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "NANOSEEK_API_KEY": ""})  # no key
     try:
         deadline = time.monotonic() + 120  # guards against a hang only
         while True:
@@ -372,7 +460,7 @@ def test_partial_split_only_ever_grows_into_the_final_split(pieces):
 
 def test_requests_without_sampling_settings_get_r1s():
     """The API's default sampling is R1's 0.6 / top-p 0.95, as chat, generate and eval use (it was 1.0 / 1.0)."""
-    from nanoseek.serve import parse_options
+    from nanoseek.stages.serve import parse_options
 
     opts = parse_options({})
     assert (opts.temperature, opts.top_p) == (0.6, 0.95)
@@ -389,7 +477,7 @@ def test_info_reports_what_the_model_trained_on_for_the_page(tok, monkeypatch):
     page shows the example in the empty chat and starts its temperature field at that default."""
     import functools
 
-    from nanoseek import serve
+    from nanoseek.stages import serve
 
     monkeypatch.setattr(serve, "create_app", functools.partial(serve.create_app, trained_on=TRAINED))
     with LiveServer(scripted_model(tok), tok, max_batch=2) as s:
@@ -405,7 +493,7 @@ def test_serve_command_reads_the_run_record(tmp_path, tok, monkeypatch):
     """`nanoseek serve --ckpt RUN` hands the app what RUN/run.json recorded, with an example in that format."""
     import uvicorn
 
-    from nanoseek import serve
+    from nanoseek.stages import serve
     from nanoseek.checkpoint import save_model
 
     tok.save(tmp_path / "tokenizer.json")

@@ -1,6 +1,7 @@
 """The chat page in a real headless Chromium (Debian's `chromium`, driven by Playwright through
 executable_path: Playwright never downloads a browser here). The page is loaded from a live server, a message
-is sent, and the streamed answer must appear, with the reasoning collapsed above it.
+is sent, and the streamed answer must appear, with the reasoning collapsed above it (and, from a server with
+an API key, after the page asked for the key).
 
 `make test` installs Debian's chromium where it can (as root); where no browser can be installed this test is
 skipped with the reason in the summary."""
@@ -69,4 +70,22 @@ def test_chat_page_streams_an_answer(browser):
 
         page.click("#new-chat")
         assert page.locator(".msg").count() == 0
+        page.close()
+
+
+def test_chat_page_asks_for_the_servers_api_key_and_sends_it(browser):
+    """With --api-key the page asks for the key once (a dialog), then sends it on its /v1 calls."""
+    tok = tokenizer()
+    with LiveServer(scripted_model(tok), tok, max_batch=4, api_key="s3cret") as server:
+        page = browser.new_page()
+        asked = []
+        page.on("dialog", lambda dialog: asked.append(dialog.message) or dialog.accept("s3cret"))
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.startsWith('tiny')")
+        assert len(asked) == 1 and "API key" in asked[0]
+        page.fill("#temperature", "0")
+        page.fill("#input", "hello there")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".msg.assistant[data-done='true']")
+        assert page.text_content(".msg.assistant .answer") == CONTENT
         page.close()

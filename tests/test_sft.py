@@ -1,4 +1,5 @@
-"""SFT packing and loss masking, distillation, and rejection sampling to JSONL."""
+"""SFT packing and loss masking, chat rows (loss on the assistant turns), distillation, and rejection sampling to
+JSONL."""
 
 import json
 
@@ -13,10 +14,10 @@ from nanoseek.stages.sample import SampleConfig
 from nanoseek.stages.sample import run as sample
 from nanoseek.engine import Engine
 from nanoseek.evaluation import evaluate
-from nanoseek.stages.sft import SFTConfig, _progress_step, drop_heldout, pack, read_examples
+from nanoseek.stages.sft import SFTConfig, _progress_step, chat_examples, drop_heldout, encode, pack, read_examples
 from nanoseek.stages.sft import run as sft
 from nanoseek.tasks import get_task, is_heldout, problem_key, question_from_prompt
-from nanoseek.template import r1_completion, r1_prompt
+from nanoseek.template import ANSWER, END_ANSWER, END_THINK, conversation, r1_completion, r1_prompt
 from nanoseek.tokenizer import Tokenizer
 
 
@@ -177,27 +178,16 @@ def _sft_args(setup, out, *extra):
 def test_kill_and_resume_continues_the_uninterrupted_run_exactly(setup, tmp_path, capsys):
     """SIGKILL after a checkpoint, then --resume: the same metrics.jsonl (every value, across the epoch boundary:
     the data order is part of the checkpoint) and the same final weights, bit for bit."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from safetensors.torch import load_file
+
+    from tests.killing import kill_after
 
     from nanoseek import checkpoint as ckpt
     from nanoseek.cli import main
 
     assert main(_sft_args(setup, tmp_path / "a")) == 0
     final = ckpt.step_dirs(tmp_path / "a")[-1]
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", *_sft_args(setup, tmp_path / "b")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "b" / "checkpoints" / "step_000003"
-    deadline = time.time() + 120  # a safety net for a hung child, not a speed bound
-    while time.time() < deadline and not first.exists() and proc.poll() is None:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after(_sft_args(setup, tmp_path / "b"), tmp_path / "b" / "checkpoints" / "step_000003")
     assert 3 <= int(ckpt.step_dirs(tmp_path / "b")[-1].name[5:]) < int(final.name[5:])  # killed mid-run
     assert main(["sft", "--out", str(tmp_path / "b"), "--resume"]) == 0
     reference = read_metrics(tmp_path / "a" / "metrics.jsonl")
@@ -210,3 +200,103 @@ def test_kill_and_resume_continues_the_uninterrupted_run_exactly(setup, tmp_path
     assert "nothing to do" in capsys.readouterr().err
     assert main(["sft", "--out", str(tmp_path / "b"), "--resume", "--force"]) == 2
     assert main(["sft", "--out", str(tmp_path / "b"), "--resume", "--epochs", "3"]) == 2
+
+
+# ----------------------------------------------------------------------------- chat rows
+
+CHAT = [{"role": "system", "content": "You add numbers."},
+        {"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 4 + 4?"}, {"role": "assistant", "content": "8"}]
+
+
+def test_chat_rows_are_rendered_with_the_chat_template_and_train_the_assistant_turns_only(setup, tmp_path):
+    """A messages row reads as the context chat/serve would send (template.conversation, system line included)
+    alternating with the assistant replies, and only the replies (and the closing eos) become targets. A
+    prompt/completion row may share the file."""
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"prompt": "p", "completion": " c"}) + "\n")
+    chat, plain = read_examples([str(data)])
+    assert plain == ("p", " c")
+    assert chat[0] == conversation(CHAT[:2])  # "You add numbers.\nUser: What is 2 + 3?\nAssistant: <think>"
+    assert "".join(chat[:3]) == conversation(CHAT[:4])  # the second question sees the history as chat shows it
+    assert chat[1::2] == tuple(f" {END_THINK} {ANSWER} {a} {END_ANSWER}" for a in ("5", "8"))
+    tok = Tokenizer.load(setup / "tokenizer.json")
+    ids = encode(tok, chat)
+    assert [t for piece in ids for t in piece] == tok.encode("".join(chat)) + [tok.eos_id]  # pieces = the whole
+    row = pack([ids], seq_len=256, pad=tok.pad_id)[0]
+    assert [t for t in row["targets"] if t != IGNORE_INDEX] == tok.encode(chat[1]) + tok.encode(chat[3]) + [tok.eos_id]
+
+
+def test_chat_replies_with_reasoning_are_trained_with_it_and_shown_without():
+    """A reply's reasoning (DeepSeek's reasoning_content, or inline <think> … </think>) is trained in the R1
+    completion format; later turns see that reply by its answer alone (as chat and serve send the history), so
+    the conversation continues in a new example."""
+    msgs = [{"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "5", "reasoning_content": "2 + 3 = 5."},
+            {"role": "user", "content": "And 4 + 4?"},
+            {"role": "assistant", "content": "<think> 4 + 4 = 8. </think> <answer> 8 </answer>"}]
+    first, second = chat_examples(msgs)
+    assert first == (r1_prompt("What is 2 + 3?"), r1_completion("2 + 3 = 5.", "5"))
+    assert second == (conversation(msgs[:3]), r1_completion("4 + 4 = 8.", "8"))
+    assert "2 + 3 = 5." not in second[0]
+    assert chat_examples(msgs[:3] + [{"role": "assistant", "content": "4 + 4 = 8.</think>8"}])[1] == second
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": [CHAT[0], CHAT[1]]}, "no assistant turn"),
+    ({"messages": [CHAT[2], CHAT[1]]}, r"messages\[0\]: an assistant turn must follow a user turn"),
+    ({"messages": [CHAT[1], {"role": "tool", "content": "x"}]}, r"messages\[1\]: unknown role 'tool'"),
+    ({"messages": [CHAT[1], CHAT[0], CHAT[2]]}, "a system message must come first"),
+    ({"messages": [CHAT[1], {"role": "assistant", "content": ["5"]}]}, "list of"),
+    ({"messages": [CHAT[1], {"role": "assistant", "content": "<answer> 5 </answer>"}]}, "misplaced"),
+    ({"messages": CHAT, "prompt": "p", "completion": "c"}, "not both"),
+    (["p", "c"], "prompt and completion, or with messages"),
+])
+def test_a_bad_chat_row_is_named_by_its_line(tmp_path, row, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{message}"):
+        read_examples([str(bad)])
+
+
+def test_sft_refuses_a_chat_without_an_assistant_turn_in_one_line(setup, tmp_path, capsys):
+    from nanoseek.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": CHAT[:2]}) + "\n")
+    assert main(["sft", "--init", str(setup / "student"), "--data", str(bad), "--out", str(tmp_path / "o"),
+                 "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.jsonl:2: the conversation has no assistant turn" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_chat_rows_asking_a_heldout_question_are_dropped(setup):
+    questions = [question_from_prompt(p) for p, _ in read_examples([str(setup / "traces.jsonl")])]
+    held = next(q for q in questions if is_heldout(q))
+    free = next(q for q in questions if not is_heldout(q))
+
+    def chat(*asked):
+        return chat_examples([m for q in asked for m in ({"role": "user", "content": q},
+                                                         {"role": "assistant", "content": "1"})])
+
+    kept = chat(free, free)
+    assert drop_heldout(chat(free, held) + chat(held) + kept) == (kept, 2)
+
+
+def test_sft_on_chat_rows_trains_on_the_assistant_tokens_alone(setup, tmp_path):
+    """The step's `tokens` (targets that carry loss) are exactly the replies' tokens plus one eos per chat."""
+    def turns(question: str, answer: int) -> list[dict]:
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": str(answer)}]
+
+    rows = [{"messages": turns(f"What is {a} + {b}?", a + b) + turns("Twice that?", 2 * (a + b))}
+            for a, b in ((1, 2), (3, 4), (5, 6))]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sft(SFTConfig(init=str(setup / "student"), data=[str(data)], out=str(tmp_path / "s"), epochs=1, batch_size=8,
+                  keep_heldout=True, threads=1))
+    tok = Tokenizer.load(setup / "tokenizer.json")
+    examples = read_examples([str(data)])
+    assert len(examples) == 3 and all(len(e) == 4 for e in examples)  # one example per chat, both turns in it
+    expected = sum(len(tok.encode(reply)) for e in examples for reply in e[1::2]) + len(examples)
+    assert [r["tokens"] for r in read_metrics(tmp_path / "s" / "metrics.jsonl")] == [expected]

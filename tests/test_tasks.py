@@ -8,10 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nanoseek.tasks import (HELDOUT_FRACTION, TASKS, extract_answer, format_ok, get_task, is_heldout, problem_key,
-                            problem_space, question_from_prompt)
+from nanoseek.tasks import (HELDOUT_FRACTION, TASKS, Problem, Task, Unsolvable, extract_answer, format_ok, get_task,
+                            is_heldout, problem_key, problem_space, question_from_prompt, register)
 from nanoseek.tasks.base import combine, is_heldout_key
-from nanoseek.tasks.verify import countdown_ok, evaluate, parse_number
+from nanoseek.tasks.starts_with import StartsWithTask
+from nanoseek.tasks.verify import countdown_ok, parse_expression, parse_number
 from nanoseek.template import r1_prompt
 
 GOOD = " let me add. </think> <answer> {} </answer>"
@@ -127,7 +128,7 @@ def test_numbers_and_expressions():
     assert parse_number("\\frac{7}{2}") == parse_number("3.5") == parse_number("7/2")
     assert parse_number("9^9^9^9") is None and parse_number("1/0") is None and parse_number("1e400") is None
     assert parse_number("9" * 13) is None  # over 12 digits: refused, not computed
-    assert evaluate("(" * 17 + "1" + ")" * 17) is None  # nesting limit
+    assert parse_expression("(" * 17 + "1" + ")" * 17) is None  # nesting limit
     assert countdown_ok("(10 - 4) * 5 + 3", [10, 4, 5, 3], 33)
     assert not countdown_ok("10 * 5 - 4", [10, 4, 5, 3], 46)  # must use every number
     assert not countdown_ok("10 * 5 - 4 - 4", [10, 4, 5], 42)  # and each once
@@ -234,8 +235,6 @@ def test_reorderings_of_a_sum_share_its_split():
 def test_integer_answers_score_only_as_one_canonical_integer(answer, right):
     """The checker that serves reward, rejection sampling and evaluation: an expression, an echo of the question or
     several numbers is neither right nor well-formed, even when it evaluates to the gold answer."""
-    from nanoseek.tasks import Problem
-
     problem = Problem(question=CHAIN.format("0 - 4 - 8"), answer="-12")
     for name in ("chain_sum", "basic_arithmetic", "gsm_symbolic"):
         scores = get_task(name).score(problem, GOOD.format(answer))
@@ -252,3 +251,181 @@ def test_every_family_declares_an_answer_form_that_its_gold_answers_take():
         assert task.answer_form in ANSWER_FORMS
         for p in task.problems(seed=5, n=3 if name == "countdown" else 20):
             assert answer_in_form(p.answer, task.answer_form), (name, p.answer)
+
+
+# ----------------------------------------------------------------------------- the family registry
+
+# What the code before the one-module-per-family redesign produced for 300 raw problems of each family at its
+# get_task defaults (generator seed 20261207): hashes of the problems, of their split keys and of the sorted ids of
+# the held-out ones. A change here moves problems between the splits (or changes what a family generates).
+PINNED_SPLIT = {
+    "chain_sum": dict(gen="574045136286ff67", keys="f51ae215c98952ea", n_keys=275, n_held=36,
+                      held="e8740ab2c63510f3"),
+    "basic_arithmetic": dict(gen="78deead6610a7d38", keys="83ec0061628ad707", n_keys=292, n_held=40,
+                             held="ab37c0f59837f344"),
+    "basic_arithmetic format_style=natural": dict(gen="c0238269d3dcb23e", keys="83ec0061628ad707", n_keys=292,
+                                                  n_held=40, held="ab37c0f59837f344"),  # its rewordings: same keys
+    "gsm_symbolic": dict(gen="856c362749d07359", keys="bc25c33a7d28576f", n_keys=299, n_held=27,
+                         held="97653a93d45d0a7a"),
+    "countdown": dict(gen="f3db76c097a00190", keys="d45ee16c04b53f79", n_keys=294, n_held=31,
+                      held="8e382d737be84198"),
+    "syllogism": dict(gen="eb8ff15579ff66a3", keys="fe448d54e5b206a1", n_keys=300, n_held=33,
+                      held="ccbec826d21e1271"),
+}
+
+
+def _h(obj) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name, options", [(n, {}) for n in TASKS] + [("basic_arithmetic",
+                                                                       {"format_style": "natural"})])
+def test_generation_and_split_match_the_code_before_the_registry(name, options):
+    from nanoseek.tasks.base import _digest
+
+    problems = get_task(name, **options).generate(20261207, 300)
+    keys = [problem_key(p.question) for p in problems]
+    held = sorted({_digest(k).hex()[:12] for k in keys if is_heldout_key(k)})
+    got = dict(gen=_h([[p.question, p.answer, p.metadata] for p in problems]), keys=_h(keys), n_keys=len(set(keys)),
+               n_held=len(held), held=_h(held))
+    assert got == PINNED_SPLIT[" ".join([name] + [f"{k}={v}" for k, v in options.items()])]
+
+
+def test_keys_of_arbitrary_text_match_the_code_before_the_registry():
+    """20,000 strings spliced from every family's phrasings, numbers and operators (with full-width letters and
+    no-break spaces) keep the keys the one function with every pattern gave them."""
+    import random
+
+    frags = ["calculate ", "Calculate ", "what is ", "solve ", "compute ", "evaluate: ", "State the final answer to "
+             "the following arithmetic problem: ", "using all the numbers ", "Using all the numbers ", ", create an "
+             "expression that equals ", "find a way to make ", " using all of these numbers: ", "3", "14", " + ",
+             " - ", "*", "/", "(", ")", ".", "?", "=", " ", "\n", ",", "7, 3, 5", "-0", "ＣＡＬＣＵＬＡＴＥ ", "\u00a0"]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(frags) for _ in range(rng.randint(1, 12))) for _ in range(20_000)]
+    assert _h([problem_key(t) for t in texts]) == "13ff7b2608af6390"
+
+
+def test_each_question_is_keyed_by_the_one_family_whose_phrasing_it_is():
+    """Phrasings are disjoint, so the order families are tried in cannot change a key."""
+    import unicodedata
+
+    for name, cls in TASKS.items():
+        for p in get_task(name).generate(11, 3 if name == "countdown" else 40):
+            text = " ".join(unicodedata.normalize("NFKC", p.question).lower().split())
+            claims = [other for other, c in TASKS.items() if c.content_key(text) is not None]
+            assert claims in ([name], []), (name, p.question, claims)
+            assert problem_key(p.question) == (cls.content_key(text) or text)
+
+
+def test_worked_solutions_are_the_families_own_and_reach_the_gold_answer():
+    solved = [name for name, cls in TASKS.items() if cls.solve is not Task.solve]
+    assert solved == ["chain_sum", "basic_arithmetic", "gsm_symbolic", "countdown"]
+    for name in solved:
+        task, done = get_task(name), 0
+        for p in task.generate(13, 3 if name == "countdown" else 40):
+            try:
+                think, answer = task.solve(p)
+            except Unsolvable:
+                continue
+            done += 1
+            assert answer == p.answer and think.strip()
+            assert task.score(p, f"{think} </think> <answer> {answer} </answer>")["accuracy"] == 1.0
+        assert done >= (2 if name == "countdown" else 20), name
+
+
+class ToyDouble(Task):
+    """A family defined outside the library: "Double 7." (or "What is twice 7?"), answer 14."""
+
+    name = "toy_double"
+    answer_form = "integer"
+    knobs = dict(max_value=500)  # get_task's default; the class's own default is the generator's full range
+
+    def __init__(self, max_value: int = 10_000):  # its own named parameter, like StartsWithTask(chars)
+        super().__init__(max_value=max_value)
+
+    def iterate(self, seed, n):
+        import random
+
+        for i in range(n):
+            rng = random.Random(seed + i)
+            value = rng.randint(0, self.options["max_value"])
+            question = f"Double {value}." if rng.random() < 0.5 else f"What is twice {value}?"
+            yield Problem(question=question, answer=str(2 * value), metadata={"value": value})
+
+    def check(self, problem, answer):
+        return float(answer == problem.answer)
+
+    @staticmethod
+    def content_key(text):
+        import re
+
+        m = re.fullmatch(r"double (\d+)\.", text) or re.fullmatch(r"what is twice (\d+)\?", text)
+        return f"double:{int(m.group(1))}" if m else None
+
+    def solve(self, problem):
+        value = problem.metadata["value"]
+        return f"Twice {value} is {value} + {value} = {2 * value}.", problem.answer
+
+
+@pytest.fixture
+def toy():
+    """ToyDouble and StartsWithTask registered for one test, and gone after it."""
+    before = dict(TASKS)
+    register(ToyDouble)
+    register(StartsWithTask)
+    yield ToyDouble
+    TASKS.clear()
+    TASKS.update(before)
+
+
+def test_a_family_defined_in_a_test_registers_and_works_everywhere(toy):
+    from nanoseek import corpus
+
+    task = get_task("toy_double")
+    assert task.options == {"max_value": 500} and get_task("toy_double", max_value=9).options == {"max_value": 9}
+    with pytest.raises(ValueError, match="colour"):
+        get_task("toy_double", colour="red")
+    # the split: its own key, so a rewording of a held-out question is held out too
+    assert problem_key("Double 7.") == problem_key("what is  TWICE 7?") == "double:7"
+    held = task.problems(0, 4, split="heldout")
+    assert all(p.id.startswith("toy_double/") for p in held)
+    for p in held:
+        value = p.metadata["value"]
+        assert is_heldout(f"Double {value}.") and is_heldout(f"What is twice {value}?")
+    train = task.problems(0, 30)
+    assert not {problem_key(p.question) for p in train} & {problem_key(p.question) for p in held}
+    assert task.score(train[0], GOOD.format(train[0].answer))["accuracy"] == 1.0
+    # the corpus: worked solutions and pretraining documents of training-split questions only
+    rows = corpus.worked_solutions("toy_double", 5, seed=1)
+    assert len(rows) == 5 and all("Twice" in r["completion"] and not is_heldout(r["question"]) for r in rows)
+    docs = corpus.reasoning_documents(0, 12, mixture={"toy_double": 0.5, "chain_sum": 0.5})
+    toy_docs = [d for d in docs if "Twice" in d]
+    assert len(docs) == 12 and 0 < len(toy_docs) < 12
+    assert not any(is_heldout(question_from_prompt(d.split("<think>")[0] + "<think>")) for d in toy_docs)
+    # a constructor with its own required parameter
+    assert get_task("starts_with", chars="ab").chars == "ab"
+    with pytest.raises(ValueError, match="chars"):
+        get_task("starts_with")
+
+
+def test_registration_refuses_clashes_and_bad_declarations(toy):
+    register(ToyDouble)  # the same class again: nothing happens
+    clash = type("Clash", (ToyDouble,), {})
+    with pytest.raises(ValueError, match="already registered"):
+        register(clash)
+    with pytest.raises(ValueError, match="answer_form"):
+        register(type("BadForm", (ToyDouble,), {"name": "bad_form", "answer_form": "essay"}))
+    with pytest.raises(ValueError, match="identifier"):
+        register(type("BadName", (ToyDouble,), {"name": "a/b"}))
+    with pytest.raises(ValueError, match="writes no worked solutions"):
+        from nanoseek import corpus
+
+        corpus.worked_solutions("syllogism", 1)
+
+
+def test_the_registry_holds_exactly_the_shipped_families():
+    assert list(TASKS) == ["chain_sum", "basic_arithmetic", "gsm_symbolic", "countdown", "syllogism"]
+    assert "toy_double" not in TASKS  # the fixture's family is gone after its test

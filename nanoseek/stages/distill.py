@@ -18,14 +18,18 @@ of a comparison can be given equal compute.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import load, recorded_precision
 from ..engine import Engine, SamplingParams, sequence_seed
+from ..errors import Interrupted
 from ..losses import reverse_kl
+from ..metrics import TENSORBOARD_HELP, check_tensorboard
 from ..optim import build_optimizer
 from ..options import ComputeOptions, check, check_out_dir, option, own_run
 from ..rollouts import completion_logits, pack_completions
@@ -33,18 +37,26 @@ from ..runtime import prepare_for_training, prepare_inference, resolve, set_thre
 from ..stats import forward_flops_per_token
 from ..tasks import TASKS, get_task
 from ..template import STOP
-from .common import MetricsLog, clear_run, load_checkpoint, save_step, write_run_json
+from . import resume
+from .common import MetricsLog, StopRequest, clear_run, write_run_json
 from .progress import StageBar
 
 
 @dataclass(kw_only=True)
-class DistillConfig(ComputeOptions):
+class DistillConfig(ComputeOptions, resume.Resumable):
     """On-policy distillation on a task's training problems: student samples, per-token reverse KL to the teacher.
     Writes OUT/metrics.jsonl and OUT/checkpoints/step_N/."""
 
-    init: str = option(help="student checkpoint to start from")
-    teacher: str = option(help="teacher checkpoint (must share the student's tokenizer)")
-    task: str = option(help="task family whose training-split prompts the student answers", choices=tuple(TASKS))
+    command = "distill"
+    required = ("init", "teacher", "task")
+    # limits a --resume may raise: the lr is constant after its warm-up, so a longer run is the same run, continued
+    extendable = ("steps", "max_flops")
+
+    init: str = option("", help="student checkpoint to start from (default: none; required unless --resume)")
+    teacher: str = option("", help="teacher checkpoint, sharing the student's tokenizer (default: none; required "
+                          "unless --resume)")
+    task: str = option("", help="task family whose training-split prompts the student answers (default: none; "
+                       "required unless --resume)", choices=("", *TASKS))
     out: str = option(help="run directory")
     task_args: dict = option(default_factory=dict, help='generator options as JSON, e.g. {"max_terms": 2}')
     steps: int = option(100, help="steps (one batch of student samples each)", min=1)
@@ -57,65 +69,123 @@ class DistillConfig(ComputeOptions):
     grad_clip: float = option(1.0, help="gradient-norm clip", above=0)
     max_flops: float = option(0.0, help="stop once the student's FLOPs (sampling + update) reach this (0: no "
                               "limit)", min=0)
-    save_every: int = option(1000, help="checkpoint every N steps (and at the end)", min=1)
+    save_every: int = option(1000, help="checkpoint every N steps (and at the end), for --resume", min=1)
     seed: int = option(0, help="seed for problems and sampling", min=0)
+    resume: bool = option(False, help="continue the run in --out from its latest checkpoint, exactly (a larger "
+                          "--steps or --max-flops extends it; Ctrl-C saves a checkpoint first)")
     force: bool = option(False, help="replace an earlier distill run in --out instead of refusing")
+    tensorboard: str = option("", help=TENSORBOARD_HELP, metavar="DIR")
 
     def __post_init__(self):
         check(self)
+        check_tensorboard(self.tensorboard)
+        self.check_resume()
 
 
 def run(cfg: DistillConfig) -> Path:
     set_threads(cfg.threads)
     out = Path(cfg.out)
-    check_out_dir(out, "--out", own=own_run(out, "distill"), force=cfg.force)
+    check_out_dir(out, "--out", own=own_run(out, "distill"), resumable=cfg.resume, force=cfg.force)
+    saved = resume.latest(out) if cfg.resume else None  # nothing to resume from is refused before the models load
+    if saved and _done(cfg, saved[1]):
+        return resume.nothing_to_do(saved[0], saved[1]["step"])
     task = get_task(cfg.task, **cfg.task_args)
-    student, tokenizer = load_checkpoint(cfg.init)
-    teacher, teacher_tok = load_checkpoint(cfg.teacher)
+    student, tokenizer = load(cfg.init, require_tokenizer=True)
+    teacher, teacher_tok = load(cfg.teacher, require_tokenizer=True)
     if teacher_tok.vocab_size != tokenizer.vocab_size or teacher_tok.encode("1 + 2") != tokenizer.encode("1 + 2"):
         raise ValueError(f"--teacher {cfg.teacher}: its tokenizer differs from the student's; on-policy distillation "
                          "compares next-token distributions, so both must share one")
     if cfg.force:
         clear_run(out)
-    return train(student, teacher, tokenizer, task, cfg, out)
+    return train(student, teacher, tokenizer, task, cfg, out, saved)
 
 
-def train(student, teacher, tokenizer, task, cfg: DistillConfig, out: Path) -> Path:
-    """The loop on loaded models; returns the last checkpoint."""
+def _done(cfg: DistillConfig, state: dict) -> bool:
+    """Whether a run at `state` has reached its --steps or --max-flops."""
+    return state["step"] >= cfg.steps or bool(cfg.max_flops and state["flops"] >= cfg.max_flops)
+
+
+def train(student, teacher, tokenizer, task, cfg: DistillConfig, out: Path, saved=None) -> Path:
+    """The loop on loaded models; returns the last checkpoint. `saved` (resume.latest of `out`) continues that run
+    exactly."""
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    student.mtp.requires_grad_(False)  # the next-token policy is distilled; an MTP drafter stays as it was
-    rt = resolve(cfg.device, cfg.precision, training=True)
-    student.to(rt.device)
-    forward = prepare_for_training(student, rt)
-    teacher = prepare_inference(teacher, rt).eval().requires_grad_(False)
-    write_run_json(out, "distill", {**dataclasses.asdict(cfg), "runtime": rt.describe()})
-    engine = Engine(student, tokenizer)
-    optimizer = build_optimizer(student, cfg.lr, weight_decay=0.0)
-    log, stream = MetricsLog(out / "metrics.jsonl"), task.stream(cfg.seed, "train")
-    totals = {"flops": 0.0, "teacher_flops": 0.0}
-    bar = StageBar(f"distill {cfg.task}", cfg.steps, max_flops=cfg.max_flops)  # the FLOPs limit, if any
-    path, n_seq = None, 0
-    for step in range(cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        record = _step(student, teacher, forward, optimizer, engine, task, stream, cfg, n_seq)
-        n_seq += cfg.prompts_per_step * cfg.samples
-        for key in totals:
-            totals[key] += record[key]
-        record.update(step=step + 1, lr=lr, problems_seen=len(stream.seen), flops_total=totals["flops"],
-                      teacher_flops_total=totals["teacher_flops"])
-        log.write(record)
-        bar.update(step + 1, flops=totals["flops"], kl=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
-        last = step + 1 == cfg.steps or (cfg.max_flops and totals["flops"] >= cfg.max_flops)
-        if (step + 1) % cfg.save_every == 0 or last:
-            path = save_step(out, step + 1, student, tokenizer, {"stage": "distill", "init": str(cfg.init),
-                                                                  "teacher": str(cfg.teacher), **totals})
-        if last:
-            break
+    r = _Run(student, teacher, tokenizer, task, cfg, out, saved)
+    state, path = r.state, None
+    bar = StageBar(f"distill {cfg.task}", cfg.steps, state["step"], max_flops=cfg.max_flops, flops=state["flops"])
+    with StopRequest() as stop:  # Ctrl-C stops at the next step boundary
+        while True:
+            if stop.requested:  # the last finished step is saved, then the command ends with status 130
+                path = r.save(finished=False)
+                bar.close()
+                raise Interrupted(f"interrupted after step {state['step']}; saved {path} (continue with --resume)")
+            record = r.step()
+            r.log.write(record)
+            bar.update(state["step"], flops=state["flops"], kl=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
+            last = _done(cfg, state)
+            if state["step"] % cfg.save_every == 0 or last:
+                path = r.save(finished=last)
+            if last:
+                break
     bar.close()
+    r.log.close()
     return path
+
+
+class _Run:
+    """A distill run's moving parts (the student, the teacher, the engine, the optimizer, the problem stream) and
+    what a checkpoint carries so that a resumed run continues exactly: the optimizer, the stream, the random
+    generators, the step, the sequences sampled (they number the sampling seeds) and the FLOPs (--max-flops counts
+    every session)."""
+
+    def __init__(self, student, teacher, tokenizer, task, cfg: DistillConfig, out: Path, saved=None):
+        self.student, self.tokenizer, self.task, self.cfg, self.out = student, tokenizer, task, cfg, out
+        torch.manual_seed(cfg.seed)
+        student.mtp.requires_grad_(False)  # the next-token policy is distilled; an MTP drafter stays as it was
+        self.rt = rt = resolve(cfg.device, cfg.precision, training=True, recorded=recorded_precision(cfg.init))
+        student.to(rt.device)
+        self.forward = prepare_for_training(student, rt)
+        self.teacher = prepare_inference(teacher, rt).eval().requires_grad_(False)
+        write_run_json(out, "distill", {**dataclasses.asdict(cfg), "runtime": rt.describe()})
+        self.engine = Engine(student, tokenizer)
+        self.optimizer = build_optimizer(student, cfg.lr, weight_decay=0.0)
+        self.log, self.stream = MetricsLog(out / "metrics.jsonl", cfg.tensorboard), task.stream(cfg.seed, "train")
+        self.state = {"step": 0, "sequences": 0, "flops": 0.0, "teacher_flops": 0.0}
+        if saved is not None:
+            self._restore(*saved)
+
+    def step(self) -> dict:
+        """One step: sample, score, update; returns its metrics record."""
+        cfg, state = self.cfg, self.state
+        lr = cfg.lr * min(1.0, (state["step"] + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        record = _step(self.student, self.teacher, self.forward, self.optimizer, self.engine, self.task, self.stream,
+                       cfg, state["sequences"])
+        state["sequences"] += cfg.prompts_per_step * cfg.samples
+        state["flops"] += record["flops"]
+        state["teacher_flops"] += record["teacher_flops"]
+        state["step"] += 1
+        record.update(step=state["step"], lr=lr, problems_seen=len(self.stream.seen), flops_total=state["flops"],
+                      teacher_flops_total=state["teacher_flops"])
+        return record
+
+    def save(self, finished: bool) -> Path:
+        # a finished run keeps its optimizer too: a larger --steps or --max-flops continues it
+        state = {**self.state, "finished": finished, "optimizer": self.optimizer.state_dict(),
+                 "stream": resume.stream_state(self.stream), "rng": resume.rng_state()}
+        meta = {"stage": "distill", "init": str(self.cfg.init), "teacher": str(self.cfg.teacher),
+                "flops": self.state["flops"], "teacher_flops": self.state["teacher_flops"], **self.rt.checkpoint_meta()}
+        return resume.save(self.out, self.state["step"], self.student, self.tokenizer, meta, state)
+
+    def _restore(self, path: Path, saved: dict) -> None:
+        resume.check_precision(path, self.rt.precision)
+        resume.load_weights(path, self.student)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        resume.load_stream_state(self.stream, saved["stream"])
+        resume.set_rng_state(saved["rng"])
+        self.state = {k: saved[k] for k in self.state}
+        self.log.truncate_after(self.state["step"])  # a killed run may have logged steps past its checkpoint
+        print(f"resumed from {path} (step {self.state['step']})", file=sys.stderr)
 
 
 def _step(student, teacher, forward, optimizer, engine, task, stream, cfg: DistillConfig, first_seq: int) -> dict:

@@ -25,7 +25,6 @@ from ..evaluation import Recorded, evaluate, recorded_task
 from ..options import ComputeOptions, check, option
 from ..runtime import Runtime, prepare_inference, resolve, set_threads
 from ..tasks import TASKS, get_task
-from .common import load_checkpoint
 
 
 _DEFAULTS = {name: p.default for name, p in inspect.signature(evaluate).parameters.items()}  # the library's
@@ -71,10 +70,13 @@ def run(cfg: EvalConfig) -> list[dict]:
     task = get_task(name, **args)
     set_threads(cfg.threads)
     problems = task.problems(cfg.seed, cfg.n, split="heldout")
-    # One precision for all of them, decided once from the hardware and the rows decoded together, so that scores
-    # compared side by side are computed the same way (when a timing probe decided, one process once scored a
-    # speedrun's teacher in fp32 at 1.95x and its students in bf16 at 2.03x).
-    rt = resolve(cfg.device, cfg.precision, rows=cfg.n * cfg.k)  # all n × k decoded together
+    # One precision for all of them, so that scores compared side by side are computed the same way (when a timing
+    # probe decided, one process once scored a speedrun's teacher in fp32 at 1.95x and its students in bf16 at
+    # 2.03x): the one their checkpoints recorded, when they agree; else the hardware's, for the n × k rows decoded
+    # together
+    recorded = {ckpt.recorded_precision(path) for path in cfg.ckpt}
+    rt = resolve(cfg.device, cfg.precision, rows=cfg.n * cfg.k,
+                 recorded=recorded.pop() if len(recorded) == 1 else None)
     return [_score(path, task, args, problems, cfg, rt) for path in cfg.ckpt]
 
 
@@ -120,7 +122,7 @@ def _note_override(flags: str, key: str | None, records: dict[str, Recorded]) ->
 
 
 def _score(path: str, task, args: dict, problems: list, cfg: EvalConfig, rt: Runtime) -> dict:
-    model, tokenizer = load_checkpoint(path)
+    model, tokenizer = ckpt.load(path, require_tokenizer=True)
     model = prepare_inference(model, rt)
     r = evaluate(Engine(model, tokenizer), task, problems, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)

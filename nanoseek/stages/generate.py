@@ -17,11 +17,11 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..checkpoint import load
 from ..engine import Engine, SamplingParams
 from ..evaluation import R1_SAMPLING, trained_on
 from ..options import ComputeOptions, check, option
 from ..runtime import prepare_inference, resolve, set_threads
-from .common import load_checkpoint
 
 # The engine's library defaults, except temperature and top-p: a trained reasoning model is sampled at R1's
 # setting everywhere (evaluation.R1_SAMPLING), so what chat shows is what eval scored.
@@ -76,7 +76,7 @@ def load_for_inference(cfg: SamplingOptions, rows: int = 1):
     """(model, tokenizer, runtime): the checkpoint in the compute precision on the chosen device; `auto`
     precision is measured at `rows`, the sequences decoded together."""
     set_threads(cfg.threads)
-    model, tokenizer = load_checkpoint(cfg.ckpt)
+    model, tokenizer = load(cfg.ckpt, require_tokenizer=True)
     rt = resolve(cfg.device, cfg.precision, rows=rows)
     return prepare_inference(model, rt).eval(), tokenizer, rt
 

@@ -21,9 +21,10 @@ What keeps the loop on-policy and honest:
   on the sampled tokens (their numerical mismatch; bf16 rollouts raise it).
 - Diagnostics per step: reward components, the share of groups with equal rewards (no gradient) and of groups
   that differ only by format, clip fractions, entropy, ratio ranges, the rollout-vs-update log-prob gap and
-  importance ratios, and the MoE routing mismatch between rollout and update. --routing-replay reuses the
-  rollout's experts in the update (Rollout Routing Replay, arXiv 2510.11370); --tis-cap C weights tokens by
-  min(π_update / π_rollout, C) (truncated importance sampling).
+  importance ratios, and the MoE routing mismatch between rollout and update (routing.py). --routing-replay
+  reuses the rollout's experts in the update (Rollout Routing Replay, arXiv 2510.11370); --tis-cap C weights
+  tokens by min(π_update / π_rollout, C) (truncated importance sampling). OUT/samples.jsonl keeps a few
+  rollouts per step (question, completion, reward).
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load, recorded_precision
 from ..engine import Engine, SamplingParams, sequence_seed
 from ..errors import Interrupted
 from ..evaluation import evaluate
 from ..losses import grpo_loss, group_advantages, k3_kl
-from ..model import MoE
+from ..metrics import TENSORBOARD_HELP, check_tensorboard
 from ..optim import build_optimizer
-from ..rollouts import completion_logprobs, pack_completions
+from ..rollouts import RolloutBatch, completion_logprobs, pack_completions
+from ..routing import RoutingCapture, completion_logprobs_routed, pack_routes
 from ..stats import forward_flops_per_token
 from ..options import ComputeOptions, check, check_out_dir, option, own_run
 from ..runtime import prepare_for_training, prepare_inference, resolve, set_threads
@@ -53,7 +56,7 @@ from ..tasks import TASKS, get_task
 from ..tasks.base import combine
 from ..template import STOP
 from . import resume
-from .common import MetricsLog, StopRequest, clear_run, load_checkpoint, write_run_json
+from .common import MetricsLog, StopRequest, clear_run, write_run_json
 from .progress import StageBar
 
 ALGOS = {  # the settings each named recipe fixes
@@ -63,11 +66,30 @@ ALGOS = {  # the settings each named recipe fixes
 }
 
 
+@dataclass(frozen=True)
+class GRPOSettings:
+    """What the loss and the sampling use, resolved once (`resolve_algo`): the named algorithm's values, each
+    overridden by its flag when given. The loop reads these from here only, never from the flags (where -1 and ""
+    mean "the algorithm's")."""
+
+    scale_rewards: str  # advantage std: "group", "batch" or "none" (losses.group_advantages)
+    loss_norm: str  # "sequence", "token" or "constant" (losses.grpo_loss)
+    eps_low: float  # the ratio is clipped to [1 - eps_low, 1 + eps_high]
+    eps_high: float
+    beta: float  # k3 KL coefficient in the loss
+    dynamic_sampling: bool  # keep only groups whose rewards differ (DAPO)
+
+
 @dataclass(kw_only=True)
-class GRPOConfig(ComputeOptions):
+class GRPOConfig(ComputeOptions, resume.Resumable):
     """R1-Zero-style RL with rule-based rewards (GRPO, Dr. GRPO, DAPO) from a checkpoint on a verifiable task.
     Writes OUT/metrics.jsonl (per step: lr, rewards, diagnostics, held-out pass@1), OUT/heldout.jsonl and
     OUT/checkpoints/step_N/."""
+
+    command = "grpo"
+    required = ("init", "task")
+    # limits a --resume may raise: the warm-up ignores the run's length, so a longer run is the same run
+    extendable = ("steps", "max_seconds", "max_flops")
 
     init: str = option("", help="starting checkpoint, a pretraining run directory or checkpoint (default: none; "
                        "required unless --resume)")
@@ -110,6 +132,8 @@ class GRPOConfig(ComputeOptions):
     w_format: float = option(0.0, help="reward weight of the <think>/<answer> format (accuracy already needs the "
                              "format)", min=0)
     partial_credit: float = option(0.0, help="TinyZero-style credit for a wrong but given answer", min=0)
+    log_samples: int = option(2, help="rollouts per step written to OUT/samples.jsonl (question, completion, "
+                              "reward), to read what the policy does", min=0)
     eval_every: int = option(10, help="held-out pass@1 every N steps (0: never)", min=0)
     eval_n: int = option(64, help="held-out problems per evaluation", min=1)
     eval_k: int = option(1, help="samples per held-out problem", min=1)
@@ -122,33 +146,19 @@ class GRPOConfig(ComputeOptions):
     resume: bool = option(False, help="continue the run in --out from its latest checkpoint, exactly (a larger "
                           "--steps, --max-seconds or --max-flops extends it; Ctrl-C saves a checkpoint first)")
     force: bool = option(False, help="replace an earlier grpo run in --out instead of refusing")
+    tensorboard: str = option("", help=TENSORBOARD_HELP, metavar="DIR")
 
     def __post_init__(self):
         check(self)
-        if self.resume and self.force:
-            raise ValueError("--resume continues the run in --out and --force replaces it: give one of them")
-        if not self.resume and not (self.init and self.task):
-            raise ValueError("--init and --task are required (or --resume, to continue the run in --out)")
-
-    @classmethod
-    def from_cli(cls, given: dict) -> "GRPOConfig":
-        """The flags given on the command line; with --resume, the stored run's settings plus those flags."""
-        return cls.resume_of(**given) if given.get("resume") else cls(**given)
-
-    @classmethod
-    def resume_of(cls, out: str, **changes) -> "GRPOConfig":
-        """The configuration that continues the run in `out` (with `changes`, e.g. steps=100 to extend it)."""
-        return resume.resumed_config(cls, "grpo", {**changes, "out": str(out)}, extendable=EXTENDABLE)
+        check_tensorboard(self.tensorboard)
+        self.check_resume()
 
 
-EXTENDABLE = ("steps", "max_seconds", "max_flops")  # the warm-up ignores the run's length: a longer run is the same run
-
-
-def resolve_algo(cfg: GRPOConfig) -> dict:
+def resolve_algo(cfg: GRPOConfig) -> GRPOSettings:
     """The effective settings: explicit flags override the named algorithm's."""
     if cfg.algo not in ALGOS:
         raise ValueError(f"--algo must be one of {', '.join(ALGOS)}, got {cfg.algo!r}")
-    s = dict(ALGOS[cfg.algo])
+    s = dict(ALGOS[cfg.algo], eps_low=cfg.eps_low)
     if cfg.eps_high >= 0:
         s["eps_high"] = cfg.eps_high
     if cfg.beta >= 0:
@@ -163,7 +173,7 @@ def resolve_algo(cfg: GRPOConfig) -> dict:
         raise ValueError(f"--loss-norm must be sequence, token or constant, got {s['loss_norm']!r}")
     if s["scale_rewards"] not in ("group", "batch", "none"):
         raise ValueError(f"--scale-rewards must be group, batch or none, got {s['scale_rewards']!r}")
-    return s
+    return GRPOSettings(**s)
 
 
 def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
@@ -172,17 +182,37 @@ def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
 
 
 def run(cfg: GRPOConfig) -> Path:
-    settings = resolve_algo(cfg)
+    resolve_algo(cfg)  # a bad combination of flags is refused before anything loads
     set_threads(cfg.threads)
     out = Path(cfg.out)
     check_out_dir(out, "--out", own=own_run(out, "grpo"), resumable=cfg.resume, force=cfg.force)
     if cfg.resume:
         resume.latest(out)  # a run with nothing to resume from is refused before the model loads
     task = get_task(cfg.task, **cfg.task_args)
-    model, tokenizer = load_checkpoint(cfg.init)
+    model, tokenizer = load(cfg.init, require_tokenizer=True)
+    cfg = fit_to_context(cfg, task, tokenizer, model.cfg.max_seq_len)
     if cfg.force:  # only now that the inputs are known good
         clear_run(out)
-    return train(model, tokenizer, task, cfg, settings, out)
+    return train(model, tokenizer, task, cfg, out)
+
+
+def fit_to_context(cfg: GRPOConfig, task, tokenizer, context: int, margin: int = 8) -> GRPOConfig:
+    """cfg with --max-new-tokens capped so that the task's prompts and their responses fit the model's context,
+    saying so on stderr: the defaults then compose (`tiny`'s 256 positions hold a countdown prompt of ~200 tokens
+    but not 96 more). The longest prompt is measured over 512 training problems and the held-out set; the cap
+    keeps `margin` tokens for a longer prompt that the sample missed. ValueError when too little room is left."""
+    problems = task.stream(cfg.seed, "train").take(512)  # a small space repeats: only lengths are wanted here
+    problems += task.stream(cfg.seed, "heldout").take(cfg.eval_n) if cfg.eval_every else []
+    longest = max(len(tokenizer.encode(task.prompt(p))) for p in problems)
+    if longest + cfg.max_new_tokens <= context:
+        return cfg
+    room = context - longest - margin
+    if room < 16:
+        raise ValueError(f"--task {cfg.task}: its prompts take up to {longest} tokens of the model's context of "
+                         f"{context}, leaving no room for a response; use a model with a longer max_seq_len")
+    print(f"grpo: --task {cfg.task}'s prompts take up to {longest} tokens: --max-new-tokens {cfg.max_new_tokens} "
+          f"capped to {room} to fit the model's context of {context}", file=sys.stderr)
+    return dataclasses.replace(cfg, max_new_tokens=room)
 
 
 def _done(cfg: GRPOConfig, state: dict) -> bool:
@@ -191,14 +221,14 @@ def _done(cfg: GRPOConfig, state: dict) -> bool:
         cfg.max_flops and state["flops"] >= cfg.max_flops)
 
 
-def train(model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path) -> Path:
+def train(model, tokenizer, task, cfg: GRPOConfig, out: Path) -> Path:
     """The RL loop on a loaded model (the initial policy) and any Task; returns the last checkpoint. With
     cfg.resume it continues the run in `out` from its latest checkpoint."""
     saved = resume.latest(out) if cfg.resume else None
     if saved and saved[1]["finished"] and _done(cfg, saved[1]):
         return resume.nothing_to_do(saved[0], saved[1]["step"])
     out.mkdir(parents=True, exist_ok=True)
-    r = _Run(model, tokenizer, task, cfg, settings, out, saved)
+    r = _Run(model, tokenizer, task, cfg, out, saved)
     bar = StageBar(f"grpo {cfg.task}", cfg.steps, r.state["step"], cfg.max_seconds, cfg.max_flops,
                    r.state["seconds"], r.state["flops"])
     path, t_start = None, time.perf_counter() - r.state["seconds"]  # a resumed run's time limit counts all sessions
@@ -234,20 +264,22 @@ class _Run:
     so that a resumed run continues exactly: step, sequences sampled (they number the sampling seeds), FLOPs and
     seconds (the limits), plus the random generators."""
 
-    def __init__(self, model, tokenizer, task, cfg: GRPOConfig, settings: dict, out: Path, saved=None):
-        self.model, self.tokenizer, self.task, self.cfg, self.settings, self.out = (model, tokenizer, task, cfg,
-                                                                                     settings, out)
+    def __init__(self, model, tokenizer, task, cfg: GRPOConfig, out: Path, saved=None):
+        self.model, self.tokenizer, self.task, self.cfg, self.out = model, tokenizer, task, cfg, out
+        self.settings = settings = resolve_algo(cfg)
         torch.manual_seed(cfg.seed)
         model.mtp.requires_grad_(False)  # RL trains the next-token policy; the MTP drafter stays as pretrained
-        self.rt = rt = resolve(cfg.device, cfg.precision, training=True)
+        self.rt = rt = resolve(cfg.device, cfg.precision, training=True, recorded=recorded_precision(cfg.init))
         model.to(rt.device)
         self.forward = prepare_for_training(model, rt)  # bf16 compute copies of the fp32 masters
         rollout_rt = rt if cfg.rollout_dtype == "same" else resolve(cfg.device, cfg.rollout_dtype)
-        write_run_json(out, "grpo", {**dataclasses.asdict(cfg), "effective": settings, "runtime": rt.describe(),
+        write_run_json(out, "grpo", {**dataclasses.asdict(cfg), "effective": dataclasses.asdict(settings),
+                                     "runtime": rt.describe(),
                                      "rollout_runtime": rollout_rt.describe()})
         self.reference = prepare_inference(copy.deepcopy(model), rt).eval().requires_grad_(False)  # initial policy
         self.optimizer = build_optimizer(model, cfg.lr, weight_decay=0.0)
-        self.log, self.stream = MetricsLog(out / "metrics.jsonl"), task.stream(cfg.seed, "train")
+        self.log, self.stream = MetricsLog(out / "metrics.jsonl", cfg.tensorboard), task.stream(cfg.seed, "train")
+        self.samples = MetricsLog(out / "samples.jsonl")
         self.state = {"step": 0, "sequences": 0, "flops": 0.0, "seconds": 0.0}
         if saved is not None:
             self._restore(*saved)
@@ -273,15 +305,17 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         repeats = self.stream.repeats
-        batch, record = collect(self.engine, self.task, self.stream, cfg, settings, state["sequences"])
+        batch, record = collect_rollouts(self.engine, self.task, self.stream, cfg, settings, state["sequences"])
         state["sequences"] += record.pop("sequences")
+        for sample in record.pop("samples"):
+            self.samples.write({"step": step + 1, **sample})
         if batch is not None:
-            kl_now = settings["beta"] > 0 or (cfg.kl_every and step % cfg.kl_every == 0)
+            kl_now = settings.beta > 0 or (cfg.kl_every and step % cfg.kl_every == 0)
             record.update(update(self.model, self.reference if kl_now else None, self.optimizer, batch, cfg, settings,
                                  self.forward))
         if self.rollout_model is not self.model:  # the engine samples from the weights just trained
             self.rollout_model.load_state_dict(self.model.state_dict())
-        state["flops"] += step_flops(self.model.cfg, record, settings["beta"], cfg.mu,
+        state["flops"] += step_flops(self.model.cfg, record, settings.beta, cfg.mu,
                                      record.get("optimizer_steps", 1) > cfg.mu)
         state["step"] = step + 1
         record.update(step=step + 1, lr=lr, temperature=cfg.temperature, problems_seen=len(self.stream.seen),
@@ -308,6 +342,7 @@ class _Run:
         resume.set_rng_state(saved["rng"])
         self.state = {k: saved[k] for k in self.state}
         self.log.truncate_after(self.state["step"])  # a killed run may have logged steps past its checkpoint
+        self.samples.truncate_after(self.state["step"])
         print(f"resumed from {path} (step {self.state['step']})", file=sys.stderr)
 
 
@@ -330,84 +365,69 @@ def _heldout(engine: Engine, task, problems, cfg: GRPOConfig) -> dict:
 # ----------------------------------------------------------------------------- rollouts
 
 
-def collect(engine: Engine, task, stream, cfg: GRPOConfig, settings: dict, first_seq: int):
+def collect_rollouts(engine: Engine, task, stream, cfg: GRPOConfig, settings: GRPOSettings, first_seq: int):
     """One step's training batch from fresh problems. With dynamic sampling (DAPO §3.3), groups whose rewards
     are all equal are dropped and new problems sampled, up to --max-sampling-rounds rounds, until the step has
     --prompts-per-step informative groups. Returns (batch or None if no group is left, rollout metrics over
-    everything sampled)."""
-    rounds = cfg.max_sampling_rounds if settings["dynamic_sampling"] else 1
+    everything sampled, with --log-samples of its rollouts under "samples")."""
+    rounds = cfg.max_sampling_rounds if settings.dynamic_sampling else 1
     sampled, kept = [], []
     for _ in range(rounds):
         problems = stream.take(cfg.prompts_per_step)
-        batch, _ = rollout(engine, task, problems, cfg, first_seq + sum(len(b["completions"]) for b in sampled))
+        batch = rollout(engine, task, problems, cfg, first_seq + sum(len(b.completions) for b in sampled))
         sampled.append(batch)
-        informative = (batch["rewards"].std(dim=1) > 0).tolist() if settings["dynamic_sampling"] else None
-        kept.append(_select_groups(batch, informative) if informative is not None else batch)
-        if sum(b["rewards"].shape[0] for b in kept) >= cfg.prompts_per_step:
+        kept.append(batch.select((batch.rewards.std(dim=1) > 0).tolist()) if settings.dynamic_sampling else batch)
+        if sum(b.rewards.shape[0] for b in kept) >= cfg.prompts_per_step:
             break
-    everything = _concat(sampled)
+    everything = RolloutBatch.concat(sampled)
     record = rollout_metrics(everything, cfg)
-    record["sequences"] = record["sequences_sampled"] = len(everything["completions"])
-    record["rollout_tokens"] = sum(len(p) + len(c) for p, c in zip(everything["prompts"], everything["completions"]))
-    train = _concat(kept)
-    n_groups = train["rewards"].shape[0]
+    record["sequences"] = record["sequences_sampled"] = len(everything.completions)
+    record["rollout_tokens"] = sum(len(p) + len(c) for p, c in zip(everything.prompts, everything.completions))
+    record["samples"] = _samples(everything, cfg.log_samples)
+    train = RolloutBatch.concat(kept)
+    n_groups = train.rewards.shape[0]
     if n_groups > cfg.prompts_per_step:
-        train = _select_groups(train, [g < cfg.prompts_per_step for g in range(n_groups)])
-    record.update(sampling_rounds=len(sampled), kept_groups=train["rewards"].shape[0] / cfg.prompts_per_step)
-    return (train if train["rewards"].shape[0] else None), record
+        train = train.select([g < cfg.prompts_per_step for g in range(n_groups)])
+    record.update(sampling_rounds=len(sampled), kept_groups=train.rewards.shape[0] / cfg.prompts_per_step)
+    return (train if train.rewards.shape[0] else None), record
 
 
-def rollout(engine: Engine, task, problems, cfg: GRPOConfig, first_seq: int):
-    """G samples per prompt (sequence i seeded with sequence_seed(seed, first_seq + i)); returns the batch and
-    its metrics. The batch keeps the engine's log-probs and, for MoE models, the experts it chose."""
+def rollout(engine: Engine, task, problems, cfg: GRPOConfig, first_seq: int) -> RolloutBatch:
+    """G samples per prompt (sequence i seeded with sequence_seed(seed, first_seq + i)), scored by the task. The
+    batch keeps the engine's log-probs and, for MoE models, the experts it chose."""
     prompts = [task.prompt(p) for p in problems for _ in range(cfg.group_size)]
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             stop=list(STOP))
     t0 = time.perf_counter()
     seeds = [sequence_seed(cfg.seed, first_seq + i) for i in range(len(prompts))]
     with RoutingCapture(engine.model) as capture:
-        gens = engine.generate(prompts, params, seeds=seeds, decode_rows=capture.decode_rows)
+        gens = engine.generate(prompts, params, seeds=seeds)
     rollout_s = time.perf_counter() - t0
     scores = [task.score(problems[i // cfg.group_size], g.text) for i, g in enumerate(gens)]
     rewards = torch.tensor([combine(s, cfg.w_accuracy, cfg.w_format, cfg.partial_credit) for s in scores])
     prompt_ids, completions = [g.prompt_tokens for g in gens], [g.tokens for g in gens]
-    batch = {"prompts": prompt_ids, "completions": completions, "logprobs": [g.logprobs for g in gens],
-             "rewards": rewards.view(len(problems), cfg.group_size),
-             "scores": [{k: s[k] for k in ("accuracy", "format", "partial")} for s in scores],
-             "truncated": [g.finish_reason == "length" for g in gens], "problem_ids": [p.id for p in problems],
-             "routes": capture.per_row(prompt_ids, completions), "pad": engine.tokenizer.pad_id,
-             "rollout_s": rollout_s}
-    return batch, rollout_metrics(batch, cfg)
+    routes = capture.per_row(prompt_ids, completions, gens.stats.decode_rows) if capture.gates else None
+    return RolloutBatch(prompts=prompt_ids, completions=completions,
+                        rewards=rewards.view(len(problems), cfg.group_size), pad=engine.tokenizer.pad_id, logprobs=[g.logprobs for g in gens], texts=[g.text for g in gens],
+                        scores=[{k: s[k] for k in ("accuracy", "format", "partial")} for s in scores],
+                        truncated=[g.finish_reason == "length" for g in gens], routes=routes,
+                        problem_ids=[p.id for p in problems], questions=[p.question for p in problems],
+                        rollout_s=rollout_s)
 
 
-def _select_groups(batch: dict, keep: list[bool]) -> dict:
-    """The batch restricted to the groups (rows of batch["rewards"]) where keep is True."""
-    G = batch["rewards"].shape[1]
-    seqs = [i for i in range(len(batch["completions"])) if keep[i // G]]
-    out = {k: [v[i] for i in seqs] for k, v in batch.items() if k in _PER_SEQUENCE and v is not None}
-    out.update(rewards=batch["rewards"][torch.tensor(keep, dtype=torch.bool)], pad=batch["pad"],
-               rollout_s=batch["rollout_s"], routes=[batch["routes"][i] for i in seqs] if batch["routes"] else None,
-               problem_ids=[p for p, k in zip(batch["problem_ids"], keep) if k])
-    return out
+def _samples(batch: RolloutBatch, n: int) -> list[dict]:
+    """The first completion of each of the first n groups: what the policy writes, to read beside the metrics."""
+    G = batch.group_size
+    return [{"problem": batch.problem_ids[g], "question": batch.questions[g], "completion": batch.texts[g * G],
+             "reward": batch.rewards[g, 0].item(), "accuracy": batch.scores[g * G]["accuracy"]}
+            for g in range(min(n, batch.rewards.shape[0]))]
 
 
-_PER_SEQUENCE = ("prompts", "completions", "logprobs", "scores", "truncated")
-
-
-def _concat(batches: list[dict]) -> dict:
-    out = {k: [x for b in batches for x in b[k]] for k in _PER_SEQUENCE + ("problem_ids",)}
-    routes = [b["routes"] for b in batches]
-    out.update(rewards=torch.cat([b["rewards"] for b in batches]), pad=batches[0]["pad"],
-               rollout_s=sum(b["rollout_s"] for b in batches),
-               routes=None if any(r is None for r in routes) else [x for r in routes for x in r])
-    return out
-
-
-def rollout_metrics(batch: dict, cfg: GRPOConfig) -> dict:
+def rollout_metrics(batch: RolloutBatch, cfg: GRPOConfig) -> dict:
     """Reward components, lengths and group statistics of a batch (every sampled sequence)."""
-    scores, rewards, n = batch["scores"], batch["rewards"], len(batch["scores"])
+    scores, rewards, n = batch.scores, batch.rewards, len(batch.scores)
     mean = lambda key: sum(s[key] for s in scores) / n  # noqa: E731
-    lengths = [len(c) for c in batch["completions"]]
+    lengths = [len(c) for c in batch.completions]
     right = [ln for ln, s in zip(lengths, scores) if s["accuracy"] == 1.0]
     wrong = [ln for ln, s in zip(lengths, scores) if s["accuracy"] != 1.0]
     accuracy = torch.tensor([s["accuracy"] for s in scores]).view_as(rewards)
@@ -422,132 +442,17 @@ def rollout_metrics(batch: dict, cfg: GRPOConfig) -> dict:
         "response_len": sum(lengths) / n, "response_len_max": max(lengths),
         "response_len_correct": sum(right) / len(right) if right else None,
         "response_len_wrong": sum(wrong) / len(wrong) if wrong else None,
-        "truncated": sum(batch["truncated"]) / n, "rollout_s": batch["rollout_s"],
-        "rollout_tokens_per_s": sum(lengths) / max(batch["rollout_s"], 1e-9), "problems": batch["problem_ids"],
+        "truncated": sum(batch.truncated) / n, "rollout_s": batch.rollout_s,
+        "rollout_tokens_per_s": sum(lengths) / max(batch.rollout_s, 1e-9), "problems": batch.problem_ids,
     }
     return {k: v for k, v in record.items() if v is not None}  # a length with no sequence to average is left out
-
-
-# ----------------------------------------------------------------------------- MoE routing: capture and replay
-
-
-def _gates(model) -> list:
-    return [layer.ffn.gate for layer in model.layers if isinstance(layer.ffn, MoE)]
-
-
-class RoutingCapture:
-    """The experts every main-layer MoE gate chose while the engine decoded, rebuilt per sequence.
-
-    Forward hooks record each gate call: the prefill (every prompt position; a prompt repeated in a group is
-    prefilled once, in torch.unique order, as the engine does) and then one call per decode step over the rows
-    still running, whose prompt indices the engine reports in `decode_rows`. `per_row` returns, per sequence,
-    (n_moe_layers, len(prompt) + len(completion) - 1, K) expert ids: the routing of every input position of the
-    update, or None when the calls do not have that shape (an engine whose call pattern differs: the diagnostic
-    is then skipped rather than wrong)."""
-
-    def __init__(self, model):
-        self.gates = _gates(model)
-        self.calls: list[list[torch.Tensor]] = [[] for _ in self.gates]
-        self.decode_rows: list[list[int]] = []
-        self.handles = []
-
-    def __enter__(self):
-        for i, gate in enumerate(self.gates):
-            self.handles.append(gate.register_forward_hook(lambda m, a, out, i=i: self.calls[i].append(out[1])))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-    def per_row(self, prompts: list[list[int]], completions: list[list[int]]) -> list[torch.Tensor] | None:
-        if not self.gates:
-            return None
-        B, L = len(prompts), max(len(p) for p in prompts)
-        padded = torch.zeros(B, L, dtype=torch.long)
-        for b, p in enumerate(prompts):
-            padded[b, :len(p)] = torch.tensor(p)
-        unique, inverse = torch.unique(padded, dim=0, return_inverse=True)
-        U = unique.shape[0]
-        rows = torch.arange(B) if U == B else inverse
-        steps = self.decode_rows
-        out = [[] for _ in range(B)]  # per sequence, per layer: (T_b, K)
-        for calls in self.calls:
-            if len(calls) != len(steps) + 1 or calls[0].shape[0] != U * L or any(
-                    c.shape[0] != len(r) for c, r in zip(calls[1:], steps)):
-                return None
-            K = calls[0].shape[1]
-            prefill = calls[0].view(U, L, K)[rows]  # (B, L, K)
-            decoded = [[] for _ in range(B)]
-            for c, r in zip(calls[1:], steps):
-                for j, b in enumerate(r):
-                    decoded[b].append(c[j])
-            for b, (p, comp) in enumerate(zip(prompts, completions)):
-                dec = torch.stack(decoded[b][:len(comp) - 1]) if len(comp) > 1 else prefill.new_zeros(0, K)
-                if dec.shape[0] != len(comp) - 1:
-                    return None
-                out[b].append(torch.cat([prefill[b, :len(p)], dec]))
-        return [torch.stack(layers) for layers in out]
-
-
-class RoutingHooks:
-    """During the update's forward: compare each gate's own experts with the rollout's (positions where
-    `routes` >= 0), and with replay=True use the rollout's experts instead, recomputing their combine weights
-    from the gate's differentiable scores (so the router still learns)."""
-
-    def __init__(self, model, routes: torch.Tensor, replay: bool):
-        self.gates, self.routes, self.replay = _gates(model), routes, replay  # routes (B, n_moe, T, K)
-        self.mismatch: list[torch.Tensor] = []  # per gate (B, T): the expert sets differ
-        self.handles = []
-
-    def __enter__(self):
-        for i, gate in enumerate(self.gates):
-            self.handles.append(gate.register_forward_hook(lambda m, a, out, i=i: self._hook(m, out, i)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-    def _hook(self, gate, out, i):
-        weights, own, scores = out
-        B, _, T, K = self.routes.shape
-        target = self.routes[:, i].reshape(B * T, K)
-        valid = target[:, 0] >= 0
-        differ = (own.sort(dim=1)[0] != target.sort(dim=1)[0]).any(dim=1) & valid
-        self.mismatch.append(differ.view(B, T))
-        if not self.replay:
-            return None
-        idx = torch.where(valid[:, None], target, own)
-        w = scores.gather(1, idx)
-        if gate.normalize:
-            w = w / w.sum(dim=-1, keepdim=True)
-        return (w * gate.route_scale).to(weights.dtype), idx, scores
 
 
 # ----------------------------------------------------------------------------- the update
 
 
-def _pack_routes(routes: list[torch.Tensor], T: int) -> torch.Tensor:
-    """Per-sequence (n_moe, T_i, K) expert ids → (B, n_moe, T, K), -1 past each sequence's end."""
-    n, _, K = routes[0].shape
-    out = torch.full((len(routes), n, T, K), -1, dtype=torch.long)
-    for i, r in enumerate(routes):
-        out[i, :, : r.shape[1]] = r
-    return out
-
-
-def _forward(model, forward, inputs, targets, mask, temperature, routes, replay: bool):
-    """completion_logprobs through `forward`, with the rollout's routing compared (and replayed if asked) on
-    `model`'s gates when routes are given; returns (logp, entropy, mismatch (n_moe, B, T) bool or None)."""
-    if routes is None:
-        return (*completion_logprobs(forward, inputs, targets, mask, temperature), None)
-    with RoutingHooks(model, routes, replay) as hooks:
-        logp, ent = completion_logprobs(forward, inputs, targets, mask, temperature)
-    return logp, ent, torch.stack(hooks.mismatch)
-
-
-def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: dict, forward=None) -> dict:
+def update(model, reference, optimizer, batch: RolloutBatch, cfg: GRPOConfig, settings: GRPOSettings,
+           forward=None) -> dict:
     """μ passes over one rollout batch, each split into --minibatches optimiser steps, through `forward` (default:
     the model; or its mixed-precision view); returns the loss and the update's diagnostics.
 
@@ -556,17 +461,17 @@ def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: 
     policy one or more steps old, the ratio moves off 1 and the clipped objective bounds how far each step can push
     a sampled token's probability: a trust region, and more optimiser steps per (expensive) rollout."""
     forward = forward or model
-    adv = group_advantages(batch["rewards"], settings["scale_rewards"]).flatten()
-    G = batch["rewards"].shape[1]
-    informative = batch["rewards"].std(dim=1) > 0
-    rows = [i for i in range(len(batch["completions"])) if informative[i // G] or not settings["dynamic_sampling"]]
+    adv = group_advantages(batch.rewards, settings.scale_rewards).flatten()
+    G = batch.group_size
+    informative = batch.rewards.std(dim=1) > 0
+    rows = [i for i in range(len(batch.completions)) if informative[i // G] or not settings.dynamic_sampling]
     if not rows:
         return {"loss": 0.0}
-    inputs, targets, mask = pack_completions([batch["prompts"][i] for i in rows],
-                                             [batch["completions"][i] for i in rows], batch["pad"])
+    inputs, targets, mask = pack_completions([batch.prompts[i] for i in rows], [batch.completions[i] for i in rows],
+                                             batch.pad)
     rollout_lp = torch.zeros(mask.shape).masked_scatter(mask, torch.tensor(
-        [x for i in rows for x in batch["logprobs"][i]], dtype=torch.float32)) if batch.get("logprobs") else None
-    routes = _pack_routes([batch["routes"][i] for i in rows], inputs.shape[1]) if batch.get("routes") else None
+        [x for i in rows for x in batch.logprobs[i]], dtype=torch.float32)) if batch.logprobs else None
+    routes = pack_routes([batch.routes[i] for i in rows], inputs.shape[1]) if batch.routes else None
     advantages, T = adv[rows], cfg.temperature
     minibatches = _minibatches(len(rows), G, cfg.minibatches, cfg.micro_batch)
     chunks = [sl for mb in minibatches for sl in mb]
@@ -577,7 +482,8 @@ def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: 
         ref_logp = torch.cat([completion_logprobs(reference, inputs[sl], targets[sl], mask[sl], T)[0]
                               for sl in chunks]) if reference is not None else None
         reference_s = time.perf_counter() - t0
-        old = [_forward(model, forward, inputs[sl], targets[sl], mask[sl], T, route(sl), cfg.routing_replay)
+        old = [completion_logprobs_routed(model, forward, inputs[sl], targets[sl], mask[sl], T, route(sl),
+                                          cfg.routing_replay)
                for sl in chunks] if cfg.mu > 1 or len(minibatches) > 1 else None
     stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low": 0.0, "clip_high": 0.0, "grad_norm": 0.0,
              "ratio_max": 1.0, "ratio_min": 1.0}
@@ -589,8 +495,8 @@ def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: 
             optimizer.zero_grad(set_to_none=True)
             n_tok, n_seq = sum(mask[sl].sum() for sl in mb).clamp(min=1), sum(sl.stop - sl.start for sl in mb)
             for sl in mb:
-                logp, ent, mism = _forward(model, forward, inputs[sl], targets[sl], mask[sl], T, route(sl),
-                                           cfg.routing_replay)
+                logp, ent, mism = completion_logprobs_routed(model, forward, inputs[sl], targets[sl], mask[sl], T,
+                                                             route(sl), cfg.routing_replay)
                 if old is None:
                     first.append((logp.detach(), ent.detach(), mism))
                 old_lp = first[c][0]
@@ -598,9 +504,9 @@ def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: 
                 is_w = (old_lp - rollout_lp[sl]).exp().clamp(max=cfg.tis_cap) if cfg.tis_cap and \
                     rollout_lp is not None else None
                 ref = ref_logp[sl] if ref_logp is not None else None
-                loss, s = grpo_loss(logp, old_lp, advantages[sl], mask[sl], cfg.eps_low, settings["eps_high"],
-                                    settings["beta"], ref, settings["loss_norm"], cfg.max_new_tokens, is_weight=is_w)
-                share = mask[sl].sum() / n_tok if settings["loss_norm"] == "token" else logp.shape[0] / n_seq
+                loss, s = grpo_loss(logp, old_lp, advantages[sl], mask[sl], settings.eps_low, settings.eps_high,
+                                    settings.beta, ref, settings.loss_norm, cfg.max_new_tokens, is_weight=is_w)
+                share = mask[sl].sum() / n_tok if settings.loss_norm == "token" else logp.shape[0] / n_seq
                 (loss * share).backward()
                 stats["loss"] += loss.item() * float(share) / n_steps
                 tok_share = float(mask[sl].sum() / n_tok) / n_steps
@@ -616,7 +522,7 @@ def update(model, reference, optimizer, batch: dict, cfg: GRPOConfig, settings: 
     model.eval()
     stats.update(_diagnostics(first, mask, rollout_lp, ref_logp, cfg.tis_cap))
     stats.update(update_s=time.perf_counter() - t0, reference_s=reference_s,  # what logging KL costs
-                 update_tokens=int((inputs != batch["pad"]).sum()), optimizer_steps=n_steps)
+                 update_tokens=int((inputs != batch.pad).sum()), optimizer_steps=n_steps)
     return stats
 
 

@@ -32,6 +32,7 @@ from ..corpus import EASY
 from ..data import PackedLoader, fixed_batches
 from ..fp8 import RECIPES, convert_to_fp8
 from ..losses import balance_loss, document_segments, lm_loss
+from ..metrics import TENSORBOARD_HELP, check_tensorboard
 from ..generations import build_model
 from ..model import Gate, RouterLog, Transformer
 from ..sparse import IndexerLog
@@ -40,7 +41,8 @@ from ..optim import (batch_size_at, build_optimizer, expert_loads, lr_at, max_vi
 from ..runtime import Runtime, matmul_peak, pick_device, prepare_for_training, resolve, set_threads
 from ..stats import train_flops_per_token
 from ..tokenizer import MIN_VOCAB
-from .common import MetricsLog, StopRequest, clear_run, prepare_data, write_run_json
+from .common import MetricsLog, StopRequest, clear_run, write_run_json
+from .pretrain_data import prepare_data
 
 
 @dataclass(kw_only=True)
@@ -110,9 +112,11 @@ class PretrainConfig(ComputeOptions):
                                  "up", min=0, max=1)
     index_kl: float = option(1.0, help="V3.2: weight of the indexer's KL loss (it trains only the indexer)", min=0)
     model_overrides: dict = option(default_factory=dict, help="ModelConfig fields to override (JSON)")
+    tensorboard: str = option("", help=TENSORBOARD_HELP, metavar="DIR")
 
     def __post_init__(self):
         check(self)
+        check_tensorboard(self.tensorboard)
         if self.micro_batch and self.batch_size % self.micro_batch:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --micro-batch {self.micro_batch}")
         if self.resume and self.force:
@@ -136,7 +140,8 @@ class PretrainConfig(ComputeOptions):
 # inherited unless given again (the thread count too: fp32 sums over 1 or 2 threads differ in the last bit, so an
 # exact continuation needs the same count).
 INVOCATION = {"resume", "force", "ep", "dist_timeout"}
-RESUME_FREE = INVOCATION | {"threads", "device", "compile", "eval_every", "eval_batches", "save_every", "keep"}
+RESUME_FREE = INVOCATION | {"threads", "device", "compile", "eval_every", "eval_batches", "save_every", "keep",
+                             "tensorboard"}
 
 
 class NonFiniteError(StageError):
@@ -182,7 +187,7 @@ def _run(cfg: PretrainConfig, out: Path, info: "ddp.DistInfo", where: "ddp.Where
         convert_to_fp8(model, cfg.fp8_recipe)
     model = ddp.parallelize(model, info, rt.dtype)  # several processes: FSDP casts the weights for bf16
     optimizer = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, moments=cfg.optim_moments)
-    log = MetricsLog(out / "metrics.jsonl") if info.main else None
+    log = MetricsLog(out / "metrics.jsonl", cfg.tensorboard) if info.main else None
     state = {"step": 0, "tokens": 0, "bad_steps": 0}
     if cfg.resume:
         state = _restore(out, model, optimizer, loader, log, info)
@@ -253,7 +258,7 @@ class _Trainer:
         # main layers with a learned router, in router-log order (V4's hash-routed layers have none)
         self.gate_layers = [i for i, layer in enumerate(model.layers) if any(isinstance(m, Gate) for m in layer.modules())]
         self.n_main_moe = len(self.gate_layers)
-        self.sparse = model.cfg.family == "v32"
+        self.sparse = model.cfg.family_traits.indexer_kl  # V3.2: the indexer trains on its KL (IndexerLog)
         self.flops_per_token = train_flops_per_token(model.cfg, seq_len, include_mtp=True)
         # MFU against the peak of the compute precision (fp32's where bf16 is emulated: runtime.peak_dtype)
         self.peak = matmul_peak(device, dtype=peak_dtype)
@@ -473,7 +478,7 @@ def resumed_config(given: dict) -> PretrainConfig:
 def _check_run(cfg: PretrainConfig, out: Path, main: bool = True) -> None:
     """Everything that can be wrong with the run's settings or its OUT, found before any work starts."""
     mcfg = get_preset(cfg.preset, **cfg.model_overrides)  # ValueError naming a bad override
-    if cfg.document_mask and (mcfg.family != "v3" or mcfg.n_mtp_layers):
+    if cfg.document_mask and (not mcfg.family_traits.document_segments or mcfg.n_mtp_layers):
         raise ValueError(f"--document-mask: only for V3-family models without MTP layers ({cfg.preset} has "
                          f"{mcfg.n_mtp_layers} MTP layers, family {mcfg.family}: the MTP modules and the sparse "
                          "attentions of V3.2/V4 take no document segments)")

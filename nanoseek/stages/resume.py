@@ -18,6 +18,7 @@ import random
 import shutil
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -29,8 +30,37 @@ from ..errors import CheckpointError
 # and its resumption without changing what it computes (the rest are inherited unless given again: the thread
 # count too, since fp32 sums over 1 or 2 threads differ in the last bit).
 INVOCATION = {"resume", "force"}
-RESUME_FREE = INVOCATION | {"threads", "device", "save_every"}
+RESUME_FREE = INVOCATION | {"threads", "device", "save_every", "tensorboard"}
 STATE_FILE = Path("train_state") / "state.pt"
+
+
+class Resumable:
+    """What the configs of the resumable fine-tuning commands (sft, grpo, distill) share: the flags required unless
+    --resume, --resume against --force, and the configuration a --resume continues (`resumed_config`). A config
+    class names its `command`, its `required` flags and the limits a resume may raise (`extendable`), and calls
+    `check_resume()` from its __post_init__."""
+
+    command: ClassVar[str]
+    required: ClassVar[tuple[str, ...]]  # config fields that must be given unless --resume
+    extendable: ClassVar[tuple[str, ...]] = ()
+
+    def check_resume(self) -> None:
+        if self.resume and self.force:
+            raise ValueError("--resume continues the run in --out and --force replaces it: give one of them")
+        if not self.resume and not all(getattr(self, name) for name in self.required):
+            flags = [f"--{name.replace('_', '-')}" for name in self.required]
+            listed = flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+            raise ValueError(f"{listed} are required (or --resume, to continue the run in --out)")
+
+    @classmethod
+    def from_cli(cls, given: dict):
+        """The flags given on the command line; with --resume, the stored run's settings plus those flags."""
+        return cls.resume_of(**given) if given.get("resume") else cls(**given)
+
+    @classmethod
+    def resume_of(cls, out: str, **changes):
+        """The configuration that continues the run in `out` (with `changes`, e.g. steps=100 to extend it)."""
+        return resumed_config(cls, cls.command, {**changes, "out": str(out)}, extendable=cls.extendable)
 
 
 def resumed_config(cls, command: str, given: dict, extendable: tuple[str, ...] = ()):

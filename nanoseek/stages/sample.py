@@ -24,7 +24,6 @@ from ..runtime import prepare_inference, resolve, set_threads
 from ..tasks import TASKS, get_task, split_of
 from ..tasks.base import combine
 from ..template import STOP
-from .common import load_checkpoint
 
 
 @dataclass(kw_only=True)
@@ -59,8 +58,9 @@ def run(cfg: SampleConfig) -> dict:
     check_out_file(cfg.out, "--out", force=cfg.force)
     task = get_task(cfg.task, **cfg.task_args)
     set_threads(cfg.threads)
-    model, tokenizer = load_checkpoint(cfg.ckpt)
-    rt = resolve(cfg.device, cfg.precision, rows=min(cfg.batch, cfg.n * cfg.k))  # rows decoded at once
+    model, tokenizer = ckpt.load(cfg.ckpt, require_tokenizer=True)
+    rt = resolve(cfg.device, cfg.precision, rows=min(cfg.batch, cfg.n * cfg.k),  # rows decoded at once
+                 recorded=ckpt.recorded_precision(cfg.ckpt))
     engine = Engine(prepare_inference(model, rt).eval(), tokenizer)
     problems = task.problems(cfg.seed, cfg.n, split=cfg.split)
     assert all(split_of(p.question) == cfg.split for p in problems)  # the split is the question's own property

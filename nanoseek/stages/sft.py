@@ -1,10 +1,12 @@
 """nanoseek sft: supervised fine-tuning and distillation on traces (R1 §2.3.3, §4.1; V3 §5.1).
 
-Each example is prompt + completion (+ eos) with the loss on completion tokens only. Examples are packed into
-rows of the model's context with per-sample attention masking and restarted positions (V3's SFT packed with
-sample masking). Cosine schedule over the epochs (V3: 5e-6 → 1e-6 at scale). Examples whose question is a
-held-out evaluation problem are dropped (by content) and counted. With --teacher, the loss mixes
-in logit distillation: KL(teacher ‖ student) at temperature τ on the completion tokens (same tokenizer needed).
+Each example is prompt + completion (+ eos) with the loss on completion tokens only; a chat row (`messages`, as
+OpenAI and TRL datasets write them) is rendered in the R1 chat template (template.conversation) with the loss on
+its assistant turns only. Examples are packed into rows of the model's context with per-sample attention masking
+and restarted positions (V3's SFT packed with sample masking). Cosine schedule over the epochs (V3: 5e-6 → 1e-6
+at scale). Examples whose question is a held-out evaluation problem are dropped (by content) and counted. With
+--teacher, the loss mixes in logit distillation: KL(teacher ‖ student) at temperature τ on the completion tokens
+(same tokenizer needed).
 
     nanoseek sft --init runs/student-base --data runs/traces.jsonl --out runs/distilled --epochs 2
 """
@@ -28,21 +30,28 @@ from ..optim import build_optimizer, lr_at
 from ..options import ComputeOptions, check, check_out_dir, option, own_run
 from ..runtime import prepare_for_training, prepare_inference, resolve, set_threads
 from ..stats import forward_flops_per_token
+from ..metrics import TENSORBOARD_HELP, check_tensorboard
 from ..tasks import is_heldout, question_from_prompt
+from ..template import ANSWER, END_ANSWER, END_THINK, TAGS, THINK, conversation, r1_completion, split_reasoning
 from . import resume
-from .common import MetricsLog, StopRequest, clear_run, load_checkpoint, write_run_json
+from .common import MetricsLog, StopRequest, clear_run, write_run_json
 from .progress import StageBar
 
 
 @dataclass(kw_only=True)
-class SFTConfig(ComputeOptions):
-    """Supervised fine-tuning on prompt/completion traces (cold start, distillation), packed with sample masking;
-    --teacher adds logit distillation. Writes OUT/metrics.jsonl and OUT/checkpoints/step_N/."""
+class SFTConfig(ComputeOptions, resume.Resumable):
+    """Supervised fine-tuning on prompt/completion traces (cold start, distillation) or chats (loss on the assistant
+    turns), packed with sample masking; --teacher adds logit distillation. Writes OUT/metrics.jsonl and
+    OUT/checkpoints/step_N/."""
+
+    command = "sft"
+    required = ("init", "data")
 
     init: str = option("", help="starting checkpoint, any nanoseek checkpoint, MoE or dense (default: none; required "
                        "unless --resume)")
-    data: list[str] = option(default_factory=list, help="JSONL files with prompt and completion fields, e.g. from "
-                             "nanoseek sample (default: none; required unless --resume)")
+    data: list[str] = option(default_factory=list, help="JSONL files of prompt/completion rows (e.g. from nanoseek "
+                             "sample) or chat rows {\"messages\": [{\"role\", \"content\"}, ...]} trained on their "
+                             "assistant turns; a file may mix both (default: none; required unless --resume)")
     out: str = option(help="run directory")
     epochs: int = option(2, help="passes over the data", min=1)
     batch_size: int = option(8, help="packed rows per optimizer step", min=1)
@@ -66,27 +75,22 @@ class SFTConfig(ComputeOptions):
     resume: bool = option(False, help="continue the run in --out from its latest checkpoint, exactly (Ctrl-C saves "
                           "a checkpoint first)")
     force: bool = option(False, help="replace an earlier sft run in --out instead of refusing")
+    tensorboard: str = option("", help=TENSORBOARD_HELP, metavar="DIR")
 
     def __post_init__(self):
         check(self)
-        if self.resume and self.force:
-            raise ValueError("--resume continues the run in --out and --force replaces it: give one of them")
-        if not self.resume and not (self.init and self.data):
-            raise ValueError("--init and --data are required (or --resume, to continue the run in --out)")
-
-    @classmethod
-    def from_cli(cls, given: dict) -> "SFTConfig":
-        """The flags given on the command line; with --resume, the stored run's settings plus those flags."""
-        return cls.resume_of(**given) if given.get("resume") else cls(**given)
-
-    @classmethod
-    def resume_of(cls, out: str, **changes) -> "SFTConfig":
-        """The configuration that continues the run in `out`."""
-        return resume.resumed_config(cls, "sft", {**changes, "out": str(out)})
+        check_tensorboard(self.tensorboard)
+        self.check_resume()
 
 
-def read_examples(patterns: list[str]) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs from JSONL files; one-line errors name the file and line."""
+
+ROW_FORMATS = 'a JSON object with prompt and completion, or with messages ([{"role": ..., "content": ...}, ...])'
+
+
+def read_examples(patterns: list[str]) -> list[tuple[str, ...]]:
+    """The examples of JSONL files, each a tuple of texts that alternate context and trained text: (prompt,
+    completion) for a prompt/completion row, a chat row's turns for a `messages` row (chat_examples). Both kinds
+    may share a file: each row says which it is. One-line errors name the file and line."""
     from glob import glob
 
     files = sorted({f for p in patterns for f in glob(p)})
@@ -98,29 +102,99 @@ def read_examples(patterns: list[str]) -> list[tuple[str, str]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                out.append((str(row["prompt"]), str(row["completion"])))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{f}:{n}: expected a JSON object with prompt and completion") from None
+                out += _row_examples(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{f}:{n}: not JSON; expected {ROW_FORMATS}") from None
+            except ValueError as e:
+                raise ValueError(f"{f}:{n}: {e}") from None
     if not out:
         raise ValueError(f"{' '.join(files)}: no examples")
     return out
 
 
-def drop_heldout(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], int]:
-    """(the examples whose prompt's question is not held out, how many were dropped): a trace of a held-out
-    problem must never reach training, whoever wrote the file."""
-    kept = [(p, c) for p, c in pairs if not ((q := question_from_prompt(p)) is not None and is_heldout(q))]
-    return kept, len(pairs) - len(kept)
+def _row_examples(row) -> list[tuple[str, ...]]:
+    if isinstance(row, dict) and "messages" in row:
+        if "prompt" in row or "completion" in row:
+            raise ValueError("a row has either messages or prompt and completion, not both")
+        return chat_examples(row["messages"])
+    if not (isinstance(row, dict) and "prompt" in row and "completion" in row):
+        raise ValueError(f"expected {ROW_FORMATS}")
+    return [(str(row["prompt"]), str(row["completion"]))]
 
 
-def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad: int) -> list[dict]:
-    """First-fit packing of (prompt ids, completion ids) into rows of seq_len next-token pairs."""
+def chat_examples(messages) -> list[tuple[str, ...]]:
+    """A chat's examples in the R1 chat template, with the loss on the assistant turns only (TRL's assistant-only
+    loss). An example alternates context (what template.conversation renders up to "Assistant: <think>") and an
+    assistant reply, so one forward trains every reply of a conversation. Later context shows an earlier reply
+    as conversation() does, by its answer alone (R1 drops reasoning from the history, and chat/serve send it so);
+    a reply that carries reasoning is trained with it, so it ends its example and the next example starts over
+    from the whole conversation so far."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 for m in messages):
+        raise ValueError('messages must be a list of {"role": ..., "content": TEXT} objects')
+    roles = [m.get("role") for m in messages]
+    for k, role in enumerate(roles):
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"messages[{k}]: unknown role {role!r} (system, user or assistant)")
+        if role == "system" and k > 0:
+            raise ValueError(f"messages[{k}]: a system message must come first")
+        if role == "assistant" and (k == 0 or roles[k - 1] != "user"):
+            raise ValueError(f"messages[{k}]: an assistant turn must follow a user turn")
+    if "assistant" not in roles:
+        raise ValueError("the conversation has no assistant turn (the loss is on assistant turns only)")
+    examples, pieces, shown = [], [], ""
+    for k in (k for k, role in enumerate(roles) if role == "assistant"):
+        context = conversation(messages[:k])
+        assert context.startswith(shown)  # the history conversation() renders extends the example so far
+        reasoning, answer = _reply(messages[k], k)
+        reply = r1_completion(reasoning, answer) if reasoning else f" {END_THINK} {ANSWER} {answer} {END_ANSWER}"
+        pieces += [context[len(shown):], reply]
+        shown = context + reply
+        if reasoning:  # the history will show this reply without its reasoning: the example ends here
+            examples.append(tuple(pieces))
+            pieces, shown = [], ""
+    return examples + ([tuple(pieces)] if pieces else [])
+
+
+def _reply(message: dict, k: int) -> tuple[str, str]:
+    """(reasoning, answer) of an assistant message: DeepSeek's API returns the reasoning in `reasoning_content`,
+    R1-style traces write it inline as "<think> … </think> answer" (an <answer> tag around the answer optional)."""
+    content, reasoning = message["content"].strip(), str(message.get("reasoning_content") or "").strip()
+    if END_THINK in content:
+        if reasoning:
+            raise ValueError(f"messages[{k}]: reasoning both in reasoning_content and inside content; give one")
+        reasoning, content = split_reasoning(content.removeprefix(THINK))
+    if any(tag in text for tag in TAGS for text in (reasoning, content)):
+        raise ValueError(f"messages[{k}]: misplaced {'/'.join(TAGS)} tags; give the answer, optionally after "
+                         f"'{THINK} reasoning {END_THINK}' (the template adds the rest)")
+    return reasoning, content
+
+
+def drop_heldout(examples: list[tuple[str, ...]]) -> tuple[list[tuple[str, ...]], int]:
+    """(the examples none of whose contexts asks a held-out question, how many were dropped): a trace of a
+    held-out problem must never reach training, whoever wrote the file."""
+    def heldout(context: str) -> bool:
+        return (q := question_from_prompt(context)) is not None and is_heldout(q)
+
+    kept = [e for e in examples if not any(heldout(context) for context in e[::2])]
+    return kept, len(examples) - len(kept)
+
+
+def encode(tokenizer, example: tuple[str, ...]) -> tuple[list[int], ...]:
+    """An example's texts as token ids, each piece on its own (a context ends in the <think> tag, a reply in
+    </answer>: special tokens, so the pieces encode as the whole text would), with eos closing the last reply."""
+    *head, last = (tokenizer.encode(text) for text in example)
+    return (*head, last + [tokenizer.eos_id])
+
+
+def pack(examples: list[tuple[list[int], ...]], seq_len: int, pad: int) -> list[dict]:
+    """First-fit packing of examples into rows of seq_len next-token pairs. An example's token lists alternate
+    context and trained text ((prompt, completion), or a chat's turns); the loss is on the trained ones only."""
     samples = []
-    for p, c in examples:
-        ids = (p + c)[: seq_len + 1]
-        target_is_completion = [i >= len(p) for i in range(1, len(ids))]
-        samples.append((ids[:-1], ids[1:], target_is_completion))
+    for pieces in examples:
+        ids = [t for piece in pieces for t in piece][: seq_len + 1]
+        trained = [i % 2 == 1 for i, piece in enumerate(pieces) for _ in piece][: seq_len + 1]
+        samples.append((ids[:-1], ids[1:], trained[1:]))
     rows: list[list] = []
     for s in sorted(samples, key=lambda s: -len(s[0])):
         row = next((r for r in rows if sum(len(x[0]) for x in r) + len(s[0]) <= seq_len), None)
@@ -180,8 +254,8 @@ def run(cfg: SFTConfig) -> Path:
     saved = resume.latest(out) if cfg.resume else None
     if saved and saved[1]["finished"]:  # nothing extends an SFT run: its cosine spans the whole of it
         return resume.nothing_to_do(saved[0], saved[1]["step"])
-    model, tokenizer = load_checkpoint(cfg.init)
-    rt = resolve(cfg.device, cfg.precision, training=True)
+    model, tokenizer = ckpt.load(cfg.init, require_tokenizer=True)
+    rt = resolve(cfg.device, cfg.precision, training=True, recorded=ckpt.recorded_precision(cfg.init))
     forward = prepare_for_training(model.to(rt.device), rt)  # bf16 compute copies of fp32 masters, or the model
     teacher = ckpt.load(cfg.teacher)[0].eval().requires_grad_(False) if cfg.teacher else None
     if teacher is not None and teacher.cfg.vocab_size != model.cfg.vocab_size:
@@ -195,7 +269,7 @@ def run(cfg: SFTConfig) -> Path:
               file=sys.stderr)
         if not pairs:
             raise ValueError(f"{' '.join(cfg.data)}: every example's question is held out; nothing to train on")
-    encoded = [(tokenizer.encode(p), tokenizer.encode(c) + [tokenizer.eos_id]) for p, c in pairs]
+    encoded = [encode(tokenizer, e) for e in pairs]
     rows = pack(encoded, model.cfg.max_seq_len, tokenizer.pad_id)
     if cfg.force:  # only now that the inputs are known good
         clear_run(out)
@@ -249,7 +323,7 @@ class _Job:
         self.model, self.forward, self.teacher, self.tokenizer, self.opt = model, forward, teacher, tokenizer, opt
         self.rows, self.total, self.step_flops, self.meta, self.out, self.cfg = rows, total, step_flops, meta, out, cfg
         self.order = _Order(len(rows), cfg.batch_size, cfg.seed)
-        self.log, self.step, self.seconds = MetricsLog(out / "metrics.jsonl"), 0, 0.0
+        self.log, self.step, self.seconds = MetricsLog(out / "metrics.jsonl", cfg.tensorboard), 0, 0.0
 
     def train(self) -> Path:
         cfg, total, model = self.cfg, self.total, self.model
@@ -281,6 +355,7 @@ class _Job:
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save(finished=False)
         bar.close()
+        self.log.close()
         model.eval()
         return self.save(finished=True)
 
@@ -320,10 +395,11 @@ def _step(forward, teacher, opt, params, b: dict, lr: float, cfg: SFTConfig) -> 
     return record
 
 
-def _flops_per_step(cfg, encoded: list[tuple[list[int], list[int]]], rows: list[dict], batch_size: int) -> float:
+def _flops_per_step(cfg, encoded: list[tuple[list[int], ...]], rows: list[dict], batch_size: int) -> float:
     """Forward + backward FLOPs of one step, counted on the mean step: every real (non-padding) token of a row
     costs 3 forwards at the mean example length (attention is masked per example). The same count for every step
     makes a --max-flops run's length known in advance, so its cosine can span it."""
-    tokens_per_row = sum(len(p) + len(c) - 1 for p, c in encoded) / len(rows)
-    context = sum(len(p) + len(c) for p, c in encoded) / len(encoded)
+    lengths = [sum(map(len, e)) for e in encoded]
+    tokens_per_row = sum(n - 1 for n in lengths) / len(rows)
+    context = sum(lengths) / len(encoded)
     return 3 * forward_flops_per_token(cfg, context) * tokens_per_row * min(batch_size, len(rows))

@@ -110,7 +110,8 @@ def run(cfg: SpeedrunConfig) -> Path:
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     steps = plan(cfg)
 
-    with StageRunner() as runner:  # every stage's process, forked from one server that imported torch once
+    # every stage's process: `python -m nanoseek ARGS`, forked from one server that imported torch once
+    with StageRunner("nanoseek") as runner:
 
         def stage(name: str, args: list[str], done: bool):
             if done:
@@ -221,7 +222,7 @@ def _maskable(preset: str, cfg: SpeedrunConfig, flags: list[str]) -> list[str]:
     from ..config import get_preset
 
     m = get_preset(preset, **cfg.model_overrides)
-    return flags if m.family == "v3" and not m.n_mtp_layers else []
+    return flags if m.family_traits.document_segments and not m.n_mtp_layers else []
 
 
 def _finished(run_dir: Path, steps: int) -> bool:

@@ -13,9 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PRESETS, get_preset
+from ..config import PRESETS, family_entry, get_preset
 from ..options import check, check_out_dir, option
-from ..stats import DEFAULT_GPUS, DEFAULT_MFU, DEFAULT_PRICE, GPU_PEAK_FLOPS
+from ..stats import COUNTING, DEFAULT_GPUS, DEFAULT_MFU, DEFAULT_PRICE, GPU_PEAK_FLOPS
 
 
 @dataclass
@@ -106,13 +106,6 @@ def human(n: float, unit: str = "") -> str:
     return f"{n:.0f}{unit}"
 
 
-_KV_LABELS = {  # what the cache holds, per generation (stats.py)
-    "v3": ("absorbed MLA latent + rope key, bf16", "per-head K and V, bf16"),
-    "v32": ("MLA latent + rope key + indexer key, bf16", "per-head K and V + indexer key, bf16"),
-    "v4": ("window + compressed entries, averaged over the context, bf16", "every token's raw K=V, bf16"),
-}
-
-
 def _print_stats(name: str, s: dict, family: str = "v3") -> None:
     print(f"{name}  (training sequence length {s['seq_len']})")
     print(f"  total parameters        {human(s['total_params']):>10}   (without MTP modules)")
@@ -120,7 +113,7 @@ def _print_stats(name: str, s: dict, family: str = "v3") -> None:
           "output head included)")
     print(f"  MTP parameters          {human(s['mtp_params']):>10}   (unique to the MTP modules; embedding and "
           "head are shared)")
-    kv, naive = _KV_LABELS[family]
+    kv, naive = family_entry(COUNTING, family, "stats.COUNTING").cache_holds
     print(f"  KV cache / token        {s['kv_cache_bytes_per_token']:>10,} B ({kv})")
     print(f"  KV cache / token, naive {s['kv_cache_bytes_per_token_naive']:>10,} B ({naive})")
     print(f"  training FLOPs / token  {human(s['train_flops_per_token'], 'FLOP'):>10}   (6 × active + causal "

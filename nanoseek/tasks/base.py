@@ -4,7 +4,8 @@ A problem's split is a property of its question text, not of the seed that gener
 normalised to a canonical key (`problem_key`) and hashed; a fixed HELDOUT_FRACTION of the hash space is held
 out. Every source of training text (the corpus's worked problems, GRPO prompts, rejection sampling, SFT traces)
 asks `is_heldout(question)` and leaves those questions out, so a held-out question cannot reach training by
-any path, whatever seeds or generator settings produced it. The key also merges rewordings of one problem:
+any path, whatever seeds or generator settings produced it. The family whose phrasing a question is computes
+its key (`Task.content_key`, found through the registry), and the key merges rewordings of one problem:
 arithmetic questions reduce to their expression ("Calculate 3 + 4." and "…arithmetic problem: 3 + 4 =" are
 one problem), and a sum of integers to the multiset of its signed terms (`signed_terms`: "4 - 1 + 3" and
 "3 + 4 - 1" are one problem, so a reordering of a held-out sum is held out too); countdown questions reduce to
@@ -18,8 +19,10 @@ import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from ..template import r1_prompt
+from .registry import family_key
 from .verify import answer_in_form
 
 # A completion is what follows the prompt's "<think>": reasoning, "</think>", then exactly one answer block.
@@ -29,12 +32,6 @@ MAX_COMPLETION_CHARS = 20_000  # longer text is not inspected at all
 
 HELDOUT_FRACTION = 0.1  # share of the key-hash space reserved for evaluation (one constant: every stage agrees)
 _SPLIT_SALT = "nanoseek-heldout-v1\0"  # unchanged: only the keys of sums changed (v2 of the split)
-_EXPR = r"[\d\s+\-*/()]+"
-_ARITHMETIC = [re.compile(p) for p in (  # chain_sum's and basic_arithmetic's phrasings, after normalisation
-    rf"state the final answer to the following arithmetic problem: ({_EXPR})=", rf"calculate ({_EXPR})\.",
-    rf"what is ({_EXPR})\?", rf"solve ({_EXPR})\.", rf"compute ({_EXPR})\.", rf"evaluate: ({_EXPR})\.")]
-_COUNTDOWN = [re.compile(r"using all the numbers ([\d, ]+), create an expression that equals (\d+)\."),
-              re.compile(r"(?:find a way to make|calculate) (\d+) using all of these numbers: ([\d, ]+)\.")]
 
 
 def format_ok(completion: str) -> bool:
@@ -56,22 +53,12 @@ def extract_answer(completion: str) -> str | None:
 def problem_key(question: str) -> str:
     """The canonical form of a question: what decides its split and its id.
 
-    NFKC, lower case, whitespace collapsed; an arithmetic question becomes "arith:" + its expression without
-    spaces, a countdown question "countdown:" + its sorted numbers + "=" + target."""
+    NFKC, lower case, whitespace collapsed; then the key of the family whose phrasing it is (an arithmetic
+    question becomes "sum:" + its signed terms or "arith:" + its expression without spaces, a countdown question
+    "countdown:" + its sorted numbers + "=" + target), or the normalised text when no family claims it."""
     text = " ".join(unicodedata.normalize("NFKC", question).lower().split())
-    for pattern in _COUNTDOWN:
-        m = pattern.search(text)
-        if m:
-            target, numbers = m.groups() if pattern is _COUNTDOWN[1] else m.groups()[::-1]
-            return f"countdown:{','.join(sorted(n.strip() for n in numbers.split(',')))}={target}"
-    for pattern in _ARITHMETIC:
-        m = pattern.fullmatch(text)
-        if m:
-            terms = signed_terms(m.group(1))
-            if terms is not None:  # a sum: its terms in any order and grouping are one problem
-                return "sum:" + ",".join(f"{t:+d}" for t in terms)
-            return "arith:" + re.sub(r"\s", "", m.group(1))
-    return text
+    key = family_key(text)
+    return text if key is None else key
 
 
 def signed_terms(expression: str) -> list[int] | None:
@@ -208,23 +195,58 @@ class ProblemStream:
                 return p, key
 
 
+class Unsolvable(Exception):
+    """This problem has no exact worked solution (e.g. an inexact division, or a gold answer its own solution
+    contradicts): the corpus and the cold start leave it out."""
+
+
 class Task:
-    """A family of verifiable problems. Subclasses implement `generate` and `check` and declare `answer_form`
-    (verify.ANSWER_FORMS): an answer not in that form is not well-formed and scores 0."""
+    """A family of verifiable problems. A family module declares, as class attributes and methods:
+
+    - `name`: its name in get_task, problem ids and the CLI;
+    - `knobs`: the generator options that set difficulty, at the values `get_task` starts from (the first rung of
+      a curriculum; the CPU speedrun's models need easy ones); options not named keep the generator's defaults,
+      which are what the class gives when built directly (the corpus's worked problems span that whole range);
+    - `iterate`: the raw problems (either split) of a generator seed, one at a time;
+    - `answer_form` (verify.ANSWER_FORMS) and `check`: an answer not in the form is not well-formed and scores
+      0; one in it scores `check`'s accuracy;
+    - `content_key`: the split key of its questions, merging rewordings of one problem;
+    - `solve` (optional): the exact worked solution the corpus and the cold start train on;
+    - `space_size` (optional): the exact size of a setting's problem space, where it can be counted.
+    `registry.register` makes it a family; tasks/chain_sum.py is the model to copy."""
 
     name = "task"
     answer_form = "integer"
+    knobs: dict = {}  # read only: get_task copies it
 
     def __init__(self, **options):
         self.options = options
 
-    def generate(self, seed: int, n: int) -> list[Problem]:
-        """n raw problems (either split) from generator seeds seed .. seed + n - 1."""
+    def iterate(self, seed: int, n: int) -> Iterator[Problem]:
+        """The n raw problems (either split) of generator seed `seed`, built one at a time (a consumer that stops
+        early, as the corpus does, pays only for what it took)."""
         raise NotImplementedError
+
+    def generate(self, seed: int, n: int) -> list[Problem]:
+        """n raw problems (either split) from generator seed `seed`."""
+        return list(self.iterate(seed, n))
 
     def check(self, problem: Problem, answer: str) -> float:
         """Accuracy in [0, 1] of an extracted answer (must never raise)."""
         raise NotImplementedError
+
+    @staticmethod
+    def content_key(text: str) -> str | None:
+        """The split key of `text` (a question normalised by `problem_key`: NFKC, lower case, single spaces) if it
+        is in one of this family's phrasings, else None. Every rewording of one problem must give one key, or a
+        reworded held-out question could be trained on. None everywhere (the default) keys questions by text.
+        Phrasings of different families must be disjoint: the first family that claims a text keys it."""
+        return None
+
+    def solve(self, problem: Problem) -> tuple[str, str]:
+        """(worked reasoning, answer) of a problem: exact steps that reach the gold answer, the text pretraining
+        documents and cold-start examples hold. Raise Unsolvable for a problem without one."""
+        raise Unsolvable(f"task {self.name} writes no worked solutions")
 
     def space_size(self) -> int | None:
         """The exact number of distinct problem keys the settings can produce, where it can be counted."""

@@ -127,7 +127,7 @@ class _Parser:
         return value
 
 
-def evaluate(text: str) -> tuple[Fraction, list[Fraction]] | None:
+def parse_expression(text: str) -> tuple[Fraction, list[Fraction]] | None:
     """(value, number literals used) of an arithmetic answer, or None if it is not one (never raises)."""
     if not isinstance(text, str) or len(text) > MAX_CHARS:
         return None
@@ -148,7 +148,7 @@ def parse_number(text: str) -> Fraction | None:
     cleaned = text.strip().rstrip(".").replace(",", "").replace("$", "").rstrip("%").strip()
     if _NUMBER.match(cleaned):
         return Fraction(cleaned)
-    result = evaluate(cleaned)
+    result = parse_expression(cleaned)
     return result[0] if result else None
 
 
@@ -169,7 +169,7 @@ def answer_in_form(text: str, form: str) -> bool:
     if form == "integer":
         return _INTEGER.fullmatch(text) is not None
     if form == "expression":
-        return evaluate(text) is not None
+        return parse_expression(text) is not None
     if form == "yes/no":
         return text.rstrip(".").lower() in ("yes", "no")
     raise ValueError(f"unknown answer form {form!r}; forms: {', '.join(ANSWER_FORMS)}")
@@ -182,7 +182,7 @@ def integer_equal(answer: str, gold: str) -> bool:
 
 def countdown_ok(answer: str, numbers: list[int], target: int) -> bool:
     """True if the expression uses each given number exactly once and evaluates to the target."""
-    result = evaluate(answer)
+    result = parse_expression(answer)
     if result is None:
         return False
     value, used = result

@@ -1,6 +1,7 @@
 """`nanoseek serve`: an OpenAI-compatible HTTP server over the engine's continuous batching, and a chat page.
 
     nanoseek serve --ckpt runs/speedrun/sft [--host 127.0.0.1] [--port 8000] [--max-batch 32] [--max-queue 256]
+                   [--api-key KEY] [--no-access-log]
 
 Endpoints follow OpenAI's API reference (platform.openai.com/docs/api-reference): `GET /v1/models`,
 `POST /v1/completions`, `POST /v1/chat/completions` (both streaming as server-sent events ending in
@@ -11,9 +12,13 @@ sampled at R1's setting (evaluation.R1_SAMPLING), as eval, chat and generate are
 (vLLM's), the answer as `content`. Unknown fields are ignored; invalid values get a 400 naming the field;
 when the running batch and the bounded queue are full a request gets a 429 at once.
 
-One thread steps the engine's Batcher; the asyncio thread parses requests, submits them and streams each
-request's tokens as the engine produces them. A client that disconnects cancels its requests, and their slots
-are freed at the next step.
+With an API key (--api-key, or NANOSEEK_API_KEY) every /v1 request must send `Authorization: Bearer KEY` or
+gets a 401; the page, /health and /info stay open (see RequireKey). Each request leaves one access-log line on
+stderr (see AccessLog) unless --no-access-log.
+
+One worker thread steps the engine's Batcher; the asyncio thread parses requests, submits them and streams
+each request's tokens as the engine produces them. A client that disconnects cancels its requests, and their
+slots are freed at the next step.
 """
 
 from __future__ import annotations
@@ -22,20 +27,22 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import secrets
+import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .engine import Batcher, Request, SamplingParams, sequence_seed
-from .evaluation import R1_SAMPLING
-from .options import ComputeOptions, check, option
-from .template import CHAT_STOP, conversation, held_suffix, split_reasoning
+from ..engine import Batcher, Request, SamplingParams, sequence_seed
+from ..evaluation import R1_SAMPLING
+from ..options import ComputeOptions, check, option
+from ..template import CHAT_STOP, conversation, held_suffix, split_reasoning
 
-log = logging.getLogger("nanoseek.serve")
-PAGE = Path(__file__).parent / "static" / "chat.html"
+log = logging.getLogger(__name__)
+PAGE = Path(__file__).parent.parent / "static" / "chat.html"
 
 
 @dataclass(kw_only=True)
@@ -51,6 +58,9 @@ class ServeConfig(ComputeOptions):
     max_queue: int = option(256, help="sequences waiting for a row; beyond it: HTTP 429", min=0)
     model_name: str = option("", help="model id the API reports (empty: the checkpoint directory's name)")
     grace: float = option(5.0, help="seconds in-flight requests get to finish on Ctrl-C", min=0)
+    api_key: str = option("", help="require 'Authorization: Bearer KEY' on every /v1 request (default: "
+                          "$NANOSEEK_API_KEY; neither: no key)", metavar="KEY")
+    no_access_log: bool = option(False, help="no per-request line (method, path, status, time, tokens) on stderr")
 
     def __post_init__(self):
         check(self)
@@ -179,14 +189,14 @@ def completion_prompts(body: dict, tokenizer, vocab: int) -> list[list[int]]:
     return out
 
 
-# ----------------------------------------------------------------------------- the engine thread
+# ----------------------------------------------------------------------------- the worker thread
 
 
 class QueueFull(Exception):
     pass
 
 
-class EngineLoop:
+class BatchWorker:
     """Steps a Batcher in its own thread while requests are outstanding; admission is bounded. The token events
     of a step go to the asyncio loop in one hand-over after the step (one wake-up per step, not per token)."""
 
@@ -195,9 +205,9 @@ class EngineLoop:
         self.cond = threading.Condition()
         self.outstanding, self.stopping = 0, False
         self.counts = {"completed": 0, "cancelled": 0, "rejected": 0, "failed": 0}
-        self.thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="nanoseek-worker", daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.outbox: list[tuple[asyncio.Queue, tuple]] = []  # engine thread only
+        self.outbox: list[tuple[asyncio.Queue, tuple]] = []  # worker thread only
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -223,7 +233,7 @@ class EngineLoop:
             self.cond.notify()
 
     def post(self, queue: asyncio.Queue, event: tuple) -> None:
-        """Engine thread: an event for an asyncio queue, delivered after the current step."""
+        """Worker thread: an event for an asyncio queue, delivered after the current step."""
         self.outbox.append((queue, event))
 
     def _flush(self) -> None:
@@ -235,7 +245,7 @@ class EngineLoop:
                 pass
 
     def finished(self, r: Request) -> None:
-        """Called (in the engine thread) once per request as it leaves."""
+        """Called (in the worker thread) once per request as it leaves."""
         with self.cond:
             self.outstanding -= 1
             self.counts[{"cancelled": "cancelled", "error": "failed"}.get(r.finish_reason, "completed")] += 1
@@ -277,9 +287,9 @@ def _deliver(batch: list) -> None:
 class Call:
     """One API request: its choices (engine requests), their event queue, and the text shown so far."""
 
-    def __init__(self, engine: EngineLoop, prompts: list[list[int]], max_new: list[int], opts: Options, chat: bool,
+    def __init__(self, worker: BatchWorker, prompts: list[list[int]], max_new: list[int], opts: Options, chat: bool,
                  top_logprobs: int | None):
-        self.engine, self.opts, self.chat = engine, opts, chat
+        self.worker, self.opts, self.chat = worker, opts, chat
         self.top_logprobs = top_logprobs
         self.events: asyncio.Queue = asyncio.Queue()
         self.stops = opts.stop + (CHAT_STOP if chat else [])
@@ -295,12 +305,12 @@ class Call:
         self.shown = [["", ""] for _ in self.reqs]  # per choice: (reasoning, content) or (text, "") sent so far
 
     def _listen(self, index: int, r: Request, token) -> None:
-        """Engine thread: snapshot the event for the asyncio side."""
+        """Worker thread: snapshot the event for the asyncio side."""
         new = token is not None and r.top_logprobs is not None
         event = (index, token, r.text, r.finish_reason, r.raw_logprobs[-1] if new else None, r.top[-1] if new else None)
         if r.done:
-            self.engine.finished(r)
-        self.engine.post(self.events, event)
+            self.worker.finished(r)
+        self.worker.post(self.events, event)
 
     def cancel(self) -> None:
         for r in self.reqs:
@@ -447,7 +457,9 @@ async def stream(call: Call, fmt: Formatter):
         call.cancel()  # no-op for requests already finished
 
 
-async def collect(call: Call, fmt: Formatter) -> dict:
+async def whole_response(call: Call, fmt: Formatter) -> dict:
+    """The non-streamed body of a call: every event awaited, then the choices as one chat.completion or
+    text_completion object."""
     n = len(call.reqs)
     texts, entries, finishes = [""] * n, [[] for _ in range(n)], [None] * n
     async for index, token, text, reason, raw, top in call.events_until_done():
@@ -460,7 +472,90 @@ async def collect(call: Call, fmt: Formatter) -> dict:
                      [fmt.logprobs(i, e) for i, e in enumerate(entries)], [finish_name(f) for f in finishes])
 
 
+# ----------------------------------------------------------------------------- the key and the access log
+
+
+class RequireKey:
+    """ASGI middleware: with a key set, a request under /v1 without `Authorization: Bearer KEY` gets OpenAI's 401.
+
+    Only /v1 is guarded, as vLLM's --api-key guards it: the page is a static file that holds no data (it asks for
+    the key and sends it with its own /v1 calls), /health must answer a load balancer's probe that carries no
+    credentials, and /info says what /v1/models would (the model) plus the training task, not model output. Any
+    /v1 path is checked before routing, so an endpoint added later is guarded without remembering to."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == "/v1" or path.startswith("/v1/")):
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        # compare_digest: the time taken must not tell a guesser how many leading bytes were right
+        if scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+
+        message = ("Incorrect API key provided." if given else "You didn't provide an API key.") + \
+            " Send the server's key (nanoseek serve --api-key, or NANOSEEK_API_KEY) as 'Authorization: Bearer KEY'."
+        error = APIError(401, message, code="invalid_api_key")
+        await JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+class AccessLog:
+    """ASGI middleware: one line per request on stderr, as uvicorn's and vLLM's access logs print, plus the time
+    and the tokens of an API call:
+
+        127.0.0.1:50412 - "POST /v1/chat/completions HTTP/1.1" 200 412.3 ms tokens_in=25 tokens_out=7
+
+    The line is written as the last body message goes out (for a stream, its end after `data: [DONE]`), so
+    its time is the whole response's; a response cut short (a client gone mid-stream) is logged when the app
+    returns. A handler puts its Call in scope["nanoseek.access"]["call"] for the tokens (a dict of ours, so the
+    entry survives a layer below that copies the scope)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status, logged = time.perf_counter(), 500, False  # 500: the app raised before it answered
+        scope["nanoseek.access"] = note = {}
+
+        async def send_and_log(message):
+            nonlocal status, logged
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body") and not logged:
+                logged = True
+                self.write(scope, status, start, note.get("call"))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_log)
+        finally:
+            if not logged:
+                self.write(scope, status, start, note.get("call"))
+
+    @staticmethod
+    def write(scope, status: int, start: float, call) -> None:
+        client = "%s:%d" % tuple(scope["client"]) if scope.get("client") else "-"
+        query = f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
+        line = (f'{client} - "{scope["method"]} {scope["path"]}{query} HTTP/{scope.get("http_version", "1.1")}" '
+                f"{status} {(time.perf_counter() - start) * 1e3:.1f} ms")
+        if call is not None:
+            line += f" tokens_in={call.prompt_tokens} tokens_out={call.completion_tokens()}"
+        print(line, file=sys.stderr, flush=True)  # sys.stderr looked up now: a test's capture, a redirect
+
+
 # ----------------------------------------------------------------------------- the app
+
+
+async def _api_error(http, e: APIError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(e.body(), status_code=e.status)
 
 
 def create_app(model, tokenizer, cfg: ServeConfig, name: str, trained_on: dict | None = None):
@@ -471,26 +566,23 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str, trained_on: dict |
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-    engine = EngineLoop(Batcher(model, tokenizer, max_batch=cfg.max_batch), cfg.max_queue)
+    worker = BatchWorker(Batcher(model, tokenizer, max_batch=cfg.max_batch), cfg.max_queue)
     context, vocab = model.cfg.max_seq_len, model.cfg.vocab_size
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.start(asyncio.get_running_loop())
+        worker.start(asyncio.get_running_loop())
         yield
-        engine.stop()
+        worker.stop()
 
     app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
-
-    async def api_error(http, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+    app.state.worker = worker
 
     async def page(http):
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     async def health(http):
-        return JSONResponse({"status": "ok", "model": name, **engine.status()})
+        return JSONResponse({"status": "ok", "model": name, **worker.status()})
 
     async def info(http):
         return JSONResponse({"model": name, "max_model_len": context, "trained_on": trained_on,
@@ -503,12 +595,13 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str, trained_on: dict |
     async def handle(http, chat: bool):
         prompts, max_new, opts, top_logprobs = parse_call(await _json_body(http), chat, tokenizer, name, context,
                                                           vocab)
-        call = Call(engine, prompts, max_new, opts, chat, top_logprobs)
-        if len(call.reqs) > engine.capacity:
+        call = Call(worker, prompts, max_new, opts, chat, top_logprobs)
+        http.scope.get("nanoseek.access", {})["call"] = call  # its tokens go in the access-log line
+        if len(call.reqs) > worker.capacity:
             raise APIError(400, f"{len(call.reqs)} sequences (prompts × n) exceed the server's capacity of "
-                                f"{engine.capacity}", "n")
+                                f"{worker.capacity}", "n")
         try:
-            engine.submit(call.reqs)
+            worker.submit(call.reqs)
         except QueueFull:
             raise APIError(429, "the server is at capacity (running batch and queue full); retry later",
                            kind="rate_limit_error", code="rate_limit_exceeded") from None
@@ -520,7 +613,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str, trained_on: dict |
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(_cancel_on_disconnect(http, call))
         try:
-            return JSONResponse(await collect(call, fmt))
+            return JSONResponse(await whole_response(call, fmt))
         finally:
             watcher.cancel()
 
@@ -531,13 +624,17 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str, trained_on: dict |
         return await handle(http, chat=False)
 
     # Starlette-level routes: the handlers read the raw request and validate it themselves (OpenAI-style errors)
-    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(APIError, _api_error)
     app.add_route("/", page, methods=["GET"])
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/info", info, methods=["GET"])
     app.add_route("/v1/models", models, methods=["GET"])
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
+    if cfg.api_key:
+        app.add_middleware(RequireKey, key=cfg.api_key)
+    if not cfg.no_access_log:
+        app.add_middleware(AccessLog)  # added last, so outermost: a 401 is logged too
     return app
 
 
@@ -598,25 +695,26 @@ async def _cancel_on_disconnect(http, call: Call) -> None:
 
 
 def run(cfg: ServeConfig) -> None:
-    """Load the checkpoint and serve it until Ctrl-C."""
-    import sys
-
+    """Load the checkpoint and serve it until Ctrl-C. No --api-key: the key in NANOSEEK_API_KEY, if any (an
+    environment variable keeps the secret out of `ps` and shell history)."""
     import uvicorn
 
-    from .evaluation import trained_on
-    from .runtime import prepare_inference, resolve, set_threads
-    from .stages.common import load_checkpoint
+    from ..checkpoint import load
+    from ..evaluation import trained_on
+    from ..runtime import prepare_inference, resolve, set_threads
 
+    cfg = replace(cfg, api_key=cfg.api_key or os.environ.get("NANOSEEK_API_KEY", ""))
     set_threads(cfg.threads)
-    model, tokenizer = load_checkpoint(cfg.ckpt)
+    model, tokenizer = load(cfg.ckpt, require_tokenizer=True)
     rt = resolve(cfg.device, cfg.precision, rows=cfg.max_batch)  # a full batch decodes together
     model = prepare_inference(model, rt).eval()
     name = cfg.model_name or Path(cfg.ckpt).resolve().name
     app = create_app(model, tokenizer, cfg, name, trained_on(cfg.ckpt))
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, timeout_graceful_shutdown=cfg.grace,
                             log_level="info", access_log=False)
+    key = ", key required" if cfg.api_key else ""
     print(f"nanoseek serve: {name} ({rt.precision} on {rt.device}, batch {cfg.max_batch}, queue {cfg.max_queue}) "
-          f"at http://{cfg.host}:{cfg.port}/ (chat page) and /v1 (OpenAI API); Ctrl-C stops", file=sys.stderr)
+          f"at http://{cfg.host}:{cfg.port}/ (chat page) and /v1 (OpenAI API{key}); Ctrl-C stops", file=sys.stderr)
     try:
         uvicorn.Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled after shutting down cleanly
