@@ -77,6 +77,14 @@ def _run_json(path) -> tuple[Path, dict] | None:
     return None
 
 
+def recorded_seed(path) -> int | None:
+    """The --seed of the checkpoint's own run (run.json), or None. A speedrun passes its seed to every stage and
+    draws its held-out problems with it, so eval defaulting to it scores the problems the run's report scored."""
+    found = _run_json(path)
+    seed = found[1].get("seed") if found is not None else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else None
+
+
 def _init_dir(run_json: Path, record: dict) -> Path | None:
     """The run's recorded --init as a path. A relative one was relative to where the run was started, which is
     the run directory minus its recorded --out (runs/speedrun/rl records init runs/speedrun/coldstart)."""

@@ -282,6 +282,21 @@ def test_eval_defaults_to_the_task_the_run_recorded(tmp_path, capsys):
     assert len([line for line in err.splitlines() if "overrides" in line]) == 1 and str(rl / "run.json") in err
 
 
+def test_eval_defaults_to_the_seed_the_run_recorded(tmp_path, capsys):
+    """A speedrun draws its held-out problems (and its sampling seeds) with its --seed: `eval --ckpt RL` with no
+    --seed scores those problems, with 4 samples each, as the report did; --seed overrides it."""
+    from nanoseek.tasks import get_task
+
+    rl = _recorded_run(tmp_path, "rl", {"command": "grpo", "task": "chain_sum", "task_args": FOUR, "seed": 3})
+    code, (r,), err = _eval(capsys, "--ckpt", str(rl))
+    report = get_task("chain_sum", **FOUR).problems(3, 3, split="heldout")
+    assert code == 0 and r["seed"] == 3 and r["k"] == 4 and "eval: seed 3 from the run's run.json" in err
+    assert [p["id"] for p in r["problems"]] == [p.id for p in report]
+    code, (r,), err = _eval(capsys, "--ckpt", str(rl), "--seed", "0")
+    assert code == 0 and r["seed"] == 0 and "seed 3" not in err
+    assert [p["id"] for p in r["problems"]] == [p.id for p in get_task("chain_sum", **FOUR).problems(0, 3, "heldout")]
+
+
 def test_eval_follows_the_init_chain_when_unambiguous(tmp_path, capsys, monkeypatch):
     """An SFT run records only its data: its task is its --init's, a pretraining run whose worked chain_sum
     problems outnumber the mixed ones. Relative inits are relative to where the runs were started (found from

@@ -14,6 +14,7 @@ process (one line each; with --json one JSON object per line, in the order given
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import sys
@@ -21,7 +22,7 @@ from dataclasses import MISSING, dataclass, fields
 
 from .. import checkpoint as ckpt
 from ..engine import Engine
-from ..evaluation import Recorded, evaluate, recorded_task
+from ..evaluation import Recorded, evaluate, recorded_seed, recorded_task
 from ..options import ComputeOptions, check, option
 from ..runtime import Runtime, prepare_inference, resolve, set_threads
 from ..tasks import TASKS, get_task
@@ -41,11 +42,13 @@ class EvalConfig(ComputeOptions):
     task_args: dict = option(default_factory=dict, help='generator options as JSON, e.g. {"max_terms": 2} '
                              "(default: the run's recorded ones for its task, else the family's)")
     n: int = option(100, help="held-out problems", min=1)
-    k: int = option(1, help="samples per problem", min=1)
+    k: int = option(4, help="samples per problem (pass@1 is their mean: R1 estimates it from several samples)",
+                    min=1)
     temperature: float = option(_DEFAULTS["temperature"], help="sampling temperature (R1: 0.6); 0 = greedy", min=0)
     top_p: float = option(_DEFAULTS["top_p"], help="nucleus sampling mass (R1: 0.95)", above=0, max=1)
     max_new_tokens: int = option(_DEFAULTS["max_new_tokens"], help="response length limit", min=1)
-    seed: int = option(0, help="problem and sampling seed", min=0)
+    seed: int = option(0, help="problem and sampling seed (default: the seed the checkpoint's run recorded, so a "
+                       "speedrun's models are scored on its own held-out problems; else 0)", min=0)
     json: bool = option(False, help="print one JSON object: the numbers and every problem scored")
     # Which fields the user set (None: those that differ from their defaults, for a library caller): a --task-args
     # given as {} means the family's defaults, while an absent one means the run's recorded options.
@@ -67,6 +70,7 @@ def run(cfg: EvalConfig) -> list[dict]:
     for path in cfg.ckpt:  # a bad path fails before any model is scored
         ckpt.resolve(path)
     name, args = choose_task(cfg)
+    cfg = dataclasses.replace(cfg, seed=choose_seed(cfg))
     task = get_task(name, **args)
     set_threads(cfg.threads)
     problems = task.problems(cfg.seed, cfg.n, split="heldout")
@@ -112,6 +116,18 @@ def choose_task(cfg: EvalConfig) -> tuple[str, dict]:
     return r.task, dict(r.task_args)
 
 
+def choose_seed(cfg: EvalConfig) -> int:
+    """--seed if given, else the seed the checkpoints' runs recorded when they agree (saying so), else 0."""
+    if "seed" in cfg.given:
+        return cfg.seed
+    seeds = {recorded_seed(path) for path in cfg.ckpt}
+    if len(seeds) == 1 and (seed := seeds.pop()) is not None:
+        if seed != cfg.seed:
+            print(f"eval: seed {seed} from the run's run.json (its held-out problems and sampling)", file=sys.stderr)
+        return seed
+    return cfg.seed
+
+
 def _note_override(flags: str, key: str | None, records: dict[str, Recorded]) -> None:
     """One stderr line when the flags given differ from what a run recorded (nothing when they agree)."""
     differ = {str(r.source): r.describe() for r in records.values() if _key(r.task, r.task_args) != key}
@@ -127,7 +143,7 @@ def _score(path: str, task, args: dict, problems: list, cfg: EvalConfig, rt: Run
     r = evaluate(Engine(model, tokenizer), task, problems, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     if cfg.json:
-        print(json.dumps({"task": task.name, "task_args": args, "precision": rt.precision,
+        print(json.dumps({"task": task.name, "task_args": args, "seed": cfg.seed, "precision": rt.precision,
                           "runtime": rt.describe(), "ckpt": path, **r}),
               flush=True)
     else:
