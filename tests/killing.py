@@ -18,3 +18,18 @@ def kill_after(args: list[str], checkpoint: Path) -> None:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def assert_resumed_like_uninterrupted(a: Path, b: Path, step: str) -> None:
+    """Run b (killed, then resumed) ends with the uninterrupted run a's weights at checkpoint `step`, bit for bit;
+    only b's latest checkpoint keeps the training state, and every checkpoint of b still verifies."""
+    import torch
+    from safetensors.torch import load_file
+
+    from nanoseek import checkpoint as ckpt
+
+    wa, wb = (load_file(str(d / "checkpoints" / step / "model.safetensors")) for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [(d / "train_state").exists() for d in ckpt.step_dirs(b)] == [False, False, True]
+    for d in ckpt.step_dirs(b):
+        ckpt.verify(d)

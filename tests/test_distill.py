@@ -131,9 +131,7 @@ def _reproducible(out):
 def test_kill_and_resume_continues_the_uninterrupted_run_exactly(models, tmp_path, capsys):
     """SIGKILL after a checkpoint (possibly mid-step or mid-save), then --resume: every logged value of every step
     and the final weights equal the uninterrupted run's, bit for bit; a larger --steps extends the finished run."""
-    from safetensors.torch import load_file
-
-    from tests.killing import kill_after
+    from tests.killing import assert_resumed_like_uninterrupted, kill_after
 
     from nanoseek import checkpoint as ckpt
     from nanoseek.cli import main
@@ -143,14 +141,7 @@ def test_kill_and_resume_continues_the_uninterrupted_run_exactly(models, tmp_pat
     assert 2 <= int(ckpt.step_dirs(tmp_path / "b")[-1].name[5:]) < 6  # killed mid-run
     assert main(["distill", "--out", str(tmp_path / "b"), "--resume"]) == 0
     assert _reproducible(tmp_path / "b") == _reproducible(tmp_path / "a")
-    weights = [load_file(str(d / "checkpoints" / "step_000006" / "model.safetensors")) for d in (tmp_path / "a",
-                                                                                                   tmp_path / "b")]
-    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k])
-                                                          for k in weights[0])
-    # only the latest checkpoint keeps the training state, and every checkpoint still verifies
-    assert [(d / "train_state").exists() for d in ckpt.step_dirs(tmp_path / "b")] == [False, False, True]
-    for d in ckpt.step_dirs(tmp_path / "b"):
-        ckpt.verify(d)
+    assert_resumed_like_uninterrupted(tmp_path / "a", tmp_path / "b", "step_000006")
     capsys.readouterr()
     assert main(["distill", "--out", str(tmp_path / "b"), "--resume"]) == 0
     assert "nothing to do" in capsys.readouterr().err

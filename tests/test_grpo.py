@@ -429,9 +429,7 @@ def _reproducible(out):
 def test_kill_and_resume_continues_the_uninterrupted_run_exactly(tiny_checkpoint, tmp_path):
     """SIGKILL after a checkpoint (possibly mid-step or mid-save), then --resume: every logged value of every
     step and the final weights equal the uninterrupted run's, bit for bit."""
-    from safetensors.torch import load_file
-
-    from tests.killing import kill_after
+    from tests.killing import assert_resumed_like_uninterrupted, kill_after
 
     from nanoseek import checkpoint as ckpt
     from nanoseek.cli import main
@@ -443,14 +441,7 @@ def test_kill_and_resume_continues_the_uninterrupted_run_exactly(tiny_checkpoint
     assert _reproducible(tmp_path / "b") == _reproducible(tmp_path / "a")
     samples = [read_metrics(d / "samples.jsonl") for d in (tmp_path / "a", tmp_path / "b")]
     assert samples[0] == samples[1] and len(samples[0]) == 12  # 2 per step, none lost or repeated by the kill
-    weights = [load_file(str(d / "checkpoints" / "step_000006" / "model.safetensors")) for d in (tmp_path / "a",
-                                                                                                   tmp_path / "b")]
-    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k])
-                                                          for k in weights[0])
-    # only the latest checkpoint keeps the optimizer state, and every checkpoint still verifies
-    assert [(d / "train_state").exists() for d in ckpt.step_dirs(tmp_path / "b")] == [False, False, True]
-    for d in ckpt.step_dirs(tmp_path / "b"):
-        ckpt.verify(d)
+    assert_resumed_like_uninterrupted(tmp_path / "a", tmp_path / "b", "step_000006")
 
 
 def test_resume_refusals_and_a_finished_run(tiny_checkpoint, tmp_path, capsys):
