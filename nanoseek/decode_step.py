@@ -6,8 +6,8 @@ than in arithmetic (docs/results/decode.md: ~8 ms per token at batch 1, most of 
 computes the same function with fewer of them:
 
 - MLA in the latent space with W_UK folded into the query projection and W_UV into the output projection (the
-  absorption of the V2 report, App. C, taken one step further: the weight products are computed once per weight
-  version, not per token), the softmax scale folded into the query weights, and the two down-projections that read
+  absorption of the V2 report, App. C, taken one step further: the weight products are computed once per
+  generation, not per token), the softmax scale folded into the query weights, and the two down-projections that read
   the normed input (W_DQ and W_DKV) as one matmul. Folding pays while the latent is no wider than the heads'
   nope and value dims, or not much wider (`fold_growth`: the presets here 0.7-1.34); at DeepSeek's sizes (512
   against 128) the folded matrices would be ~3× larger than the ones they replace, so such models keep
@@ -19,8 +19,8 @@ computes the same function with fewer of them:
 
 The gates run as modules (their forward hooks see every call: routing.RoutingCapture records them), with the same
 operations as `Gate.forward`, so for equal inputs the experts chosen are the model's. The folded weights are
-rebuilt when any parameter changes (an optimizer step between GRPO rollouts), detected by the tensors' version
-counters. Results equal `hidden_cached`'s up to rounding (the products are associated differently); tests compare
+taken when a generation starts (`refresh`, which the engine calls), so every GRPO or distillation rollout sees the
+weights of its step. Results equal `hidden_cached`'s up to rounding (the products are associated differently); tests compare
 them. `DecodeStep.supports` says which models it serves: the plain V3 `Transformer` with nn.Linear projections
 (V3.2, V4, FP8 experts and expert parallelism keep `hidden_cached`).
 
@@ -217,7 +217,7 @@ class DecodeStep:
         """compile: through torch.compile, which needs the traced formulation (static shapes, no host syncs:
         every key, experts gathered or all computed). traced without compile runs that formulation eagerly (its
         test)."""
-        self.model, self._version, self.layers, self.mtp = model, None, [], []
+        self.model, self.layers, self.mtp = model, [], []
         self.traced = compile if traced is None else traced
         # dynamic: one graph serves every batch size (a graph per shape would recompile at each new one)
         self._run = torch.compile(self._layers, dynamic=True) if compile else self._layers
@@ -243,22 +243,19 @@ class DecodeStep:
     def build(cls, model: nn.Module, compile: bool = False) -> "DecodeStep | None":
         return cls(model, compile) if cls.supports(model) else None
 
-    def _params_version(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in [*self.model.parameters(), *self.model.buffers()])
-
     @torch.no_grad()
-    def _refresh(self) -> None:
-        version = self._params_version()
-        if version == self._version:
-            return
+    def refresh(self) -> None:
+        """Fold the model's current weights. The engine calls it when a generation starts (Engine.generate, a new
+        Batcher): weights change between generations (GRPO's and distillation's updates), never during one. Version
+        counters cannot tell instead: torch's fused AdamW updates parameters without bumping them."""
         fold = lambda b: (_Attention(b.attn, b.attn_norm), _FFN(b.ffn, b.ffn_norm))  # noqa: E731
         self.layers = [fold(layer) for layer in self.model.layers]
         self.mtp = [fold(m.block) for m in self.model.mtp]
-        self._version = version
 
     def _inputs(self, positions: torch.Tensor, caches) -> tuple:
         """RoPE (N, R/2, 2), the key count S and the attention bias (B, T·H or 1, S) of one call."""
-        self._refresh()
+        if not self.layers:
+            self.refresh()
         self.model._freqs_at(positions)  # raises past max_seq_len
         B, T = positions.shape
         S = caches[0].kv.shape[1]  # compiled: every key, one shape (a graph per key count would recompile)

@@ -294,7 +294,8 @@ class Batcher:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
         self.max_len = max_len or model.cfg.max_seq_len
-        # one token per row: the folded decode step where the model has one (decode_step.py), else the model's own
+        # one token per row: the folded decode step where the model has one (decode_step.py), else the model's own;
+        # a step passed in is the caller's to refresh when the weights change (Engine.generate does)
         self.decode_step = step or DecodeStep.build(model) or model.hidden_cached
         self.cache = model.new_cache(max_batch, self.max_len)
         self.active: list[Request] = []
@@ -462,6 +463,8 @@ class Engine:
             return (lambda r, tok: on_token(i, tok)) if on_token else None
 
         reqs = [Request(p, params, seed=s, listener=listener(i)) for i, (p, s) in enumerate(zip(ids, seeds))]
+        if isinstance(self.step, DecodeStep):
+            self.step.refresh()  # the weights may have changed since the last call (an RL update)
         if speculative:
             self._speculative(reqs, stats)
         else:
