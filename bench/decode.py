@@ -14,8 +14,8 @@ over the bytes of those weights bounds tokens/s; the fraction of it reached is p
 
     python bench/decode.py --ckpt runs/evidence/aux-free [--precision auto] [--compile] [--out docs/results/decode.md]
 
-Last line: ratio_b1=… ratio_b32=… vs_reference_b1=… vs_reference_b32=… bound_fraction_b1=… cache_bytes_per_token=…
-acceptance=… spec_speedup=…
+Last line: ratio_b1=… ratio_b32=… vs_reference_b1=… vs_reference_b32=… bound_fraction_b1=…
+cache_bytes_per_token=… acceptance=… spec_speedup=…
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def main() -> None:
         f"Bound at batch 1: a token reads {read / 1e6:.1f} MB of weights ({rt.precision}; active parameters less the "
         f"embedding table); a copy here moves {bandwidth / 1e9:.1f} GB/s, so at most {bound:,.0f} tokens/s. Reached: "
         f"{b1_tokens_s:.1f} tokens/s, {b1_tokens_s / bound:.1%} of the bound.",
-        *([f"torch.compile of the decode step: {compile_s:.0f} s before the first timed token."] if args.compile else []),
+        *([f"torch.compile of the decode step: {compile_s:.0f} s before the first timed token."]
+          if args.compile else []),
         f"Cache bytes per token ({rt.precision}): nanoseek {ours_per_token:,} (= n_layers × (kv_lora_rank + "
         f"qk_rope_head_dim) × {model.head.weight.element_size()}); transformers' DynamicCache {hf_per_token:,.0f}.",
         spec_line,

@@ -273,8 +273,10 @@ def run_vllm(ckpt: Path, work: Path, args, requests) -> tuple[str, dict | None]:
     if not python.exists():
         return f"not run: no vLLM environment at {venv} (python bench/vllm_parity.py --setup)", None
     out = work / "export"
-    subprocess.run([sys.executable, "-m", "nanoseek", "export", "--ckpt", str(ckpt), "--to", "hf", str(out)],
-                   check=True, capture_output=True)
+    exported = subprocess.run([sys.executable, "-m", "nanoseek", "export", "--ckpt", str(ckpt), "--to", "hf", str(out)],
+                              capture_output=True, text=True)
+    if exported.returncode:
+        return f"not run: nanoseek export failed: {(exported.stderr.strip().splitlines() or ['?'])[-1]}", None
     config = json.loads((out / "config.json").read_text())
     mla = config["kv_lora_rank"] + config["qk_rope_head_dim"] == 576  # the only latent vLLM's CPU MLA kernel takes
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1",

@@ -18,15 +18,15 @@ computes the same function with fewer of them:
 - SwiGLU's two input projections as one matmul, residual additions fused into the output matmuls.
 
 The gates run as modules (their forward hooks see every call: routing.RoutingCapture records them), with the same
-operations as `Gate.forward`, so for equal inputs the experts chosen are the model's. The folded weights are
-taken when a generation starts (`refresh`, which the engine calls), so every GRPO or distillation rollout sees the
-weights of its step. Results equal `hidden_cached`'s up to rounding (the products are associated differently); tests compare
+operations as `Gate.forward`, so for equal inputs the experts chosen are the model's. The folded weights are taken
+when a generation starts (`refresh`, which the engine calls), so every GRPO or distillation rollout sees the weights
+of its step. Results equal `hidden_cached`'s up to rounding (the products are associated differently); tests compare
 them. `DecodeStep.supports` says which models it serves: the plain V3 `Transformer` with nn.Linear projections
 (V3.2, V4, FP8 experts and expert parallelism keep `hidden_cached`).
 
-With compile=True the step runs through torch.compile in a formulation without data-dependent shapes or host
-syncs (every cached key with a mask, the experts' weights gathered for a few rows or all experts computed for more,
-RoPE in real arithmetic); `traced=True` runs that formulation eagerly, which is how the tests check it.
+With compile=True the step runs through torch.compile in a formulation without data-dependent shapes or host syncs
+(every cached key with a mask, the experts' weights gathered for a few rows or all experts computed for more, RoPE
+in real arithmetic); `traced=True` runs that formulation eagerly, which is how the tests check it.
 """
 
 from __future__ import annotations
