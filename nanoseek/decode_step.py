@@ -85,12 +85,13 @@ class _Attention:
         (B, T·H or 1, S): 0 where a query sees a key, -inf elsewhere. rows: arange(B)."""
         N, H, C, R = x.shape[0], self.H, self.C, self.R
         B, T = positions.shape
-        a = F.linear(_rms(x, self.norm), self.w_down, self.b_down)  # (N, Q + C + R)
+        xn = _rms(x, self.norm)
+        a = F.linear(xn, self.w_down, self.b_down)  # (N, Q + C + R)
         if self.q_rank:
             cq, kv, k_pe = a.split([self.q_rank, C, R], dim=-1)
             cq = _rms(cq, self.attn.q_norm)
-        else:
-            cq, (kv, k_pe) = _rms(x, self.norm), a.split([C, R], dim=-1)
+        else:  # the query projection reads the normed input itself
+            cq, (kv, k_pe) = xn, a.split([C, R], dim=-1)
         q = F.linear(cq, self.w_q).view(N, H, C + R)
         q_lat, q_pe = q.split([C, R], dim=-1)
         q_pe, k_pe = _rotate(q_pe, cs, traced), _rotate(k_pe.view(N, 1, R), cs, traced)  # (N, H|1, R)
@@ -134,6 +135,7 @@ class _FFN:
             w13 = torch.cat([w13, torch.cat([shared.w1.weight, shared.w3.weight])[None]])
             w2 = torch.cat([w2, shared.w2.weight[None]])
         self.shared = None if self.shared_in else shared
+        self.shared_mlp = shared  # the many-rows path runs it as the model does
         self.w13, self.w2 = w13.detach(), w2.detach()
 
     def __call__(self, x: torch.Tensor, traced: bool = False) -> torch.Tensor:
@@ -155,7 +157,8 @@ class _FFN:
             return self._one_row(x, h, weights, indices)
         else:
             w, i = (weights[:, :K], indices[:, :K]) if self.shared_in else (weights, indices)
-            out = self.experts(h, w, i) + (_SharedView(self) if self.shared_in else self.shared)(h)
+            out = self.experts(h, w, i)
+            out = out if self.shared_mlp is None else out + self.shared_mlp(h)
             return x + out.to(x.dtype)
         if self.shared is not None:
             out = out + self.shared(h)
@@ -194,17 +197,6 @@ def _add_linear(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, alpha: float 
     if x.dtype == a.dtype and x.dim() == 2:
         return torch.addmm(x, a, w.t(), alpha=alpha)
     return x + (alpha * F.linear(a, w)).to(x.dtype)
-
-
-class _SharedView:
-    """The shared expert stored as expert E of the stacked weights, applied to every row (the many-rows path)."""
-
-    def __init__(self, ffn: _FFN):
-        self.w13, self.w2 = ffn.w13[-1], ffn.w2[-1]
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        g, u = F.linear(h, self.w13).chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, self.w2)
 
 
 class DecodeStep:

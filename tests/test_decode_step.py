@@ -14,6 +14,7 @@ CONFIGS = {
     "tiny": {},  # query LoRA, 1 shared expert stacked with the routed ones, grouped sigmoid routing
     "no-q-lora, bias, 2 shared": dict(q_lora_rank=0, attn_bias=True, n_shared_experts=2),
     "softmax, one group": dict(score_func="softmax", n_expert_groups=1, n_limited_groups=1, route_scale=1.0),
+    "no shared expert": dict(n_shared_experts=0),
 }
 
 
