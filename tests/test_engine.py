@@ -338,3 +338,13 @@ def test_row_probs_of_a_row_do_not_depend_on_the_other_rows():
         assert torch.equal(filtered_probs(logits[i:i + 1], params), alone)
     assert (batch[2] > 0).sum() <= 20 and (batch[3] > 0).sum() <= 5
     assert torch.equal(batch[0], torch.eye(300)[logits[0].argmax()])
+
+
+def test_greedy_rows_are_one_hot_whatever_their_filters():
+    """temperature 0 is argmax: top-k and top-p (skipped for such rows) change nothing, alone or beside sampled rows."""
+    from nanoseek.engine import row_probs
+
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(4))  # flat: top-p would need a full sort
+    probs = row_probs(logits, torch.tensor([0.0, 0.0, 1.0]), torch.tensor([5, 0, 0]), torch.tensor([0.5, 0.95, 0.9]))
+    assert torch.equal(probs[:2], torch.eye(300)[logits[:2].argmax(-1)])
+    assert (probs[2] > 0).sum() > 1

@@ -4,6 +4,7 @@
     nanoseek cost deepseek-v3 --tokens 14.8e12 --gpu h800
     nanoseek import path/to/DeepSeek-V3 runs/v3    # Hugging Face directory -> nanoseek checkpoint
     nanoseek export --ckpt runs/base runs/base-hf  # nanoseek checkpoint (or run) -> Hugging Face directory
+    nanoseek export --ckpt runs/base --to gguf runs/base.gguf  # -> one GGUF file for llama.cpp
 """
 
 from __future__ import annotations
@@ -69,16 +70,21 @@ class ImportConfig:
 @dataclass
 class ExportConfig:
     """Write a nanoseek checkpoint (or a run's latest) as a Hugging Face directory that transformers'
-    AutoModelForCausalLM loads, with its tokenizer (written beside OUT, then renamed into place)."""
+    AutoModelForCausalLM loads, with its tokenizer (written beside OUT, then renamed into place), or as one GGUF
+    file that llama.cpp loads (`--to gguf`: fp32 tensors, the tokenizer and chat template inside)."""
 
     ckpt: str = option(help="nanoseek checkpoint or run directory")
-    out: str = option(help="Hugging Face directory to write", positional=True, metavar="OUT")
-    to: str = option("hf", help="target format", choices=("hf",))
-    fp8: bool = option(False, help="FP8 weights with 128×128 weight_scale_inv blocks, as DeepSeek ships them")
-    force: bool = option(False, help="replace OUT if it is a model directory written earlier")
+    out: str = option(help="Hugging Face directory (or, with --to gguf, the .gguf file) to write", positional=True,
+                      metavar="OUT")
+    to: str = option("hf", help="target format: a Hugging Face directory, or a GGUF file for llama.cpp",
+                     choices=("hf", "gguf"))
+    fp8: bool = option(False, help="FP8 weights with 128×128 weight_scale_inv blocks, as DeepSeek ships them (hf only)")
+    force: bool = option(False, help="replace OUT if it is a model directory (or GGUF file) written earlier")
 
     def __post_init__(self):
         check(self)
+        if self.to == "gguf" and self.fp8:
+            raise ValueError("--fp8 applies to --to hf only (the GGUF file holds fp32 tensors)")
 
 
 # ----------------------------------------------------------------------------- stats and cost
@@ -203,6 +209,8 @@ def export_hf(cfg: ExportConfig) -> Path:
     from ..checkpoint import atomic_dir, load_model, resolve
     from ..hf import save_hf
 
+    if cfg.to == "gguf":
+        return export_gguf(cfg)
     out = Path(cfg.out)
     check_out_dir(out, "OUT", own=_is_model_dir(out), force=cfg.force)
     source = resolve(cfg.ckpt)  # a run directory stands for its latest checkpoint, tokenizer included
@@ -213,4 +221,38 @@ def export_hf(cfg: ExportConfig) -> Path:
         save_hf(model, tmp, fp8=cfg.fp8, tokenizer_file=tok if tok.exists() else None)
     family = json.loads((out / "config.json").read_text())["model_type"]
     print(f"exported {source} -> {out} (Hugging Face {family})", file=sys.stderr)
+    return out
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def export_gguf(cfg: ExportConfig) -> Path:
+    from ..checkpoint import load_model, resolve
+    from ..gguf_export import save_gguf, unsupported
+
+    out = Path(cfg.out)
+    if out.is_dir():
+        raise ValueError(f"OUT {out}: is a directory; --to gguf writes one file (e.g. {out / 'model.gguf'})")
+    if out.exists() and not (cfg.force and _is_gguf(out)):
+        raise ValueError(f"OUT {out}: exists; pass --force to replace a GGUF file written earlier"
+                         if _is_gguf(out) else f"OUT {out}: exists and is not a GGUF file (nothing is touched)")
+    if not out.parent.exists():
+        raise ValueError(f"OUT {out}: its directory {out.parent} does not exist")
+    source = resolve(cfg.ckpt)
+    model = load_model(source)
+    why = unsupported(model.cfg)
+    if why:
+        raise ValueError(f"cannot write GGUF: {why}")
+    try:
+        import gguf  # noqa: F401 -- the writer is an optional dependency
+    except ImportError:
+        raise ValueError("--to gguf needs the gguf package: pip install gguf") from None
+    tok = source / "tokenizer.json"
+    tmp = out.with_name(out.name + ".partial")
+    save_gguf(model, tmp, tok if tok.exists() else None, name=source.name)
+    tmp.replace(out)  # a full disk leaves a .partial file, never a truncated OUT
+    print(f"exported {source} -> {out} (GGUF, llama.cpp deepseek2)", file=sys.stderr)
     return out
