@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nanoseek  # noqa: E402
 from nanoseek import get_preset  # noqa: E402
 from nanoseek.checkpoint import step_dirs  # noqa: E402
-from nanoseek.engine import KVCache  # noqa: E402
 from nanoseek.report import line_plot, summary  # noqa: E402
 from nanoseek.stages.common import read_metrics  # noqa: E402
 from nanoseek.stats import kv_cache_bytes, train_flops_per_token  # noqa: E402
@@ -54,11 +53,7 @@ def train(preset: str, steps: int, args) -> tuple[Path, float]:
 def measured_cache_bytes(run: Path) -> float:
     """Bytes per token of the trained model's decoding cache for one 512-token row, in bf16."""
     model, _ = nanoseek.load(run)
-    model = model.to(torch.bfloat16)
-    if model.cfg.family == "v3":
-        return KVCache(model, 1, SEQ).bytes_per_token()
-    cache = model.new_cache(1, SEQ) if model.cfg.family == "v32" else model.new_cache(1, SEQ, rewind=0)
-    return cache.bytes_per_token() if model.cfg.family == "v32" else cache.nbytes() / SEQ
+    return model.to(torch.bfloat16).cache_bytes_per_token(SEQ)
 
 
 def main() -> None:

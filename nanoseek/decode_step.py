@@ -12,9 +12,9 @@ computes the same function with fewer of them:
   nope and value dims, or not much wider (`fold_growth`: the presets here 0.7-1.34); at DeepSeek's sizes (512
   against 128) the folded matrices would be ~3× larger than the ones they replace, so such models keep
   `hidden_cached`;
-- the routed experts of a single row read in place (views of the stacked weights, no sorting or grouping), the
-  shared expert joining them as one more expert of weight 1 when it has their width; more rows use the model's
-  own padded batched experts;
+- the routed experts of a single row (or of each of two: a draft's verification) read in place (views of the
+  stacked weights, no sorting or grouping), the shared expert joining them as one more expert of weight 1 when it
+  has their width; more rows use the model's own padded batched experts;
 - SwiGLU's two input projections as one matmul, residual additions fused into the output matmuls.
 
 The gates run as modules (their forward hooks see every call: routing.RoutingCapture records them), with the same
@@ -39,6 +39,7 @@ from . import kernels
 from .model import MLA, MLP, Experts, LayerCache, MoE, Transformer, apply_rotary_emb
 
 GATHER_SLOTS = 8  # traced steps gather the chosen experts' weights up to this many (row, expert) slots
+FEW_ROWS = 2  # eager steps of up to this many rows read each row's experts in place (more: the batched experts)
 MAX_FOLD_GROWTH = 1.5  # fold while the folded attention weights are at most this × those they replace
 
 
@@ -153,8 +154,9 @@ class _FFN:
         if traced:
             out = self._gathered(h, weights, indices) if B * indices.shape[1] <= GATHER_SLOTS else \
                 self._dense(h, weights, indices)
-        elif B == 1:
-            return self._one_row(x, h, weights, indices)
+        elif B <= FEW_ROWS:  # decoding one row, or verifying a draft: each row's experts read in place
+            return torch.cat([self._one_row(x[r:r + 1], h[r:r + 1], weights[r:r + 1], indices[r:r + 1])
+                              for r in range(B)]) if B > 1 else self._one_row(x, h, weights, indices)
         else:
             w, i = (weights[:, :K], indices[:, :K]) if self.shared_in else (weights, indices)
             out = self.experts(h, w, i)

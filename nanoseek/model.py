@@ -705,6 +705,11 @@ class Transformer(nn.Module):
         pe = torch.zeros(n, batch, max_len, cfg.qk_rope_head_dim, dtype=w.dtype, device=w.device)
         return KVCache(kv, pe, cfg.n_layers)
 
+    def cache_bytes_per_token(self, max_len: int) -> float:
+        """Bytes the decoding cache of one row of max_len positions holds per position (main layers, the model's
+        dtype): what serving pays for context. Each generation's cache answers for itself."""
+        return self.new_cache(1, max_len).bytes_per_token()
+
     def hidden_cached(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[LayerCache],
                       attn_impl: str = "absorb") -> torch.Tensor:
         """Final-normed hidden states (B, T, D) of tokens at `positions` (B, T), reading and extending the cache.

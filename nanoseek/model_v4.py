@@ -336,6 +336,11 @@ class TransformerV4(Transformer):
         a row may step back at most `rewind` positions (see V4LayerCache)."""
         return V4Cache(self, batch, max_len, with_mtp, rewind)
 
+    def cache_bytes_per_token(self, max_len: int) -> float:
+        """Bytes per position of one row's cache of max_len positions, without rewind slack: the sliding window
+        and the compressed memories do not grow by one entry per token, so this is the cache over its length."""
+        return self.new_cache(1, max_len, rewind=0).nbytes() / max_len
+
     def streams_cached(self, tokens, positions, caches, attn_impl=None) -> torch.Tensor:
         """Residual streams (B, T, N, D) of tokens at `positions` (B, T), reading and extending the caches."""
         if int(positions.max()) >= self.rope_bits_main.shape[0]:

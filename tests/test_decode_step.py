@@ -59,7 +59,7 @@ def close(a, b, rel=1e-5):
 @pytest.mark.parametrize("B", [1, 2, 5])
 def test_step_equals_the_models_cached_forward(name, traced, B):
     """Hidden states and the latents written to the cache agree with hidden_cached at every step, for one row
-    (experts read in place), few rows (gathered when traced) and more rows (grouped; all experts when traced)."""
+    and two (experts read in place) and more rows (grouped; traced: gathered for few rows, all experts for more)."""
     model = model_for(**CONFIGS[name])
     step = DecodeStep(model, traced=traced)
     got, want, ours, ref = both_steps(model, step, B)
@@ -68,18 +68,20 @@ def test_step_equals_the_models_cached_forward(name, traced, B):
 
 
 @pytest.mark.parametrize("traced", [False, True])
-def test_two_tokens_per_row_and_the_mtp_module(traced):
-    """Speculative decoding's verify step (2 tokens per row) and its MTP draft step equal the model's."""
+@pytest.mark.parametrize("B", [1, 3])
+def test_two_tokens_per_row_and_the_mtp_module(traced, B):
+    """Speculative decoding's verify step (2 tokens per row) and its MTP draft step equal the model's, for one row
+    (two tokens: each one's experts read in place) and for several (the batched experts)."""
     model = model_for()
     step = DecodeStep(model, traced=traced)
-    B, L = 3, 9
+    L = 9
     tokens = torch.randint(0, 256, (B, L + 4), generator=torch.Generator().manual_seed(3))
     ours, ref = model.new_cache(B, 64, with_mtp=True), model.new_cache(B, 64, with_mtp=True)
     with torch.no_grad():
         for cache in (ours, ref):
             h = model.hidden_cached(tokens[:, :L], torch.arange(L).expand(B, L), cache.main)
             model.mtp_cached(1, h[:, :-1], tokens[:, 1:L], torch.arange(L - 1).expand(B, -1), cache.mtp[0])
-        pos = torch.tensor([[L - 2, L - 1], [L - 1, L], [L, L + 1]])
+        pos = torch.tensor([[L - 2, L - 1], [L - 1, L], [L, L + 1]])[-B:]
         pair = tokens.gather(1, pos)
         assert close(step(pair, pos, ours.main), model.hidden_cached(pair, pos, ref.main))
         hm = torch.randn(B, 2, model.cfg.dim, generator=torch.Generator().manual_seed(4))

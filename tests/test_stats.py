@@ -1,9 +1,10 @@
 """The published scale numbers come out of nanoseek.stats (V3 report arXiv 2412.19437 and DeepSeek-V2 arXiv 2405.04434)."""
 
 import pytest
+import torch
 
-from nanoseek import get_preset
-from nanoseek.stats import compare_rows, model_stats, training_cost
+from nanoseek import build_model, get_preset
+from nanoseek.stats import compare_rows, kv_cache_bytes, model_stats, training_cost
 
 
 def test_deepseek_v3_scale():
@@ -54,3 +55,17 @@ def test_cost_rejects_bad_input():
         training_cost(get_preset("tiny"), 1e9, "a100")
     with pytest.raises(ValueError, match="mfu"):
         training_cost(get_preset("tiny"), 1e9, "h100", mfu=1.5)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-v32", "tiny-v4"])
+def test_each_generations_cache_answers_for_its_bytes_per_token(preset):
+    """model.cache_bytes_per_token (what bench/generations.py measures, with no branch per generation): V3's and
+    V3.2's caches hold exactly what stats.kv_cache_bytes counts; V4's window and compressed memories do not grow
+    one entry per token, so its cache per position shrinks as the context grows."""
+    cfg = get_preset(preset, vocab_size=300)
+    model = build_model(cfg).to(torch.bfloat16)
+    short, long = model.cache_bytes_per_token(64), model.cache_bytes_per_token(256)
+    if preset == "tiny-v4":
+        assert long < short and long == model.new_cache(1, 256, rewind=0).nbytes() / 256
+    else:
+        assert short == long == kv_cache_bytes(cfg, 256)["kv_cache_bytes_per_token"]
