@@ -160,6 +160,27 @@ def group_advantages(rewards: torch.Tensor, scale: str | bool = "group", eps: fl
     return adv
 
 
+def process_advantages(step_rewards: list[list[float]], token_steps: list[list[int]], group_size: int,
+                       to_go: bool = True, eps: float = 1e-4) -> list[torch.Tensor]:
+    """Per-token advantages from per-step rewards (GRPO with process supervision, DeepSeekMath §4.1.3).
+
+    step_rewards[i]: the rewards of sequence i's steps in order; token_steps[i]: the step each of its tokens
+    belongs to; sequences come group by group (`group_size` each). Every step reward is normalised by the mean
+    and std of all step rewards of its group; a token's advantage is the sum of the normalised rewards of its
+    step and every later one (to_go, the paper's) or of its own step only. Returns one (T_i,) tensor a sequence.
+    """
+    out = []
+    for g in range(0, len(step_rewards), group_size):
+        group = step_rewards[g:g + group_size]
+        flat = torch.tensor([r for rewards in group for r in rewards], dtype=torch.float32)
+        mean, std = flat.mean(), (flat.std() if flat.numel() > 1 else torch.tensor(0.0))
+        for rewards, steps in zip(group, token_steps[g:g + group_size]):
+            norm = (torch.tensor(rewards, dtype=torch.float32) - mean) / (std + eps)
+            credit = norm.flip(0).cumsum(0).flip(0) if to_go else norm
+            out.append(credit[torch.tensor(steps, dtype=torch.long)])
+    return out
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token KL(π || π_ref) estimator k3 = π_ref/π − log(π_ref/π) − 1 (≥ 0, 0 iff equal; R1/GRPO), for
     tokens sampled from π."""
@@ -173,7 +194,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               is_weight: torch.Tensor | None = None):
     """The clipped-ratio policy loss with an optional k3 KL penalty; returns (loss, stats).
 
-    logp/old_logp/ref_logp/mask: (B, T) over completion tokens; advantages: (B,). Aggregation: "sequence" =
+    logp/old_logp/ref_logp/mask: (B, T) over completion tokens; advantages: (B,), or (B, T) per token (process
+    supervision, `process_advantages`). Aggregation: "sequence" =
     mean over each response then over responses (GRPO; length-biased), "token" = sum over all tokens / number
     of tokens (DAPO), "constant" = sum / (B · max_len) (Dr. GRPO). is_weight (B, T), when given, multiplies each
     token's policy term: truncated importance sampling min(π_old / π_rollout, C) for rollouts sampled by a
@@ -183,7 +205,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     eps_high = eps_low if eps_high is None else eps_high
     mask = mask.float()
     ratio = (logp - old_logp).exp()
-    adv = advantages.unsqueeze(1)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
     if is_weight is not None:
         per_token = per_token * is_weight

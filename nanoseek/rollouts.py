@@ -32,6 +32,8 @@ class RolloutBatch:
     scores: list[dict] = field(default_factory=list)  # the task's score components ("accuracy", "format", "partial")
     truncated: list[bool] = field(default_factory=list)  # stopped by the length limit
     routes: list[torch.Tensor] | None = None  # per sequence (n_moe, T_i, K) expert ids
+    step_rewards: list[list[float]] = field(default_factory=list)  # per sequence, its steps' rewards (process reward)
+    token_steps: list[list[int]] = field(default_factory=list)  # per sequence, the step of each completion token
     problem_ids: list[str] = field(default_factory=list)  # per group
     questions: list[str] = field(default_factory=list)  # per group
     rollout_s: float = 0.0  # wall time of the sampling
@@ -60,8 +62,19 @@ class RolloutBatch:
                             pad=batches[0].pad, rollout_s=sum(b.rollout_s for b in batches))
 
 
-_PER_SEQUENCE = ("prompts", "completions", "logprobs", "texts", "scores", "truncated", "routes")
+_PER_SEQUENCE = ("prompts", "completions", "logprobs", "texts", "scores", "truncated", "routes", "step_rewards",
+                 "token_steps")
 _PER_GROUP = ("problem_ids", "questions")
+
+
+def steps_of_tokens(decode, tokens: list[int], step_ends: list[int]) -> list[int]:
+    """The step each token of a completion belongs to: the first step ending after the token's first character
+    (`decode` turns a token prefix into text; tokens past the last step's end belong to the last step)."""
+    out, start = [], 0
+    for i in range(len(tokens)):
+        out.append(next((j for j, end in enumerate(step_ends) if end > start), len(step_ends) - 1))
+        start = len(decode(tokens[:i + 1]))
+    return out
 
 
 def pack_completions(prompts: list[list[int]], completions: list[list[int]], pad: int):

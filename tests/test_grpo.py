@@ -12,10 +12,10 @@ import torch
 
 from nanoseek import Transformer, get_preset
 from nanoseek.checkpoint import save_model
-from nanoseek.losses import grpo_loss, group_advantages, k3_kl, token_logprobs
+from nanoseek.losses import grpo_loss, group_advantages, k3_kl, process_advantages, token_logprobs
 from nanoseek.stages.common import read_metrics
 from nanoseek.engine import Engine, Generation
-from nanoseek.rollouts import RolloutBatch
+from nanoseek.rollouts import RolloutBatch, steps_of_tokens
 from nanoseek.routing import RoutingHooks
 from nanoseek.stages.grpo import (ALGOS, GRPOConfig, collect_rollouts, resolve_algo, rollout, run, train, update,
                                   warmup_lr)
@@ -153,6 +153,77 @@ def test_updates_move_probability_toward_rewarded_completions(tiny_checkpoint):
         update(model, None, opt, batch, cfg, resolve_algo(cfg))
     after = logp(good), logp(bad)
     assert after[0] > before[0] + 0.1 and after[1] < before[1] - 0.1
+
+
+def test_process_advantages_by_hand():
+    """DeepSeekMath §4.1.3: step rewards normalised over the group's steps; a token gets its step's and every later
+    step's (to-go) or its own step's normalised reward."""
+    rewards, steps = [[1.0, 1.0], [1.0, 0.0]], [[0, 0, 1], [0, 1]]
+    # the group's steps 1, 1, 1, 0: mean 0.75, Bessel std 0.5, so a right step is +0.5 and a wrong one -1.5
+    to_go = process_advantages(rewards, steps, group_size=2)
+    own = process_advantages(rewards, steps, group_size=2, to_go=False)
+    scale = 0.5 / (0.5 + 1e-4)
+    torch.testing.assert_close(to_go[0], torch.tensor([1.0, 1.0, 0.5]) * scale)
+    torch.testing.assert_close(to_go[1], torch.tensor([-1.0, -1.5]) * scale)
+    torch.testing.assert_close(own[0], torch.tensor([0.5, 0.5, 0.5]) * scale)
+    torch.testing.assert_close(own[1], torch.tensor([0.5, -1.5]) * scale)
+    same = process_advantages([[1.0, 1.0], [1.0]], [[0, 1], [0]], group_size=2)
+    assert all(torch.equal(a, torch.zeros_like(a)) for a in same)  # every step right: no signal
+
+
+def test_each_token_belongs_to_the_step_its_first_character_is_in():
+    text = ["ab", "c\n", "de", "\nf", "g"]  # steps end after "abc\n" (4) and "de\n" (7), then "fg" (9)
+    decode = lambda ids: "".join(text[i] for i in ids)  # noqa: E731
+    assert steps_of_tokens(decode, [0, 1, 2, 3, 4], [4, 7, 9]) == [0, 0, 1, 1, 2]
+    assert steps_of_tokens(decode, [0, 1, 2, 3, 4], [4]) == [0, 0, 0, 0, 0]  # past the last step: the last step
+
+
+def test_process_credit_raises_a_right_prefix_that_outcome_credit_leaves_alone(tiny_checkpoint):
+    """Two samples share a right first step and differ in the second: the outcome advantage pushes the shared
+    tokens up in one sample and down in the other (no net move); per-step credit pushes them up in both and the
+    wrong step down."""
+    from nanoseek import load
+
+    prompt_text = r1_prompt("What is 2 + 3?")
+    prefix, right, wrong = [17, 18, 19], [20, 21], [40, 41]
+
+    def trained(process: str):
+        model, tok = load(tiny_checkpoint)
+        model.mtp.requires_grad_(False)
+        prompt = tok.encode(prompt_text)
+        batch = RolloutBatch(prompts=[prompt] * 4, completions=[prefix + right, prefix + wrong] * 2,
+                             rewards=torch.tensor([[1.0, 0.0, 1.0, 0.0]]), pad=tok.pad_id,
+                             step_rewards=[[1.0, 1.0], [1.0, 0.0]] * 2 if process != "off" else [],
+                             token_steps=[[0, 0, 0, 1, 1]] * 4 if process != "off" else [])
+        cfg = GRPOConfig(init="x", task="chain_sum", out="y", algo="dr-grpo", lr=1e-3, micro_batch=4,
+                         group_size=4, process_reward=process)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        before = _logps(model, prompt, prefix + wrong)
+        for _ in range(3):
+            update(model, None, opt, batch, cfg, resolve_algo(cfg))
+        return before, _logps(model, prompt, prefix + wrong)
+
+    before, after = trained("step")
+    assert after[:3].sum() > before[:3].sum() + 0.1 and after[3:].sum() < before[3:].sum() - 0.1
+    before, after = trained("off")
+    assert abs(after[:3].sum() - before[:3].sum()) < 0.5 * abs(after[3:].sum() - before[3:].sum())
+
+
+def _logps(model, prompt, completion):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion[:-1]]))[0, len(prompt) - 1:]
+        return logits.log_softmax(-1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def test_the_stage_takes_process_rewards_from_families_that_judge_steps(tiny_checkpoint, tmp_path):
+    cfg = GRPOConfig(init=str(tiny_checkpoint), task="chain_sum", out=str(tmp_path / "rl"), steps=1,
+                     prompts_per_step=2, group_size=3, max_new_tokens=12, eval_every=0, process_reward="to-go",
+                     task_args={"max_terms": 2, "max_digits": 1})
+    run(cfg)
+    record = read_metrics(tmp_path / "rl" / "metrics.jsonl")[-1]
+    assert 0 <= record["step_reward"] <= 1  # a random model writes no right line: the plumbing, not learning
+    with pytest.raises(ValueError, match="judges outcomes only"):
+        run(dataclasses.replace(cfg, task="countdown", task_args={}, out=str(tmp_path / "cd")))
 
 
 # ----------------------------------------------------------------------------- correctness of the loop

@@ -430,3 +430,25 @@ def test_the_registry_holds_exactly_the_shipped_families():
     """Every module of nanoseek/tasks that declares a family registers it by being there (no list to edit)."""
     assert list(TASKS) == ["basic_arithmetic", "chain_sum", "countdown", "gsm_symbolic", "syllogism"]
     assert "toy_double" not in TASKS  # the fixture's family is gone after its test
+
+
+def test_chain_sum_judges_each_line_of_a_worked_solution():
+    """The process reward: a right line scores 1, a wrong one 0, and the line after a wrong one is judged from
+    what the wrong line wrote, so each error costs one step; the answer block carries the outcome."""
+    from nanoseek.tasks.chain_sum import worked_solution
+    from nanoseek.template import r1_completion
+
+    task = get_task("chain_sum", min_terms=4, max_terms=4, min_digits=1, max_digits=1)
+    problem = next(p for p in task.problems(0, 20) if p.metadata["expression"] == "0 - 4 - 8 - 7")
+    gold = r1_completion(*worked_solution(problem.question))
+    steps = task.step_rewards(problem, gold)
+    assert [r for _, r in steps] == [1.0] * 6 and steps[-1][0] == len(gold)
+    assert [gold[end - 1] for end, _ in steps[:-2]] == ["\n"] * 4  # a line's step ends after its newline
+    sums = gold.replace("-4 - 8 = -12, so it becomes -12 - 7", "-4 - 8 = -13, so it becomes -13 - 7")
+    sums = sums.replace("-12 - 7 = -19.\nSo the result is -19", "-13 - 7 = -20.\nSo the result is -20")
+    assert [r for _, r in task.step_rewards(problem, sums.replace("> -19 <", "> -20 <"))] == [1, 1, 0, 1, 1, 0]
+    copy = gold.replace("so it becomes -4 - 8 - 7", "so it becomes -4 - 7 - 7")
+    assert [r for _, r in task.step_rewards(problem, copy)] == [1, 0, 0, 1, 1, 1]  # -4 - 8 no longer follows
+    cut = gold[:gold.index("Then -12")]
+    assert [r for _, r in task.step_rewards(problem, cut)] == [1, 1, 1, 0]  # no answer block: no outcome step
+    assert get_task("countdown").step_rewards(problem, gold) is None  # families without a line checker

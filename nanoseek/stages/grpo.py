@@ -44,16 +44,16 @@ from ..checkpoint import load, recorded_precision
 from ..engine import Engine, SamplingParams, sequence_seed
 from ..errors import Interrupted
 from ..evaluation import evaluate
-from ..losses import grpo_loss, group_advantages, k3_kl
+from ..losses import grpo_loss, group_advantages, k3_kl, process_advantages
 from ..metrics import TENSORBOARD_HELP, check_tensorboard
 from ..optim import build_optimizer
-from ..rollouts import RolloutBatch, completion_logprobs, pack_completions
+from ..rollouts import RolloutBatch, completion_logprobs, pack_completions, steps_of_tokens
 from ..routing import RoutingCapture, completion_logprobs_routed, pack_routes
 from ..stats import forward_flops_per_token
 from ..options import ComputeOptions, check, check_out_dir, option, own_run
 from ..runtime import prepare_for_training, prepare_inference, resolve, set_threads
 from ..tasks import TASKS, get_task
-from ..tasks.base import combine
+from ..tasks.base import Task, combine
 from ..template import STOP
 from . import resume
 from .common import MetricsLog, StopRequest, clear_run, write_run_json
@@ -132,6 +132,10 @@ class GRPOConfig(ComputeOptions, resume.Resumable):
     w_format: float = option(0.0, help="reward weight of the <think>/<answer> format (accuracy already needs the "
                              "format)", min=0)
     partial_credit: float = option(0.0, help="TinyZero-style credit for a wrong but given answer", min=0)
+    process_reward: str = option("off", help="per-step rewards from the task's line checker (process supervision, "
+                                 "DeepSeekMath §4.1.3): to-go = a token's advantage sums the normalised rewards of "
+                                 "its step and every later one (the paper's), step = its own step's only; off: the "
+                                 "outcome reward alone", choices=("off", "to-go", "step"))
     log_samples: int = option(2, help="rollouts per step written to OUT/samples.jsonl (question, completion, "
                               "reward), to read what the policy does", min=0)
     eval_every: int = option(10, help="held-out pass@1 every N steps (0: never)", min=0)
@@ -189,6 +193,9 @@ def run(cfg: GRPOConfig) -> Path:
     if cfg.resume:
         resume.latest(out)  # a run with nothing to resume from is refused before the model loads
     task = get_task(cfg.task, **cfg.task_args)
+    if cfg.process_reward != "off" and type(task).step_rewards is Task.step_rewards:
+        raise ValueError(f"--process-reward {cfg.process_reward}: task {cfg.task} judges outcomes only (it has no "
+                         "step_rewards); use --process-reward off")
     model, tokenizer = load(cfg.init, require_tokenizer=True)
     cfg = fit_to_context(cfg, task, tokenizer, model.cfg.max_seq_len)
     if cfg.force:  # only now that the inputs are known good
@@ -406,13 +413,24 @@ def rollout(engine: Engine, task, problems, cfg: GRPOConfig, first_seq: int) -> 
     scores = [task.score(problems[i // cfg.group_size], g.text) for i, g in enumerate(gens)]
     rewards = torch.tensor([combine(s, cfg.w_accuracy, cfg.w_format, cfg.partial_credit) for s in scores])
     prompt_ids, completions = [g.prompt_tokens for g in gens], [g.tokens for g in gens]
+    step_rewards, token_steps = _process_rewards(engine.tokenizer, task, problems, gens, cfg)
     routes = capture.per_row(prompt_ids, completions, gens.stats.decode_rows) if capture.gates else None
     return RolloutBatch(prompts=prompt_ids, completions=completions,
                         rewards=rewards.view(len(problems), cfg.group_size), pad=engine.tokenizer.pad_id, logprobs=[g.logprobs for g in gens], texts=[g.text for g in gens],
                         scores=[{k: s[k] for k in ("accuracy", "format", "partial")} for s in scores],
                         truncated=[g.finish_reason == "length" for g in gens], routes=routes,
                         problem_ids=[p.id for p in problems], questions=[p.question for p in problems],
-                        rollout_s=rollout_s)
+                        rollout_s=rollout_s, step_rewards=step_rewards, token_steps=token_steps)
+
+
+def _process_rewards(tokenizer, task, problems, gens, cfg: GRPOConfig) -> tuple[list, list]:
+    """With --process-reward: each completion's step rewards and the step of each of its tokens; else ([], [])."""
+    if cfg.process_reward == "off":
+        return [], []
+    steps = [task.step_rewards(problems[i // cfg.group_size], g.text) or [(0, 0.0)] for i, g in enumerate(gens)]
+    decode = lambda ids: tokenizer.decode([t for t in ids if t != tokenizer.eos_id])  # noqa: E731 -- as g.text
+    return ([[r for _, r in st] for st in steps],
+            [steps_of_tokens(decode, g.tokens, [end for end, _ in st]) for g, st in zip(gens, steps)])
 
 
 def _samples(batch: RolloutBatch, n: int) -> list[dict]:
@@ -443,6 +461,9 @@ def rollout_metrics(batch: RolloutBatch, cfg: GRPOConfig) -> dict:
         "response_len_correct": sum(right) / len(right) if right else None,
         "response_len_wrong": sum(wrong) / len(wrong) if wrong else None,
         "truncated": sum(batch.truncated) / n, "rollout_s": batch.rollout_s,
+        # the share of steps the task's line checker finds right (process reward only)
+        "step_reward": (sum(map(sum, batch.step_rewards)) / sum(map(len, batch.step_rewards))
+                        if batch.step_rewards else None),
         "rollout_tokens_per_s": sum(lengths) / max(batch.rollout_s, 1e-9), "problems": batch.problem_ids,
     }
     return {k: v for k, v in record.items() if v is not None}  # a length with no sequence to average is left out
@@ -473,6 +494,9 @@ def update(model, reference, optimizer, batch: RolloutBatch, cfg: GRPOConfig, se
         [x for i in rows for x in batch.logprobs[i]], dtype=torch.float32)) if batch.logprobs else None
     routes = pack_routes([batch.routes[i] for i in rows], inputs.shape[1]) if batch.routes else None
     advantages, T = adv[rows], cfg.temperature
+    if batch.step_rewards:  # process supervision: one advantage per completion token, laid out like the mask
+        per_token = process_advantages(batch.step_rewards, batch.token_steps, G, to_go=cfg.process_reward != "step")
+        advantages = torch.zeros(mask.shape).masked_scatter(mask, torch.cat([per_token[i] for i in rows]))
     minibatches = _minibatches(len(rows), G, cfg.minibatches, cfg.micro_batch)
     chunks = [sl for mb in minibatches for sl in mb]
     route = lambda sl: routes[sl] if routes is not None else None  # noqa: E731

@@ -2,8 +2,9 @@
 
 chain_sum and basic_arithmetic key a question by its expression (a sum by its signed terms, so reorderings
 are one problem), and chain_sum, basic_arithmetic and countdown write worked solutions as one line per step of
-`work`. Exact rational arithmetic throughout: a division that does not come out even has no worked solution
-(the generators' gold answers use Python's //, which a true step cannot show).
+`work`; `judge_lines` checks a worked solution line by line (the process reward). Exact rational arithmetic
+throughout: a division that does not come out even has no worked solution (the generators' gold answers use
+Python's //, which a true step cannot show).
 """
 
 from __future__ import annotations
@@ -127,3 +128,34 @@ def work(expression: str) -> tuple[list[str], Fraction]:
     if len(tokens) != 1 or not isinstance(tokens[0], Fraction) or tokens[0].denominator != 1:
         raise Unsolvable(expression)
     return lines, tokens[0]
+
+
+_STEP_LINE = re.compile(r"(?:First,|Then) .+ = (-?\d+)(?:, so it becomes (.+))?\.")
+
+
+def judge_lines(intro: str, expression: str, lines: list[str]) -> list[bool]:
+    """Whether each line of a worked solution of `expression` is a right step from the line before it: the intro,
+    then each "First,/Then a op b = v, so it becomes …." line must be exactly the next step of `work` applied to
+    what the previous line left (the question's expression for the first), and "So the result is V." must follow
+    a single value V. A line is judged on its own: after a wrong line, the next is judged from what the wrong
+    line wrote (a copy or a sum right from a wrong start is a right step), so each error is charged once."""
+    valid, state, steps = [], expression, 0
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if i == 0:
+            valid.append(line == intro)
+            continue
+        expected = None
+        try:
+            worked, value = work(state) if state is not None else (None, None)
+        except Unsolvable:
+            worked = None
+        if worked:  # a step is left: the next line of `work`, led by "First," or "Then"
+            expected = ("Then" + worked[0][len("First,"):]) if steps else worked[0]
+        elif worked is not None:
+            expected = f"So the result is {value}."
+        valid.append(line == expected)
+        m = _STEP_LINE.fullmatch(line)
+        steps += 1
+        state = (m.group(2) or m.group(1)) if m else None  # what this line leaves for the next, right or wrong
+    return valid

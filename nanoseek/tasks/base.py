@@ -248,6 +248,12 @@ class Task:
         documents and cold-start examples hold. Raise Unsolvable for a problem without one."""
         raise Unsolvable(f"task {self.name} writes no worked solutions")
 
+    def step_rewards(self, problem: Problem, completion: str) -> list[tuple[int, float]] | None:
+        """Process rewards: (end offset in `completion`, reward) of each reasoning step in order, the last step the
+        answer block with the outcome's accuracy, for GRPO with process supervision (DeepSeekMath §4.1.3). None
+        (the default): the family judges outcomes only."""
+        return None
+
     def space_size(self) -> int | None:
         """The exact number of distinct problem keys the settings can produce, where it can be counted."""
         return None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 
-from .arithmetic import EXPR, expression_key, solution, solve_expression
+from ..template import END_THINK
+from .arithmetic import EXPR, expression_key, judge_lines, solution, solve_expression
 from .base import Problem, Unsolvable
 from .families import NumericTask
 from .registry import register
@@ -36,6 +37,19 @@ class ChainSumTask(NumericTask):
 
     def solve(self, problem: Problem) -> tuple[str, str]:
         return solve_expression(_INTRO, problem)
+
+    def step_rewards(self, problem: Problem, completion: str) -> list[tuple[int, float]]:
+        """One step per line of the reasoning, worth 1 if `arithmetic.judge_lines` finds it a right step from the
+        line before, else 0 (each line ends after its newline), then the answer block worth the outcome."""
+        think, closed, _ = completion.partition(END_THINK)
+        lines = think.split("\n")
+        steps, end = [], 0
+        for line, ok in zip(lines, judge_lines(_INTRO, problem.metadata["expression"], lines)):
+            end = min(end + len(line) + 1, len(think))
+            steps.append((end, float(ok)))
+        if closed:
+            steps.append((len(completion), self.score(problem, completion)["accuracy"]))
+        return steps
 
     def space_size(self) -> int | None:
         o = self.options
