@@ -14,7 +14,8 @@ computes the same function with fewer of them:
   `hidden_cached`;
 - the routed experts of a single row (or of each of two: a draft's verification) read in place (views of the
   stacked weights, no sorting or grouping), the shared expert joining them as one more expert of weight 1 when it
-  has their width; more rows use the model's own padded batched experts;
+  has their width; more rows are grouped by expert and padded to the largest group for batched matmuls, however
+  unbalanced the routing (up to 8× padding; the model's own experts beyond);
 - SwiGLU's two input projections as one matmul, residual additions fused into the output matmuls.
 
 The gates run as modules (their forward hooks see every call: routing.RoutingCapture records them), with the same
@@ -55,8 +56,12 @@ def fold_growth(cfg) -> float:
 
 
 def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """RMSNorm in fp32, rounded once to the norm's output dtype (as model.RMSNorm)."""
-    return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.eps).to(norm.out_dtype or x.dtype)
+    """RMSNorm in fp32, rounded once to the norm's output dtype (as model.RMSNorm). In an fp32 model the casts are
+    left out: each is a dispatch of a few µs, and a step has 17 norms."""
+    w = norm.weight
+    if x.dtype == w.dtype == torch.float32 and norm.out_dtype in (None, torch.float32):
+        return F.rms_norm(x, (x.shape[-1],), w, norm.eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), w.float(), norm.eps).to(norm.out_dtype or x.dtype)
 
 
 class _Attention:
@@ -95,7 +100,8 @@ class _Attention:
             cq, (kv, k_pe) = xn, a.split([C, R], dim=-1)
         q = F.linear(cq, self.w_q).view(N, H, C + R)
         q_lat, q_pe = q.split([C, R], dim=-1)
-        q_pe, k_pe = _rotate(q_pe, cs, traced), _rotate(k_pe.view(N, 1, R), cs, traced)  # (N, H|1, R)
+        pe_all = _rotate(torch.cat([q_pe, k_pe.view(N, 1, R)], dim=1), cs, traced)  # (N, H+1, R): one rotation
+        q_pe, k_pe = pe_all[:, :H], pe_all[:, H:]
         cache.kv[rows[:, None], positions] = _rms(kv, self.attn.kv_norm).to(cache.kv.dtype).view(B, T, C)
         cache.pe[rows[:, None], positions] = k_pe.to(cache.pe.dtype).view(B, T, R)
         keys, pe = cache.kv[:, :S], cache.pe[:, :S]  # (B, S, C), (B, S, R)
@@ -138,6 +144,7 @@ class _FFN:
         self.shared = None if self.shared_in else shared
         self.shared_mlp = shared  # the many-rows path runs it as the model does
         self.w13, self.w2 = w13.detach(), w2.detach()
+        self.w13_e, self.w2_e = self.w13.unbind(0), self.w2.unbind(0)  # each expert's views, made once
 
     def __call__(self, x: torch.Tensor, traced: bool = False) -> torch.Tensor:
         """x (N, D) residual stream -> x + FFN output (N, D). `traced`: under torch.compile (no host syncs, no
@@ -145,23 +152,20 @@ class _FFN:
         h = _rms(x, self.norm)
         if not self.moe:
             g, u = F.linear(h, self.w13).chunk(2, dim=-1)
-            return _add_linear(x, F.silu(g) * u, self.w2)
+            return _add_linear(x, F.silu(g, inplace=True).mul_(u), self.w2)
         weights, indices, _ = self.gate(h)  # a module call: routing hooks see it
         B, K = indices.shape
+        if not traced and B > FEW_ROWS:
+            return self._padded(x, h, weights, indices)
         if self.shared_in:  # one more slot per row: expert E with weight 1
             indices = torch.cat([indices, indices.new_full((B, 1), self.n_experts)], dim=1)
             weights = torch.cat([weights, weights.new_ones(B, 1)], dim=1)
         if traced:
             out = self._gathered(h, weights, indices) if B * indices.shape[1] <= GATHER_SLOTS else \
                 self._dense(h, weights, indices)
-        elif B <= FEW_ROWS:  # decoding one row, or verifying a draft: each row's experts read in place
+        else:  # decoding one row, or verifying a draft: each row's experts read in place
             return torch.cat([self._one_row(x[r:r + 1], h[r:r + 1], weights[r:r + 1], indices[r:r + 1])
                               for r in range(B)]) if B > 1 else self._one_row(x, h, weights, indices)
-        else:
-            w, i = (weights[:, :K], indices[:, :K]) if self.shared_in else (weights, indices)
-            out = self.experts(h, w, i)
-            out = out if self.shared_mlp is None else out + self.shared_mlp(h)
-            return x + out.to(x.dtype)
         if self.shared is not None:
             out = out + self.shared(h)
         return x + out.to(x.dtype)
@@ -169,11 +173,44 @@ class _FFN:
     def _one_row(self, x, h, weights, indices):
         """One row: each chosen expert's weights read in place (views), its output added into the stream."""
         for e, w in zip(indices[0].tolist(), weights[0].tolist()):
-            g, u = F.linear(h, self.w13[e]).chunk(2, dim=-1)
-            x = _add_linear(x, F.silu(g) * u, self.w2[e], w)
+            g, u = F.linear(h, self.w13_e[e]).chunk(2, dim=-1)
+            x = _add_linear(x, F.silu(g, inplace=True).mul_(u), self.w2_e[e], w)  # g, u: views of a fresh tensor
         if self.shared is not None:
             x = x + self.shared(h).to(x.dtype)
         return x
+
+    def _padded(self, x, h, weights, indices):
+        """More rows, eager: the routed slots grouped by expert and padded to the largest group (C rows, a multiple
+        of 8), one batched matmul per projection (W1 and W3 as one), the weighted sum added into the stream; the
+        shared expert as a dense SwiGLU. As Experts.forward_padded, except that imbalanced routing stays here: a
+        trained model's decode steps put 12-16 of 32 rows' 64 slots on one expert (4× padding), and the grouped
+        path's GEMM call per expert and projection cost ~3× these padded matmuls (docs/results/decode.md). Past
+        8× padding (e.g. hundreds of rows on one expert) the model's own experts take over."""
+        N, K = indices.shape
+        E, D = self.n_experts, h.shape[-1]
+        flat = indices.flatten()
+        counts = torch.bincount(flat, minlength=E)
+        C = -(-int(counts.max()) // 8) * 8  # a multiple of 8: MKL's batched GEMM is faster there
+        if E * C > 8 * N * K:
+            out = self.experts(h, weights, indices)
+            return x + (out if self.shared_mlp is None else out + self.shared_mlp(h)).to(x.dtype)
+        order = flat.argsort(stable=True)  # slots grouped by expert id
+        expert = flat[order]
+        rank = torch.arange(N * K, device=h.device) - (counts.cumsum(0) - counts)[expert]  # row in its group
+        xs = h.new_zeros(E, C, D)
+        xs[expert, rank] = h[order // K]
+        g, u = torch.bmm(xs, self.w13[:E].transpose(1, 2)).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(g, inplace=True).mul_(u), self.w2[:E].transpose(1, 2))  # (E, C, D)
+        ys = h.new_empty(N * K, D)
+        ys[order] = y[expert, rank]  # back to (row, k) order
+        if x.dtype == ys.dtype:
+            x = torch.baddbmm(x.unsqueeze(1), weights.unsqueeze(1), ys.view(N, K, D)).squeeze(1)
+        else:
+            x = x + torch.bmm(weights.unsqueeze(1), ys.view(N, K, D)).squeeze(1).to(x.dtype)
+        if self.shared_in:
+            g, u = F.linear(h, self.w13_e[E]).chunk(2, dim=-1)
+            return _add_linear(x, F.silu(g, inplace=True).mul_(u), self.w2_e[E])
+        return x if self.shared is None else x + self.shared(h).to(x.dtype)
 
     def _gathered(self, h, weights, indices):
         """Few rows, traced: the chosen experts' weights gathered, then batched matmuls (B, D)."""
@@ -237,7 +274,7 @@ class DecodeStep:
     def build(cls, model: nn.Module, compile: bool = False) -> "DecodeStep | None":
         return cls(model, compile) if cls.supports(model) else None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def refresh(self) -> None:
         """Fold the model's current weights. The engine calls it when a generation starts (Engine.generate, a new
         Batcher): weights change between generations (GRPO's and distillation's updates), never during one. Version
@@ -262,14 +299,14 @@ class DecodeStep:
             bias = bias.repeat_interleave(self.model.cfg.n_heads, dim=1)
         return self.model.freqs_cis[positions.flatten()], S, bias
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, caches) -> torch.Tensor:
         cs, S, bias = self._inputs(positions, caches)
         x = self.model.embed_tokens(tokens.flatten())  # (N, D): the residual stream
         h = self._run(x, cs, [c.kv for c in caches], [c.pe for c in caches], positions, bias, S)
         return h.view(*tokens.shape, -1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def mtp_cached(self, depth: int, h: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
                    cache) -> torch.Tensor:
         """MTP depth `depth` (1-based) at positions (B, T), as model.mtp_cached."""

@@ -330,7 +330,7 @@ class Batcher:
     def busy(self) -> bool:
         return bool(self.active or self.waiting)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: ~5-10% of a decode step here (docs/results/decode.md)
     def step(self) -> None:
         """One step boundary: leavers leave, newcomers join (prefill + first token), then every active row
         decodes one token."""
@@ -446,7 +446,7 @@ class Engine:
         self.compiled = decode == "compiled" and fast is not None
         self.step = fast or model.hidden_cached
 
-    @torch.no_grad()
+    @torch.inference_mode()  # what it returns is Python data: no tensor of this call reaches an autograd graph
     def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | None = None,
                  speculative: bool = False, on_token=None, seeds: list[int] | None = None) -> Completions:
         """Complete each prompt (token ids or text). on_token(row, token_id) is called as tokens are produced.

@@ -15,6 +15,8 @@ CONFIGS = {
     "no-q-lora, bias, 2 shared": dict(q_lora_rank=0, attn_bias=True, n_shared_experts=2),
     "softmax, one group": dict(score_func="softmax", n_expert_groups=1, n_limited_groups=1, route_scale=1.0),
     "no shared expert": dict(n_shared_experts=0),
+    # 32 experts: at 5 rows the padded groups would be > 8× the slots, so the model's own experts run
+    "many experts": dict(n_routed_experts=32),
 }
 
 
@@ -59,7 +61,8 @@ def close(a, b, rel=1e-5):
 @pytest.mark.parametrize("B", [1, 2, 5])
 def test_step_equals_the_models_cached_forward(name, traced, B):
     """Hidden states and the latents written to the cache agree with hidden_cached at every step, for one row
-    and two (experts read in place) and more rows (grouped; traced: gathered for few rows, all experts for more)."""
+    and two (experts read in place) and more rows (padded batched experts, or the model's own past 8× padding;
+    traced: gathered for few rows, all experts for more)."""
     model = model_for(**CONFIGS[name])
     step = DecodeStep(model, traced=traced)
     got, want, ours, ref = both_steps(model, step, B)
