@@ -14,8 +14,9 @@ computes the same function with fewer of them:
   `hidden_cached`;
 - the routed experts of a single row (or of each of two: a draft's verification) read in place (views of the
   stacked weights, no sorting or grouping), the shared expert joining them as one more expert of weight 1 when it
-  has their width; more rows are grouped by expert and padded to the largest group for batched matmuls, however
-  unbalanced the routing (up to 8× padding; the model's own experts beyond);
+  has their width; more rows are grouped by expert and padded to the mean group size for batched matmuls, the
+  rows a crowded expert has beyond it going through its own weights (the model's own experts when there are
+  more experts than slots);
 - SwiGLU's two input projections as one matmul, residual additions fused into the output matmuls.
 
 The gates run as modules (their forward hooks see every call: routing.RoutingCapture records them), with the same
@@ -180,29 +181,40 @@ class _FFN:
         return x
 
     def _padded(self, x, h, weights, indices):
-        """More rows, eager: the routed slots grouped by expert and padded to the largest group (C rows, a multiple
-        of 8), one batched matmul per projection (W1 and W3 as one), the weighted sum added into the stream; the
-        shared expert as a dense SwiGLU. As Experts.forward_padded, except that imbalanced routing stays here: a
-        trained model's decode steps put 12-16 of 32 rows' 64 slots on one expert (4× padding), and the grouped
-        path's GEMM call per expert and projection cost ~3× these padded matmuls (docs/results/decode.md). Past
-        8× padding (e.g. hundreds of rows on one expert) the model's own experts take over."""
+        """More rows, eager: the routed slots grouped by expert, every group padded to C rows (the mean group size
+        rounded up to a multiple of 8) for one batched matmul per projection (W1 and W3 as one); the rows a crowded
+        expert has beyond C run through its own weights. A trained router is unbalanced: in a batch-32 decode step
+        one expert takes 12-16 of 64 slots, and padding every group to the largest (4× the slots) costs as much
+        as one GEMM call per expert at 1 thread (docs/results/decode.md). The weighted sum is added into the
+        stream; the shared expert runs as a dense SwiGLU. With more experts than slots (padding > 8×) the model's
+        own experts run instead."""
         N, K = indices.shape
         E, D = self.n_experts, h.shape[-1]
-        flat = indices.flatten()
-        counts = torch.bincount(flat, minlength=E)
-        C = -(-int(counts.max()) // 8) * 8  # a multiple of 8: MKL's batched GEMM is faster there
+        mean = -(-(N * K) // E)  # slots per expert, rounded up
+        C = -(-mean // 8) * 8  # a multiple of 8: MKL's batched GEMM is faster there
         if E * C > 8 * N * K:
             out = self.experts(h, weights, indices)
             return x + (out if self.shared_mlp is None else out + self.shared_mlp(h)).to(x.dtype)
+        flat = indices.flatten()
+        counts = torch.bincount(flat, minlength=E)
         order = flat.argsort(stable=True)  # slots grouped by expert id
         expert = flat[order]
         rank = torch.arange(N * K, device=h.device) - (counts.cumsum(0) - counts)[expert]  # row in its group
+        fits = rank < C
+        e_in, r_in, slots_in = expert[fits], rank[fits], order[fits]
         xs = h.new_zeros(E, C, D)
-        xs[expert, rank] = h[order // K]
+        xs[e_in, r_in] = h[slots_in // K]
         g, u = torch.bmm(xs, self.w13[:E].transpose(1, 2)).chunk(2, dim=-1)
         y = torch.bmm(F.silu(g, inplace=True).mul_(u), self.w2[:E].transpose(1, 2))  # (E, C, D)
         ys = h.new_empty(N * K, D)
-        ys[order] = y[expert, rank]  # back to (row, k) order
+        ys[slots_in] = y[e_in, r_in]  # back to (row, k) order
+        start = 0
+        for e, n in enumerate(counts.tolist()):  # the crowded experts' rows beyond C
+            if n > C:
+                slots = order[start + C:start + n]
+                g, u = F.linear(h[slots // K], self.w13_e[e]).chunk(2, dim=-1)
+                ys[slots] = F.linear(F.silu(g, inplace=True).mul_(u), self.w2_e[e])
+            start += n
         if x.dtype == ys.dtype:
             x = torch.baddbmm(x.unsqueeze(1), weights.unsqueeze(1), ys.view(N, K, D)).squeeze(1)
         else:

@@ -70,6 +70,24 @@ def test_step_equals_the_models_cached_forward(name, traced, B):
     assert close(ours.kv, ref.kv) and close(ours.pe, ref.pe)
 
 
+def test_a_crowded_expert_runs_its_rows_beyond_the_padding_on_its_own():
+    """12 rows whose routers all pick one expert: its group (12 slots) outgrows the padded groups (8 rows), and
+    the rows beyond go through its own weights; the result still equals the model's."""
+    model = model_for()
+    with torch.no_grad():
+        for gate in moe_gates(model):
+            gate.bias[3] += 10.0  # chosen by every token
+    routes = []
+    hooks = [g.register_forward_hook(lambda m, a, out: routes.append(out[1])) for g in moe_gates(model)]
+    got, want, ours, ref = both_steps(model, DecodeStep(model), 12, steps=3)
+    for h in hooks:
+        h.remove()
+    decode_calls = [r for r in routes if r.shape[0] == 12]  # one token per row: the decode steps
+    assert decode_calls and all(bool((r == 3).any(1).all()) for r in decode_calls)  # the crowded case ran
+    assert close(got, want)
+    assert close(ours.kv, ref.kv) and close(ours.pe, ref.pe)
+
+
 @pytest.mark.parametrize("traced", [False, True])
 @pytest.mark.parametrize("B", [1, 3])
 def test_two_tokens_per_row_and_the_mtp_module(traced, B):
